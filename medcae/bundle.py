@@ -1,0 +1,124 @@
+"""Model bundles: one self-describing folder per trained model.
+
+Layout::
+
+    bundle.json       format version, resolved config, label names, preprocessing, metrics,
+                      OOD threshold, library versions, creation time, sha256 of every file
+    cae.pt            CAE state dict (loaded with ``torch.load(weights_only=True)``)
+    classifier.npz    scaler and linear-model arrays (loaded with ``allow_pickle=False``)
+
+A bundle is written to a temporary sibling folder and renamed into place; ``bundle.json`` is
+written last and lists file hashes, so a crash mid-write never leaves a bundle that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+FILES = ("cae.pt", "classifier.npz")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupt, or of an unknown format."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a bundle depends on."""
+    import sklearn
+
+    import medcae
+
+    return {"medcae": medcae.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "sklearn": sklearn.__version__, "python": platform.python_version()}
+
+
+def write_bundle(
+    path: str | Path,
+    meta: dict[str, Any],
+    cae_state: dict[str, torch.Tensor],
+    classifier_arrays: dict[str, np.ndarray],
+) -> Path:
+    """Write a bundle atomically, replacing any bundle already at ``path``.
+
+    Args:
+        path: Destination folder.
+        meta: JSON-ready metadata (config, label_names, preprocessing, metrics, ...).
+        cae_state: CAE state dict.
+        classifier_arrays: Arrays of :meth:`medcae.classifier.LinearHead.to_arrays`.
+
+    Returns:
+        The bundle folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save({k: v.detach().cpu() for k, v in cae_state.items()}, tmp / "cae.pt")
+        np.savez(tmp / "classifier.npz", **classifier_arrays)
+        full = {**meta, "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": library_versions(),
+                "files": {f: _sha256(tmp / f) for f in FILES}}
+        (tmp / "bundle.json").write_text(json.dumps(full, indent=2, default=float))
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                            dict[str, np.ndarray]]:
+    """Load and verify a bundle without unpickling arbitrary objects.
+
+    Args:
+        path: Bundle folder.
+
+    Returns:
+        ``(meta, cae_state, classifier_arrays)``.
+
+    Raises:
+        BundleError: If the folder, ``bundle.json`` or a file is missing, a hash does not
+            match, or the format version is unknown.
+    """
+    path = Path(path)
+    meta_file = path / "bundle.json"
+    if not meta_file.is_file():
+        raise BundleError(f"not a model bundle: {meta_file} does not exist")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{meta_file}: format_version {meta.get('format_version')!r}, "
+                          f"expected {FORMAT_VERSION}")
+    for name, digest in meta["files"].items():
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise BundleError(f"{path / name}: missing or its sha256 does not match bundle.json")
+    state = torch.load(path / "cae.pt", map_location="cpu", weights_only=True)
+    with np.load(path / "classifier.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, state, arrays

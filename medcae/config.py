@@ -1,0 +1,160 @@
+"""Configuration as frozen dataclasses that round-trip through plain dicts.
+
+The same dict is a Ray Train ``train_loop_config``, a Tune search-space base, and the
+``config`` block of a model bundle, so every field is a JSON scalar or a tuple of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which frozen CNN, where it is tapped, and at what input resolution.
+
+    Attributes:
+        name: Registry name (see ``medcae.backbones.BACKBONES``).
+        taps: Layer names whose feature maps feed the CAE (several are resized to the deepest's
+            spatial size and concatenated on channels). Empty means the backbone's default.
+        resolution: Input side length in pixels; images are resized to it.
+        weights: ``None`` for ImageNet weights, a state-dict path, or ``"random"``.
+    """
+
+    name: str = "efficientnet_lite0"
+    taps: tuple[str, ...] = ()
+    resolution: int = 112
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.resolution < 32:
+            raise ConfigError(f"backbone.resolution must be >= 32, got {self.resolution}")
+
+
+@dataclass(frozen=True)
+class CAEConfig:
+    """Shape and training of the convolutional auto-encoder on feature maps.
+
+    Attributes:
+        channels: Output channels of each encoder conv layer (its length is the depth).
+        latent_channels: Channels of the code map.
+        downsample: Whether the first encoder layer has stride 2.
+        noise_std: Std of the Gaussian noise added to standardised inputs (denoising); 0 = off.
+        pool: How the code map becomes a vector: ``avg``, ``avgmax`` or ``flatten``.
+        epochs: Training epochs.
+        batch_size: Per-worker batch size.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        seed: Seed for weights init and noise.
+    """
+
+    channels: tuple[int, ...] = (128, 64)
+    latent_channels: int = 32
+    downsample: bool = False
+    noise_std: float = 0.1
+    pool: str = "avgmax"
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"cae.channels must be positive ints, got {self.channels}")
+        if self.pool not in ("avg", "avgmax", "flatten"):
+            raise ConfigError(f"cae.pool must be avg, avgmax or flatten, got {self.pool!r}")
+        if self.noise_std < 0 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"cae: need noise_std>=0, epochs>=1, batch_size>=1, lr>0: {self}")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The small supervised head on CAE codes.
+
+    Attributes:
+        kind: ``logreg`` or ``linear_svm``.
+        budget: Labels to use: a fraction in (0, 1] of each class, or an int count per class.
+        C_grid: Inverse regularisation strengths tried; the best on validation AUC is kept.
+        seed: Seed of the stratified label sampling.
+    """
+
+    kind: str = "logreg"
+    budget: float = 1.0
+    C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("logreg", "linear_svm"):
+            raise ConfigError(f"classifier.kind must be logreg or linear_svm, got {self.kind!r}")
+        if self.budget <= 0:
+            raise ConfigError(f"classifier.budget must be > 0, got {self.budget}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the CAE is trained on Ray.
+
+    Attributes:
+        num_workers: Ray Train workers (DDP when > 1).
+        use_gpu: Train and extract on GPUs.
+        cpus_per_worker: Logical CPUs each Train worker reserves (fractional leaves Ray Data room).
+        extract_batch_size: Images per backbone batch.
+        extract_actors: Backbone actors in the Ray Data actor pool.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    extract_batch_size: int = 64
+    extract_actors: int = 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one pipeline run needs, nested."""
+
+    data: str = "demo"
+    unlabeled: str | None = None
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    cae: CAEConfig = field(default_factory=CAEConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready nested dict (tuples become lists)."""
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        nested = {"backbone": BackboneConfig, "cae": CAEConfig, "classifier": ClassifierConfig,
+                  "train": TrainConfig}
+        top = {k: v for k, v in data.items() if k not in nested}
+        parts = {k: _from_dict(c, data.get(k) or {}, k) for k, c in nested.items()}
+        return _from_dict(cls, {**top, **parts}, "config")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,33 @@
+"""Starting or joining Ray with a CPU budget that leaves Ray Data room to run."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster, or start a local Ray with more logical CPUs than cores.
+
+    With exactly as many logical CPUs as cores, Train workers can take them all and Ray Data
+    tasks that feed them never get scheduled (training hangs, backpressured). A local Ray
+    therefore declares twice the cores by default.
+
+    Args:
+        address: Cluster address (``"auto"``, ``ray://...``); ``None`` uses ``RAY_ADDRESS`` if
+            set (as under ``ray job submit``), else starts a local instance.
+        num_cpus: Logical CPUs of a local instance; default ``2 * os.cpu_count()``.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = num_cpus or 2 * (os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    log.info("ray: %s", ray.cluster_resources())

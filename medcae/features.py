@@ -1,0 +1,92 @@
+"""Backbone feature extraction as a plain PyTorch batch function (no Ray).
+
+:class:`FeatureExtractor` is what a Ray Data actor holds, what the Predictor calls, and what
+the benchmark times, so all three compute exactly the same features.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from medcae.backbones import FrozenBackbone, build_backbone
+from medcae.config import BackboneConfig
+from medcae.preprocess import combine_taps, to_model_input
+
+log = logging.getLogger(__name__)
+
+MAPS_DTYPE = np.float16  # feature maps are cached in half precision
+
+
+class FeatureExtractor:
+    """Maps uint8 images to (tap feature map, pooled final features).
+
+    Args:
+        cfg: Backbone configuration.
+        device: Torch device string.
+        channels_last: Use channels-last memory format (about 1.7x faster on CPU).
+    """
+
+    def __init__(self, cfg: BackboneConfig, device: str = "cpu", channels_last: bool = True):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.backbone: FrozenBackbone = build_backbone(
+            cfg.name, cfg.taps or None, cfg.resolution, cfg.weights
+        ).to(self.device)
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The tap names actually used (the config's, or the backbone default)."""
+        return self.backbone.taps
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Extract features for one batch.
+
+        Args:
+            images: uint8 ``(batch, H, W)`` or ``(batch, H, W, 3)``.
+
+        Returns:
+            ``{"maps": (batch, C, h, w) float16, "final": (batch, C_final) float32}``.
+        """
+        spec = self.backbone.spec
+        x = to_model_input(images, self.cfg.resolution, spec.mean, spec.std, self.channels_last)
+        feats = self.backbone(x.to(self.device))
+        maps = combine_taps(feats, self.taps)
+        return {
+            "maps": maps.float().cpu().numpy().astype(MAPS_DTYPE),
+            "final": feats["final"].float().cpu().numpy(),
+        }
+
+
+def extract_all(
+    extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 64, label: str = ""
+) -> dict[str, np.ndarray]:
+    """Run the extractor over an array of images in batches, logging throughput and ETA.
+
+    Args:
+        extractor: The feature extractor.
+        images: uint8 ``(N, H, W)`` or ``(N, H, W, 3)``.
+        batch_size: Images per batch.
+        label: Prefix for log lines.
+
+    Returns:
+        ``{"maps": (N, C, h, w), "final": (N, C_final)}``.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    start = last = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        parts.append(extractor(images[i : i + batch_size]))
+        now = time.perf_counter()
+        if now - last > 10 or i + batch_size >= len(images):
+            done = min(i + batch_size, len(images))
+            rate = done / (now - start)
+            log.info("%s extracted %d/%d images, %.1f img/s, ETA %.0fs", label, done,
+                     len(images), rate, (len(images) - done) / rate)
+            last = now
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("maps", "final")}

@@ -1,0 +1,97 @@
+"""One predictor for evaluation, the CLI and Serve: raw images in, class probabilities out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medcae.bundle import read_bundle
+from medcae.cae import ConvAutoEncoder
+from medcae.classifier import LinearHead
+from medcae.config import PipelineConfig
+from medcae.features import FeatureExtractor
+
+ImageLike = np.ndarray | bytes
+
+
+@dataclass
+class Prediction:
+    """One image's result."""
+
+    label: str
+    probabilities: dict[str, float]
+    reconstruction_error: float
+    in_distribution: bool
+
+
+class Predictor:
+    """Frozen backbone -> CAE codes -> linear head.
+
+    Args:
+        extractor: Backbone feature extractor.
+        cae: Trained auto-encoder.
+        head: Fitted linear classifier.
+        label_names: Class names, index = class id.
+        meta: Bundle metadata (for ``GET /v1/model`` and reports).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, cae: ConvAutoEncoder, head: LinearHead,
+                 label_names: Sequence[str], meta: dict[str, Any] | None = None):
+        self.extractor = extractor
+        self.cae = cae.eval()
+        self.head = head
+        self.label_names = list(label_names)
+        self.meta = meta or {}
+        self.ood_threshold = float(self.meta.get("ood", {}).get("threshold", np.inf))
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        """Load a bundle folder written by the pipeline."""
+        meta, state, arrays = read_bundle(path)
+        cfg = PipelineConfig.from_dict(meta["config"])
+        cae = ConvAutoEncoder(meta["in_channels"], cfg.cae)
+        cae.load_state_dict(state)
+        head = LinearHead.from_arrays(cfg.classifier.kind, len(meta["label_names"]), arrays)
+        return cls(FeatureExtractor(cfg.backbone, device), cae, head, meta["label_names"], meta)
+
+    def _as_array(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
+        from medcae.data import decode_image, to_uniform
+
+        if isinstance(images, np.ndarray):
+            return images
+        arrays = [decode_image(im) if isinstance(im, bytes) else im for im in images]
+        return to_uniform(arrays, size=self.extractor.cfg.resolution)
+
+    def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
+        """Backbone feature maps ``(N, C, h, w)`` (float16, as cached)."""
+        return self.extractor(self._as_array(images))["maps"]
+
+    @torch.no_grad()
+    def predict_arrays(self, images: np.ndarray | Sequence[ImageLike]) -> dict[str, np.ndarray]:
+        """Probabilities ``(N, K)`` and reconstruction errors ``(N,)`` for a batch of images.
+
+        Args:
+            images: uint8 ``(N, H, W)`` / ``(N, H, W, 3)``, or a list of arrays or encoded bytes.
+        """
+        x = torch.from_numpy(self.maps(images)).float()
+        codes = self.cae.embed(x).numpy()
+        return {"proba": self.head.predict_proba(codes),
+                "error": self.cae.reconstruction_error(x).numpy()}
+
+    def predict_proba(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
+        """Class probabilities ``(N, K)``."""
+        return self.predict_arrays(images)["proba"]
+
+    def predict(self, images: np.ndarray | Sequence[ImageLike]) -> list[Prediction]:
+        """Label, probabilities and out-of-distribution flag per image."""
+        out = self.predict_arrays(images)
+        return [Prediction(label=self.label_names[int(p.argmax())],
+                           probabilities=dict(zip(self.label_names, map(float, p))),
+                           reconstruction_error=float(e),
+                           in_distribution=bool(e <= self.ood_threshold))
+                for p, e in zip(out["proba"], out["error"])]

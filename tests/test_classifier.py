@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from medcae.classifier import BudgetError, LinearHead, fit_classifier, sample_budget
+from medcae.config import ClassifierConfig
+from medcae.metrics import auc_score, classification_report, format_results
+
+LABELS = np.array([0] * 100 + [1] * 300 + [2] * 50)
+
+
+@pytest.mark.parametrize(
+    "budget, per_class",
+    [(1.0, [100, 300, 50]), (0.1, [10, 30, 5]), (0.01, [1, 3, 1]), (20, [20, 20, 20]),
+     (1, [1, 1, 1]), (50.0, [50, 50, 50])],
+)
+def test_budget_is_stratified(budget, per_class):
+    idx = sample_budget(LABELS, budget, seed=3)
+    assert np.bincount(LABELS[idx], minlength=3).tolist() == per_class
+    assert len(np.unique(idx)) == len(idx)
+
+
+def test_budget_is_reproducible_and_seeded():
+    a = sample_budget(LABELS, 0.1, seed=1)
+    assert np.array_equal(a, sample_budget(LABELS, 0.1, seed=1))
+    assert not np.array_equal(a, sample_budget(LABELS, 0.1, seed=2))
+
+
+@pytest.mark.parametrize("budget, match", [(51, "only 50"), (0, "budget"), (2.5, "budget"),
+                                           (-0.1, "budget")])
+def test_budget_errors(budget, match):
+    with pytest.raises(BudgetError, match=match):
+        sample_budget(LABELS, budget)
+
+
+def _blobs(rng, n, k, d=6):
+    y = rng.integers(0, k, n)
+    centers = rng.normal(0, 2.0, (k, d))
+    return centers[y] + rng.normal(0, 1.0, (n, d)), y
+
+
+@pytest.mark.parametrize("kind", ["logreg", "linear_svm"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_head_matches_sklearn_and_round_trips_as_arrays(kind, k, rng):
+    x, y = _blobs(rng, 400, k)
+    cfg = ClassifierConfig(kind=kind, budget=1.0, C_grid=(0.1, 1.0))
+    head, sel = fit_classifier(cfg, x[:300], y[:300], x[300:], y[300:], k)
+    p = head.predict_proba(x[300:])
+    assert p.shape == (100, k) and np.allclose(p.sum(1), 1)
+    assert sel["C"] in (0.1, 1.0) and sel["val_auc"] > 0.8
+    again = LinearHead.from_arrays(kind, k, head.to_arrays())
+    np.testing.assert_array_equal(again.predict_proba(x[300:]), p)
+    assert (p.argmax(1) == y[300:]).mean() > 0.7
+
+
+def test_auc_multiclass_is_macro_ovr():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    perfect = np.eye(3)[y]
+    assert auc_score(y, perfect, 3) == 1.0
+    assert auc_score(y, np.roll(perfect, 1, axis=1), 3) == pytest.approx(0.25)
+
+
+def test_report_and_table():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
+    r = classification_report(y, p, ["normal", "pneumonia"])
+    assert r["acc"] == 0.75 and r["auc"] == 1.0
+    assert r["per_class"]["pneumonia"]["precision"] == pytest.approx(2 / 3)
+    assert r["per_class"]["normal"]["recall"] == 0.5
+    table = format_results({"m": r}, ["normal", "pneumonia"])
+    assert "0.750" in table and "P/R pneumonia" in table
