@@ -103,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from medcae.classifier import sample_budget
+    from medcae.data import load_dataset
     from medcae.distributed.pipeline import run_pipeline
     from medcae.distributed.runtime import init_ray
 
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    dataset = load_dataset(cfg.data, args.data_dir)  # bad input fails before Ray starts
+    sample_budget(dataset.splits["train"].labels, cfg.classifier.budget, cfg.classifier.seed)
     init_ray(args.address, args.num_cpus)
-    res = run_pipeline(cfg, out, args.cache_dir, args.smoke_test, args.data_dir)
+    res = run_pipeline(cfg, out, args.cache_dir, args.smoke_test, args.data_dir, dataset)
     print(f"\nTest-set results ({cfg.data}, {len(res.history)} CAE epochs, "
           f"labels: budget {cfg.classifier.budget}):\n")
     print(res.table)

@@ -100,6 +100,8 @@ def run_pipeline(
     cache_dir: str | Path | None = None,
     smoke_test: bool = False,
     data_dir: str | None = None,
+    dataset: Dataset | None = None,
+    run_name: str | None = None,
 ) -> PipelineResult:
     """Run the whole method once and write a bundle under ``out_dir``.
 
@@ -109,12 +111,15 @@ def run_pipeline(
         cache_dir: Feature cache folder (default ``~/.cache/medcae/features``).
         smoke_test: Subsample the data and shrink the model so the run takes seconds.
         data_dir: Where named data sets are looked up.
+        dataset: ``cfg.data`` already loaded (the CLI loads it before starting Ray, so bad
+            input fails fast).
+        run_name: Ray Train run name under ``out_dir/checkpoints``; the same name resumes.
     """
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     cfg = resolved_backbone(smoke_config(cfg) if smoke_test else cfg)
-    ds = load_dataset(cfg.data, data_dir)
+    ds = dataset or load_dataset(cfg.data, data_dir)
     if smoke_test:
         ds = subsample(ds, {"train": 96, "val": 48, "test": 48})
     cache = FeatureCache(cache_dir)
@@ -133,7 +138,7 @@ def run_pipeline(
     t1 = time.perf_counter()
     mean, std = channel_stats(unl_maps)
     state, history = train_cae(unl_maps, feats["val"]["maps"], cfg.cae, cfg.train, mean, std,
-                               out_dir / "checkpoints", name=f"cae-{int(time.time())}")
+                               out_dir / "checkpoints", name=run_name or f"cae-{int(time.time())}")
     t["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

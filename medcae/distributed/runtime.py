@@ -30,4 +30,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         cpus = num_cpus or 2 * (os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    quiet_data_progress()
     log.info("ray: %s", ray.cluster_resources())
+
+
+def quiet_data_progress() -> None:
+    """Turn off Ray Data's per-operator progress bars; medcae logs throughput and ETA itself."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -32,7 +33,7 @@ def _batches(shard: Any, batch_size: int, shuffle_seed: int | None):
     return ({"maps": b["data"]} for b in it)
 
 
-def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, history: list[dict]) -> int:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
@@ -41,6 +42,7 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     _unwrap(model).load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    history.extend(json.loads(state["history"]))
     log.info("resumed from checkpoint at epoch %d", state["epoch"])
     return int(state["epoch"])
 
@@ -49,12 +51,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _report(model: torch.nn.Module, opt: torch.optim.Optimizer, metrics: dict) -> None:
+def _report(model: torch.nn.Module, opt: torch.optim.Optimizer, metrics: dict,
+            history: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if ray.train.get_context().get_world_rank() == 0:
             state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "epoch": metrics["epoch"], "rng": torch.get_rng_state()}
+                     "epoch": metrics["epoch"], "rng": torch.get_rng_state(),
+                     "history": json.dumps(history)}
             torch.save(state, Path(d) / STATE_FILE)
             ckpt = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
@@ -72,7 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _restore(model, opt)
+    history: list[dict] = []
+    start = _restore(model, opt, history)
     rank = ray.train.get_context().get_world_rank()
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -87,7 +92,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("epoch %d/%d train_loss %.4f val_loss %.4f %.0f samples/s ETA %.0fs",
                      epoch + 1, cfg.epochs, train["loss"], val["loss"], metrics["samples_per_s"],
                      secs * (cfg.epochs - epoch - 1))
-        _report(model, opt, metrics)
+        history.append(metrics)
+        _report(model, opt, metrics, history)
 
 
 def train_cae(
@@ -133,13 +139,4 @@ def train_cae(
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    history = [dict(m) for m in _history(result)]
-    return state["model"], history
-
-
-def _history(result: Any) -> list[dict[str, float]]:
-    df = getattr(result, "metrics_dataframe", None)
-    if df is not None and len(df):
-        cols = [c for c in ("epoch", "train_loss", "val_loss", "samples_per_s") if c in df]
-        return df[cols].to_dict("records")
-    return [result.metrics]
+    return state["model"], json.loads(state["history"])
