@@ -282,8 +282,12 @@ def _register_torchvision(arch: str, nodes: dict[str, str], default: str, final:
     )
 
 
-_register_torchvision("resnet18", {f"layer{i}": f"layer{i}" for i in range(1, 5)}, "layer3", "layer4")
-_register_torchvision("resnet50", {f"layer{i}": f"layer{i}" for i in range(1, 5)}, "layer3", "layer4")
+_register_torchvision(
+    "resnet18", {f"layer{i}": f"layer{i}" for i in range(1, 5)}, "layer3", "layer4"
+)
+_register_torchvision(
+    "resnet50", {f"layer{i}": f"layer{i}" for i in range(1, 5)}, "layer3", "layer4"
+)
 _register_torchvision(
     "densenet121",
     {"block2": "features.denseblock2", "block3": "features.denseblock3", "norm5": "features.norm5"},

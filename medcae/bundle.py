@@ -44,8 +44,13 @@ def library_versions() -> dict[str, str]:
 
     import medcae
 
-    return {"medcae": medcae.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__, "python": platform.python_version()}
+    return {
+        "medcae": medcae.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_bundle(
@@ -71,10 +76,13 @@ def write_bundle(
     try:
         torch.save({k: v.detach().cpu() for k, v in cae_state.items()}, tmp / "cae.pt")
         np.savez(tmp / "classifier.npz", **classifier_arrays)
-        full = {**meta, "format_version": FORMAT_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": library_versions(),
-                "files": {f: _sha256(tmp / f) for f in FILES}}
+        full = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": library_versions(),
+            "files": {f: _sha256(tmp / f) for f in FILES},
+        }
         (tmp / "bundle.json").write_text(json.dumps(full, indent=2, default=float))
         _swap_into_place(tmp, path)
     except BaseException:
@@ -93,8 +101,9 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
-                                            dict[str, np.ndarray]]:
+def read_bundle(
+    path: str | Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, np.ndarray]]:
     """Load and verify a bundle without unpickling arbitrary objects.
 
     Args:
@@ -113,8 +122,9 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise BundleError(f"not a model bundle: {meta_file} does not exist")
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{meta_file}: format_version {meta.get('format_version')!r}, "
-                          f"expected {FORMAT_VERSION}")
+        raise BundleError(
+            f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     for name, digest in meta["files"].items():
         if not (path / name).is_file() or _sha256(path / name) != digest:
             raise BundleError(f"{path / name}: missing or its sha256 does not match bundle.json")

@@ -45,8 +45,9 @@ def cache_key(fingerprints: dict[str, str], backbone: dict[str, Any]) -> str:
         fingerprints: Content fingerprints of the image sources, e.g. ``{"labeled": sha1}``.
         backbone: Resolved backbone config (name, taps, resolution, weights).
     """
-    blob = json.dumps({"v": CACHE_VERSION, "data": fingerprints, "backbone": backbone},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"v": CACHE_VERSION, "data": fingerprints, "backbone": backbone}, sort_keys=True
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -73,8 +74,11 @@ class FeatureCache:
         meta = json.loads(meta_file.read_text())
         parts: dict[str, dict[str, np.ndarray]] = {}
         for part in meta["parts"]:
-            parts[part] = {a: np.load(folder / f"{part}.{a}.npy", mmap_mode="r")
-                           for a in ARRAYS if (folder / f"{part}.{a}.npy").is_file()}
+            parts[part] = {
+                a: np.load(folder / f"{part}.{a}.npy", mmap_mode="r")
+                for a in ARRAYS
+                if (folder / f"{part}.{a}.npy").is_file()
+            }
         return parts
 
     def meta(self, key: str) -> dict[str, Any]:

@@ -92,8 +92,9 @@ class ConvAutoEncoder(nn.Module):
         noisy = target + noise_std * torch.randn_like(target) if noise_std > 0 else target
         recon = self.decoder(self.encoder(noisy))
         if recon.shape[-2:] != target.shape[-2:]:
-            recon = F.interpolate(recon, size=target.shape[-2:], mode="bilinear",
-                                  align_corners=False)
+            recon = F.interpolate(
+                recon, size=target.shape[-2:], mode="bilinear", align_corners=False
+            )
         return recon, target
 
     @torch.no_grad()

@@ -37,14 +37,17 @@ def sample_budget(labels: np.ndarray, budget: float, seed: int = 0) -> np.ndarra
     rng = np.random.default_rng(seed)
     per_class = isinstance(budget, (int, np.integer)) or budget > 1
     if budget <= 0 or (per_class and not float(budget).is_integer()):
-        raise BudgetError(f"budget must be a fraction in (0, 1] or a whole count >= 1, got {budget}")
+        raise BudgetError(
+            f"budget must be a fraction in (0, 1] or a whole count >= 1, got {budget}"
+        )
     picked = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         k = int(budget) if per_class else max(1, int(round(budget * len(idx))))
         if k > len(idx):
             raise BudgetError(
-                f"label budget asks {k} labels of class {c}, but only {len(idx)} are available")
+                f"label budget asks {k} labels of class {c}, but only {len(idx)} are available"
+            )
         picked.append(rng.choice(idx, size=k, replace=False))
     return np.sort(np.concatenate(picked))
 
@@ -91,14 +94,22 @@ class LinearHead:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays for ``np.savez`` (no object arrays)."""
-        return {"mean": self.mean, "scale": self.scale, "coef": self.coef,
-                "intercept": self.intercept, "platt": self.platt}
+        return {
+            "mean": self.mean,
+            "scale": self.scale,
+            "coef": self.coef,
+            "intercept": self.intercept,
+            "platt": self.platt,
+        }
 
     @classmethod
     def from_arrays(cls, kind: str, num_classes: int, arrays: dict[str, np.ndarray]) -> LinearHead:
         """Inverse of :meth:`to_arrays`."""
-        return cls(kind=kind, num_classes=num_classes, **{k: np.asarray(arrays[k]) for k in
-                   ("mean", "scale", "coef", "intercept", "platt")})
+        return cls(
+            kind=kind,
+            num_classes=num_classes,
+            **{k: np.asarray(arrays[k]) for k in ("mean", "scale", "coef", "intercept", "platt")},
+        )
 
 
 def _fit_once(kind: str, x: np.ndarray, y: np.ndarray, c: float, seed: int, k: int) -> LinearHead:
@@ -113,8 +124,9 @@ def _fit_once(kind: str, x: np.ndarray, y: np.ndarray, c: float, seed: int, k: i
     else:
         model = LinearSVC(C=c, random_state=seed, max_iter=20000).fit(xs, y)
     coef, intercept = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
-    head = LinearHead(kind, scaler.mean_, scaler.scale_, coef, intercept,
-                      np.tile([1.0, 0.0], (len(coef), 1)), k)
+    head = LinearHead(
+        kind, scaler.mean_, scaler.scale_, coef, intercept, np.tile([1.0, 0.0], (len(coef), 1)), k
+    )
     if kind == "linear_svm":
         head.platt = _platt(head.decision(x), y, k)
     return head

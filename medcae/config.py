@@ -145,8 +145,12 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        nested = {"backbone": BackboneConfig, "cae": CAEConfig, "classifier": ClassifierConfig,
-                  "train": TrainConfig}
+        nested = {
+            "backbone": BackboneConfig,
+            "cae": CAEConfig,
+            "classifier": ClassifierConfig,
+            "train": TrainConfig,
+        }
         top = {k: v for k, v in data.items() if k not in nested}
         parts = {k: _from_dict(c, data.get(k) or {}, k) for k, c in nested.items()}
         return _from_dict(cls, {**top, **parts}, "config")

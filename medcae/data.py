@@ -30,9 +30,23 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_SIZE", "DEMO_NAME", "IMAGE_SUFFIXES", "MAX_PIXELS", "MEDMNIST", "MEDMNIST_URL",
-    "SPLITS", "DataError", "Dataset", "ImageDecodeError", "ImageSet", "decode_image",
-    "download_file", "load_dataset", "load_unlabeled", "make_demo_dataset", "to_uniform",
+    "DEFAULT_SIZE",
+    "DEMO_NAME",
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "MEDMNIST",
+    "MEDMNIST_URL",
+    "SPLITS",
+    "DataError",
+    "Dataset",
+    "ImageDecodeError",
+    "ImageSet",
+    "decode_image",
+    "download_file",
+    "load_dataset",
+    "load_unlabeled",
+    "make_demo_dataset",
+    "to_uniform",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -46,33 +60,78 @@ DEMO_FILENAME = "medcae-demo.npz"
 DEMO_LABEL_NAMES = ("normal", "nodule", "ring")
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
 
-_ORGAN_LABELS = ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
-                 "liver", "lung-left", "lung-right", "pancreas", "spleen"]
+_ORGAN_LABELS = [
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
+]
 #: MedMNIST 2D single-label data sets and their label names (from MedMNIST's ``INFO``).
 MEDMNIST: dict[str, list[str]] = {
-    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-                  "normal colon mucosa", "cancer-associated stroma",
-                  "colorectal adenocarcinoma epithelium"],
-    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-                   "benign keratosis-like lesions", "dermatofibroma", "melanoma",
-                   "melanocytic nevi", "vascular lesions"],
+    "pathmnist": [
+        "adipose",
+        "background",
+        "debris",
+        "lymphocytes",
+        "mucus",
+        "smooth muscle",
+        "normal colon mucosa",
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ],
+    "dermamnist": [
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ],
     "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
     "pneumoniamnist": ["normal", "pneumonia"],
     "retinamnist": ["0", "1", "2", "3", "4"],
     "breastmnist": ["malignant", "normal, benign"],
-    "bloodmnist": ["basophil", "eosinophil", "erythroblast",
-                   "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
-                   "lymphocyte", "monocyte", "neutrophil", "platelet"],
-    "tissuemnist": ["Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule",
-                    "Glomerular endothelial cells", "Interstitial endothelial cells",
-                    "Leukocytes", "Podocytes", "Proximal Tubule Segments",
-                    "Thick Ascending Limb"],
+    "bloodmnist": [
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ],
+    "tissuemnist": [
+        "Collecting Duct, Connecting Tubule",
+        "Distal Convoluted Tubule",
+        "Glomerular endothelial cells",
+        "Interstitial endothelial cells",
+        "Leukocytes",
+        "Podocytes",
+        "Proximal Tubule Segments",
+        "Thick Ascending Limb",
+    ],
     "organamnist": _ORGAN_LABELS,
     "organcmnist": _ORGAN_LABELS,
     "organsmnist": _ORGAN_LABELS,
 }
-_SPLIT_ALIASES = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1,
-                  "test": 2, "testing": 2}
+_SPLIT_ALIASES = {
+    "train": 0,
+    "training": 0,
+    "val": 1,
+    "valid": 1,
+    "validation": 1,
+    "test": 2,
+    "testing": 2,
+}
 _PIXEL_KEYS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 Skipped = list[tuple[str, str]]
@@ -171,8 +230,10 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
 
 def _check_pixel_count(count: int, source: str) -> None:
     if count > MAX_PIXELS:
-        raise ImageDecodeError(f"refusing to decode {source}: {count} pixels is more than "
-                               f"MAX_PIXELS={MAX_PIXELS} (possible decompression bomb)")
+        raise ImageDecodeError(
+            f"refusing to decode {source}: {count} pixels is more than "
+            f"MAX_PIXELS={MAX_PIXELS} (possible decompression bomb)"
+        )
 
 
 def _check_pil_size(img: Image.Image, source: str) -> None:
@@ -181,8 +242,10 @@ def _check_pil_size(img: Image.Image, source: str) -> None:
     _check_pixel_count(count, source)
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit and count > pil_limit:
-        raise ImageDecodeError(f"refusing to decode {source}: {count} pixels is more than "
-                               f"Pillow's MAX_IMAGE_PIXELS={pil_limit} (decompression bomb?)")
+        raise ImageDecodeError(
+            f"refusing to decode {source}: {count} pixels is more than "
+            f"Pillow's MAX_IMAGE_PIXELS={pil_limit} (decompression bomb?)"
+        )
 
 
 def _decode_pil(data: bytes, source: str) -> np.ndarray:
@@ -196,8 +259,10 @@ def _decode_pil(data: bytes, source: str) -> np.ndarray:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"refusing to decode {source}: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"cannot decode {source}: not a recognised image format "
-                               "(expected PNG, JPEG, BMP, TIFF, GIF or DICOM)") from exc
+        raise ImageDecodeError(
+            f"cannot decode {source}: not a recognised image format "
+            "(expected PNG, JPEG, BMP, TIFF, GIF or DICOM)"
+        ) from exc
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, ...
         raise ImageDecodeError(f"cannot decode {source}: {type(exc).__name__}: {exc}") from exc
 
@@ -291,8 +356,9 @@ def _as_image_array(image: Any, index: int) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] in (1, 4):
         arr = arr[..., 0] if arr.shape[2] == 1 else arr[..., :3]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise DataError(f"image {index}: expected an (H, W) or (H, W, 3) array, "
-                        f"got shape {arr.shape}")
+        raise DataError(
+            f"image {index}: expected an (H, W) or (H, W, 3) array, got shape {arr.shape}"
+        )
     return arr if arr.dtype == np.uint8 else _scale_to_uint8(arr)
 
 
@@ -336,8 +402,14 @@ def to_uniform(images: Sequence[np.ndarray], size: int | None = None) -> np.ndar
 # --------------------------------------------------------------------------- sources
 
 
-def load_dataset(source: str | os.PathLike, data_dir: str | None = None, *, seed: int = 0,
-                 image_size: int | None = None, download: bool = True) -> Dataset:
+def load_dataset(
+    source: str | os.PathLike,
+    data_dir: str | None = None,
+    *,
+    seed: int = 0,
+    image_size: int | None = None,
+    download: bool = True,
+) -> Dataset:
     """Load a labeled data set with train/val/test splits.
 
     Args:
@@ -366,16 +438,23 @@ def load_dataset(source: str | os.PathLike, data_dir: str | None = None, *, seed
     elif suffix == ".parquet":
         dataset = _load_parquet(path, seed, image_size)
     else:
-        raise DataError(f"unsupported file {path}: expected a .npz or .parquet file "
-                        "or a folder of images")
+        raise DataError(
+            f"unsupported file {path}: expected a .npz or .parquet file or a folder of images"
+        )
     sizes = {s: len(part) for s, part in dataset.splits.items()}
-    logger.info("loaded %s: %s, %d classes, %d skipped", dataset.name, sizes,
-                dataset.num_classes, len(dataset.skipped))
+    logger.info(
+        "loaded %s: %s, %d classes, %d skipped",
+        dataset.name,
+        sizes,
+        dataset.num_classes,
+        len(dataset.skipped),
+    )
     return dataset
 
 
-def load_unlabeled(source: str | os.PathLike, *, image_size: int | None = None,
-                   data_dir: str | None = None) -> tuple[ImageSet, Skipped]:
+def load_unlabeled(
+    source: str | os.PathLike, *, image_size: int | None = None, data_dir: str | None = None
+) -> tuple[ImageSet, Skipped]:
     """Load images without labels (labels in the source, if any, are ignored).
 
     Args:
@@ -399,8 +478,9 @@ def load_unlabeled(source: str | os.PathLike, *, image_size: int | None = None,
         column = table.column("image").to_pylist()
         images = [img for _, img in _decode_rows(column, path, image_size, skipped)]
     else:
-        raise DataError(f"unsupported file {path}: expected a .npz or .parquet file "
-                        "or a folder of images")
+        raise DataError(
+            f"unsupported file {path}: expected a .npz or .parquet file or a folder of images"
+        )
     if not images:
         raise DataError(f"{path}: no readable images found ({len(skipped)} skipped)")
     return ImageSet(to_uniform(images, image_size)), skipped
@@ -412,12 +492,15 @@ def _medmnist_base(name: str) -> str:
 
 
 def _looks_like_path(source: str) -> bool:
-    return ("/" in source or os.sep in source or source.startswith((".", "~"))
-            or Path(source).suffix != "")
+    return (
+        "/" in source
+        or os.sep in source
+        or source.startswith((".", "~"))
+        or Path(source).suffix != ""
+    )
 
 
-def _resolve(source: str | os.PathLike, data_dir: str | None,
-             download: bool) -> tuple[Path, str]:
+def _resolve(source: str | os.PathLike, data_dir: str | None, download: bool) -> tuple[Path, str]:
     """Map ``source`` to an existing path and a data set name."""
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -433,7 +516,8 @@ def _resolve(source: str | os.PathLike, data_dir: str | None,
     raise DataError(
         f"no such file or folder: {text!r}, and it is not a known data set name. Expected a "
         f"path to a .npz/.parquet file or an image folder, {DEMO_NAME!r}, or one of: "
-        f"{', '.join(sorted(MEDMNIST))}")
+        f"{', '.join(sorted(MEDMNIST))}"
+    )
 
 
 def _demo_path(data_dir: str | None) -> Path:
@@ -452,13 +536,17 @@ def _fetch_medmnist(name: str, data_dir: str | None, download: bool) -> Path:
         return path
     url = MEDMNIST_URL.format(name=name)
     if not download:
-        raise DataError(f"data set {name!r} not found at {path} and download=False; "
-                        "put the .npz there or pass a path")
+        raise DataError(
+            f"data set {name!r} not found at {path} and download=False; "
+            "put the .npz there or pass a path"
+        )
     try:
         download_file(url, path)
     except DataError as exc:
-        raise DataError(f"data set {name!r} not found at {path} and download from {url} "
-                        f"failed: {exc}; put the .npz there or pass a path") from exc
+        raise DataError(
+            f"data set {name!r} not found at {path} and download from {url} "
+            f"failed: {exc}; put the .npz there or pass a path"
+        ) from exc
     return path
 
 
@@ -483,12 +571,14 @@ def _check_images(images: np.ndarray, where: str) -> np.ndarray:
     if images.ndim == 4 and images.shape[3] == 1:
         images = images[..., 0]
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)):
-        raise DataError(f"{where}: expected images (N, H, W) or (N, H, W, 3), "
-                        f"got shape {images.shape}")
+        raise DataError(
+            f"{where}: expected images (N, H, W) or (N, H, W, 3), got shape {images.shape}"
+        )
     if images.dtype == np.uint8:
         return images
-    if images.size and (not np.issubdtype(images.dtype, np.integer)
-                        or images.min() < 0 or images.max() > 255):
+    if images.size and (
+        not np.issubdtype(images.dtype, np.integer) or images.min() < 0 or images.max() > 255
+    ):
         raise DataError(f"{where}: expected uint8 images in 0..255, got {images.dtype}")
     return images.astype(np.uint8)
 
@@ -497,8 +587,10 @@ def _check_labels(labels: np.ndarray, count: int, where: str) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or len(labels) != count:
-        raise DataError(f"{where}: expected labels of shape ({count},) or ({count}, 1), got "
-                        f"{labels.shape} (multi-label data is not supported)")
+        raise DataError(
+            f"{where}: expected labels of shape ({count},) or ({count}, 1), got "
+            f"{labels.shape} (multi-label data is not supported)"
+        )
     if not np.issubdtype(labels.dtype, np.number) or np.any(labels != np.round(labels)):
         raise DataError(f"{where}: expected integer class labels, got {labels.dtype}")
     return labels.astype(np.int64)
@@ -533,8 +625,9 @@ def _npz_label_names(npz: Any, path: Path, name: str, labels: list[np.ndarray]) 
 def _check_label_range(labels: list[np.ndarray], num_classes: int, where: str) -> None:
     values = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     if values.size and (values.min() < 0 or values.max() >= num_classes):
-        raise DataError(f"{where}: labels must be in 0..{num_classes - 1}, "
-                        f"got {values.min()}..{values.max()}")
+        raise DataError(
+            f"{where}: labels must be in 0..{num_classes - 1}, got {values.min()}..{values.max()}"
+        )
 
 
 def _load_npz(path: Path, size: int | None, name: str) -> Dataset:
@@ -542,12 +635,17 @@ def _load_npz(path: Path, size: int | None, name: str) -> Dataset:
     with _open_npz(path) as npz:
         missing = [k for k in expected if k not in npz.files]
         if missing:
-            raise DataError(f"{path}: missing keys {missing}; found keys {sorted(npz.files)}, "
-                            f"expected {expected}")
-        images = [_check_images(_npz_get(npz, f"{s}_images", path), f"{path}[{s}_images]")
-                  for s in SPLITS]
-        labels = [_check_labels(_npz_get(npz, f"{s}_labels", path), len(im),
-                                f"{path}[{s}_labels]") for s, im in zip(SPLITS, images)]
+            raise DataError(
+                f"{path}: missing keys {missing}; found keys {sorted(npz.files)}, "
+                f"expected {expected}"
+            )
+        images = [
+            _check_images(_npz_get(npz, f"{s}_images", path), f"{path}[{s}_images]") for s in SPLITS
+        ]
+        labels = [
+            _check_labels(_npz_get(npz, f"{s}_labels", path), len(im), f"{path}[{s}_labels]")
+            for s, im in zip(SPLITS, images)
+        ]
         label_names = _npz_label_names(npz, path, name, labels)
     _check_label_range(labels, len(label_names), str(path))
     images = _uniform_batches(images, size)
@@ -557,13 +655,23 @@ def _load_npz(path: Path, size: int | None, name: str) -> Dataset:
 
 def _npz_all_images(path: Path, size: int | None) -> np.ndarray:
     with _open_npz(path) as npz:
-        keys = ["images"] if "images" in npz.files else (
-            [f"{s}_images" for s in SPLITS if f"{s}_images" in npz.files]
-            + sorted(k for k in npz.files if k.endswith("_images")
-                     and k[: -len("_images")] not in SPLITS))
+        keys = (
+            ["images"]
+            if "images" in npz.files
+            else (
+                [f"{s}_images" for s in SPLITS if f"{s}_images" in npz.files]
+                + sorted(
+                    k
+                    for k in npz.files
+                    if k.endswith("_images") and k[: -len("_images")] not in SPLITS
+                )
+            )
+        )
         if not keys:
-            raise DataError(f"{path}: no image keys; found keys {sorted(npz.files)}, "
-                            "expected 'images' or '<split>_images'")
+            raise DataError(
+                f"{path}: no image keys; found keys {sorted(npz.files)}, "
+                "expected 'images' or '<split>_images'"
+            )
         batches = [_check_images(_npz_get(npz, k, path), f"{path}[{k}]") for k in keys]
     return np.concatenate(_uniform_batches(batches, size))
 
@@ -607,8 +715,9 @@ def _skip(skipped: Skipped, where: str, reason: str) -> None:
     skipped.append((where, reason))
 
 
-def _decode_files(files: Iterable[Path], size: int | None,
-                  skipped: Skipped) -> list[tuple[int, np.ndarray]]:
+def _decode_files(
+    files: Iterable[Path], size: int | None, skipped: Skipped
+) -> list[tuple[int, np.ndarray]]:
     """Decode files; return ``(index, image)`` for the readable ones, log the others."""
     out = []
     for index, path in enumerate(files):
@@ -635,20 +744,27 @@ def _stratified_split(labels: np.ndarray, seed: int) -> np.ndarray:
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         n_train, n_val, _ = _split_counts(len(idx))
-        assignment[idx[n_train:n_train + n_val]] = 1
-        assignment[idx[n_train + n_val:]] = 2
+        assignment[idx[n_train : n_train + n_val]] = 1
+        assignment[idx[n_train + n_val :]] = 2
     return assignment
 
 
-def _assemble(where: Path, images: list[np.ndarray], labels: np.ndarray,
-              assignment: np.ndarray, label_names: list[str], skipped: Skipped,
-              size: int | None) -> Dataset:
+def _assemble(
+    where: Path,
+    images: list[np.ndarray],
+    labels: np.ndarray,
+    assignment: np.ndarray,
+    label_names: list[str],
+    skipped: Skipped,
+    size: int | None,
+) -> Dataset:
     """Stack decoded images and cut them into splits by ``assignment`` (0/1/2)."""
     if not images:
         raise DataError(f"{where}: no readable images found ({len(skipped)} skipped)")
     stacked = to_uniform(images, size)
-    splits = {s: ImageSet(stacked[assignment == i], labels[assignment == i])
-              for i, s in enumerate(SPLITS)}
+    splits = {
+        s: ImageSet(stacked[assignment == i], labels[assignment == i]) for i, s in enumerate(SPLITS)
+    }
     name = where.stem if where.is_file() else where.name
     return Dataset(name, splits, list(label_names), skipped)
 
@@ -658,9 +774,11 @@ def _load_folder(root: Path, seed: int, size: int | None) -> Dataset:
     if any(d.name.lower() in SPLITS for d in subdirs):
         return _load_split_folders(root, subdirs, size)
     if not subdirs:
-        raise DataError(f"{root}: no class sub-folders; labeled data needs one sub-folder per "
-                        f"class (e.g. {root / 'normal'}/*.png); for unlabeled images use "
-                        "load_unlabeled()")
+        raise DataError(
+            f"{root}: no class sub-folders; labeled data needs one sub-folder per "
+            f"class (e.g. {root / 'normal'}/*.png); for unlabeled images use "
+            "load_unlabeled()"
+        )
     if len(subdirs) == 1:
         logger.warning("%s has a single class sub-folder (%s)", root, subdirs[0].name)
     files = [(path, label) for label, d in enumerate(subdirs) for path in _image_files(d)]
@@ -669,26 +787,30 @@ def _load_folder(root: Path, seed: int, size: int | None) -> Dataset:
     labels = np.array([files[i][1] for i, _ in decoded], np.int64)
     images = [img for _, img in decoded]
     assignment = _stratified_split(labels, seed)
-    return _assemble(root, images, labels, assignment, [d.name for d in subdirs],
-                     skipped, size)
+    return _assemble(root, images, labels, assignment, [d.name for d in subdirs], skipped, size)
 
 
 def _load_split_folders(root: Path, subdirs: list[Path], size: int | None) -> Dataset:
     by_split = {d.name.lower(): d for d in subdirs if d.name.lower() in SPLITS}
     missing = [s for s in SPLITS if s not in by_split]
     if missing:
-        raise DataError(f"{root}: found split folders {sorted(by_split)} but not {missing}; "
-                        "a split layout needs train/, val/ and test/ (or put one sub-folder "
-                        "per class directly in the folder and let medcae split it)")
+        raise DataError(
+            f"{root}: found split folders {sorted(by_split)} but not {missing}; "
+            "a split layout needs train/, val/ and test/ (or put one sub-folder "
+            "per class directly in the folder and let medcae split it)"
+        )
     names = sorted({d.name for s in SPLITS for d in _subdirs(by_split[s])})
-    files = [(path, names.index(d.name), i) for i, s in enumerate(SPLITS)
-             for d in _subdirs(by_split[s]) for path in _image_files(d)]
+    files = [
+        (path, names.index(d.name), i)
+        for i, s in enumerate(SPLITS)
+        for d in _subdirs(by_split[s])
+        for path in _image_files(d)
+    ]
     skipped: Skipped = []
     decoded = _decode_files([f[0] for f in files], size, skipped)
     labels = np.array([files[i][1] for i, _ in decoded], np.int64)
     assignment = np.array([files[i][2] for i, _ in decoded], np.int64)
-    return _assemble(root, [img for _, img in decoded], labels, assignment, names,
-                     skipped, size)
+    return _assemble(root, [img for _, img in decoded], labels, assignment, names, skipped, size)
 
 
 # --------------------------------------------------------------------------- .parquet
@@ -705,9 +827,11 @@ def _read_parquet(path: Path, required: Sequence[str]) -> Any:
         raise DataError(f"cannot read {path} as parquet: {exc}") from exc
     missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found columns "
-                        f"{table.column_names}; expected a binary 'image' column with encoded "
-                        "image bytes, a 'label' column and optionally a 'split' column")
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found columns "
+            f"{table.column_names}; expected a binary 'image' column with encoded "
+            "image bytes, a 'label' column and optionally a 'split' column"
+        )
     return table
 
 
@@ -721,8 +845,13 @@ def _row_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def _decode_rows(values: list[Any], path: Path, size: int | None, skipped: Skipped,
-                 rows: Iterable[int] | None = None) -> list[tuple[int, np.ndarray]]:
+def _decode_rows(
+    values: list[Any],
+    path: Path,
+    size: int | None,
+    skipped: Skipped,
+    rows: Iterable[int] | None = None,
+) -> list[tuple[int, np.ndarray]]:
     """Decode parquet image cells (all, or only ``rows``); return ``(row, image)`` pairs."""
     out = []
     for row in range(len(values)) if rows is None else rows:
@@ -747,8 +876,10 @@ def _encode_labels(values: list[Any], path: Path) -> tuple[np.ndarray, list[str]
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path}: column 'label' must hold all ints or all strings") from exc
     if floats.size and (np.any(floats != np.round(floats)) or floats.min() < 0):
-        raise DataError(f"{path}: column 'label' must hold non-negative integers, "
-                        f"got values in {floats.min()}..{floats.max()}")
+        raise DataError(
+            f"{path}: column 'label' must hold non-negative integers, "
+            f"got values in {floats.min()}..{floats.max()}"
+        )
     labels = floats.astype(np.int64)
     return labels, [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
 
@@ -757,8 +888,7 @@ def _parse_splits(values: list[Any], path: Path) -> np.ndarray:
     keys = [str(v).strip().lower() for v in values]
     bad = sorted({v for v in keys if v not in _SPLIT_ALIASES})
     if bad:
-        raise DataError(f"{path}: column 'split' has values {bad[:5]}; "
-                        "expected train, val or test")
+        raise DataError(f"{path}: column 'split' has values {bad[:5]}; expected train, val or test")
     return np.array([_SPLIT_ALIASES[v] for v in keys], np.int64)
 
 
@@ -777,15 +907,15 @@ def _load_parquet(path: Path, seed: int, size: int | None) -> Dataset:
         assignment = _parse_splits([split_values[r] for r in rows], path)
     else:
         assignment = _stratified_split(labels, seed)
-    return _assemble(path, [im for _, im in decoded], labels, assignment, label_names,
-                     skipped, size)
+    return _assemble(
+        path, [im for _, im in decoded], labels, assignment, label_names, skipped, size
+    )
 
 
 # --------------------------------------------------------------------------- download
 
 
-def download_file(url: str, dest: str | Path, md5: str | None = None,
-                  timeout: float = 60) -> Path:
+def download_file(url: str, dest: str | Path, md5: str | None = None, timeout: float = 60) -> Path:
     """Download ``url`` to ``dest`` atomically (via ``dest + ".part"``).
 
     Args:
@@ -833,8 +963,15 @@ def _stream_to(url: str, part: Path, timeout: float) -> str:
 # --------------------------------------------------------------------------- demo data
 
 
-def make_demo_dataset(dest: str | Path, *, seed: int = 0, n_train: int = 600, n_val: int = 150,
-                      n_test: int = 300, size: int = 64) -> Path:
+def make_demo_dataset(
+    dest: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 600,
+    n_val: int = 150,
+    n_test: int = 300,
+    size: int = 64,
+) -> Path:
     """Generate the offline demo data set ``synthetic-lesions`` as a MedMNIST-style ``.npz``.
 
     Grayscale ``size x size`` chest-like images (vignetted body, two darker lung fields, rib
@@ -855,8 +992,10 @@ def make_demo_dataset(dest: str | Path, *, seed: int = 0, n_train: int = 600, n_
         ``dest`` as a Path.
     """
     if size < 16 or min(n_train, n_val, n_test) < 0:
-        raise DataError(f"make_demo_dataset: need size >= 16 and non-negative counts, got "
-                        f"size={size}, n_train={n_train}, n_val={n_val}, n_test={n_test}")
+        raise DataError(
+            f"make_demo_dataset: need size >= 16 and non-negative counts, got "
+            f"size={size}, n_train={n_train}, n_val={n_val}, n_test={n_test}"
+        )
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for split, count in zip(SPLITS, (n_train, n_val, n_test)):
@@ -891,7 +1030,7 @@ def _synth_images(labels: np.ndarray, size: int, rng: np.random.Generator) -> np
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
     image = _synth_background(n, size, rng, yy, xx)
     image += _synth_lesions(labels, size, rng, yy, xx)
-    image += rng.standard_normal((n, size, size), dtype=np.float32) * _uniform(rng, .02, .05, n)
+    image += rng.standard_normal((n, size, size), dtype=np.float32) * _uniform(rng, 0.02, 0.05, n)
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
 
 
@@ -907,38 +1046,40 @@ def _smooth_field(n: int, size: int, rng: np.random.Generator, coarse: int = 6) 
     return np.einsum("ij,njk,lk->nil", interp, grid, interp)
 
 
-def _synth_background(n: int, size: int, rng: np.random.Generator, yy: np.ndarray,
-                      xx: np.ndarray) -> np.ndarray:
-    body = (0.62 + _uniform(rng, -.08, .08, n)) * (1 - 0.45 * (xx ** 2 + yy ** 2))
+def _synth_background(
+    n: int, size: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
+    body = (0.62 + _uniform(rng, -0.08, 0.08, n)) * (1 - 0.45 * (xx**2 + yy**2))
     lungs = np.zeros((n, size, size), np.float32)
     for side in (-1.0, 1.0):
-        cx, cy = side * (0.42 + _uniform(rng, -.05, .05, n)), _uniform(rng, -.12, .02, n)
-        rx, ry = 0.28 * _uniform(rng, .9, 1.1, n), 0.58 * _uniform(rng, .9, 1.1, n)
+        cx, cy = side * (0.42 + _uniform(rng, -0.05, 0.05, n)), _uniform(rng, -0.12, 0.02, n)
+        rx, ry = 0.28 * _uniform(rng, 0.9, 1.1, n), 0.58 * _uniform(rng, 0.9, 1.1, n)
         dist = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
         lungs += 0.5 - 0.5 * np.tanh((dist - 1) * 4)
     ribs = 0.03 * np.sin(yy * _uniform(rng, 14, 20, n) + _uniform(rng, 0, 2 * np.pi, n))
-    depth = _uniform(rng, .18, .30, n)
+    depth = _uniform(rng, 0.18, 0.30, n)
     return body - lungs * (depth - ribs) + 0.05 * _smooth_field(n, size, rng)
 
 
-def _synth_lesions(labels: np.ndarray, size: int, rng: np.random.Generator, yy: np.ndarray,
-                   xx: np.ndarray) -> np.ndarray:
+def _synth_lesions(
+    labels: np.ndarray, size: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
     n, px = len(labels), 2.0 / size
     out = np.zeros((n, size, size), np.float32)
     for blob in range(2):
         side = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)[:, None, None]
-        cx = side * (0.42 + _uniform(rng, -.14, .14, n))
-        cy = _uniform(rng, -.45, .30, n)
+        cx = side * (0.42 + _uniform(rng, -0.14, 0.14, n))
+        cy = _uniform(rng, -0.45, 0.30, n)
         dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / px
-        contrast = _uniform(rng, .06, .40, n)
+        contrast = _uniform(rng, 0.06, 0.40, n)
         if blob == 0:
             radius, width = _uniform(rng, 2.5, 6.5, n), _uniform(rng, 0.7, 1.4, n)
-            ring = np.exp(-((dist - radius) / width) ** 2 / 2)
-            cavity = 0.35 * np.exp(-(dist / (0.6 * radius)) ** 2 / 2)
+            ring = np.exp(-(((dist - radius) / width) ** 2) / 2)
+            cavity = 0.35 * np.exp(-((dist / (0.6 * radius)) ** 2) / 2)
             is_ring = (labels == 2)[:, None, None]
             out += contrast * np.where(is_ring, ring - cavity, 0)
         sigma = _uniform(rng, 1.8, 3.8, n)
         second = (rng.random(n) < 0.35) if blob else np.ones(n, bool)
         weight = ((labels == 1) & second)[:, None, None]
-        out += contrast * weight * np.exp(-(dist / sigma) ** 2 / 2)
+        out += contrast * weight * np.exp(-((dist / sigma) ** 2) / 2)
     return out

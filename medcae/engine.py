@@ -96,8 +96,10 @@ def build_cae(in_channels: int, cfg, mean: torch.Tensor, std: torch.Tensor) -> C
 def embed_all(model: ConvAutoEncoder, maps: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """CAE feature vectors for all maps, ``(N, C, h, w)`` -> ``(N, D)`` float32."""
     model = _unwrap(model).eval()
-    out = [model.embed(torch.tensor(maps[i : i + batch_size], dtype=torch.float32))
-           for i in range(0, len(maps), batch_size)]
+    out = [
+        model.embed(torch.tensor(maps[i : i + batch_size], dtype=torch.float32))
+        for i in range(0, len(maps), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -105,7 +107,8 @@ def embed_all(model: ConvAutoEncoder, maps: np.ndarray, batch_size: int = 256) -
 def errors_all(model: ConvAutoEncoder, maps: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Per-image reconstruction errors, ``(N,)`` float32."""
     model = _unwrap(model).eval()
-    out = [model.reconstruction_error(torch.tensor(maps[i : i + batch_size],
-                                                  dtype=torch.float32))
-           for i in range(0, len(maps), batch_size)]
+    out = [
+        model.reconstruction_error(torch.tensor(maps[i : i + batch_size], dtype=torch.float32))
+        for i in range(0, len(maps), batch_size)
+    ]
     return torch.cat(out).numpy()

@@ -37,7 +37,8 @@ def fit_and_test(
         label_names: Class names.
     """
     k = len(label_names)
-    head, selection = fit_classifier(cfg, feats["train"], labels["train"], feats["val"],
-                                     labels["val"], k)
+    head, selection = fit_classifier(
+        cfg, feats["train"], labels["train"], feats["val"], labels["val"], k
+    )
     report = classification_report(labels["test"], head.predict_proba(feats["test"]), label_names)
     return Evaluated(head, selection, report)

@@ -86,7 +86,13 @@ def extract_all(
         if now - last > 10 or i + batch_size >= len(images):
             done = min(i + batch_size, len(images))
             rate = done / (now - start)
-            log.info("%s extracted %d/%d images, %.1f img/s, ETA %.0fs", label, done,
-                     len(images), rate, (len(images) - done) / rate)
+            log.info(
+                "%s extracted %d/%d images, %.1f img/s, ETA %.0fs",
+                label,
+                done,
+                len(images),
+                rate,
+                (len(images) - done) / rate,
+            )
             last = now
     return {k: np.concatenate([p[k] for p in parts]) for k in ("maps", "final")}

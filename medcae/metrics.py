@@ -21,8 +21,9 @@ def auc_score(y: np.ndarray, proba: np.ndarray, num_classes: int) -> float:
         return float("nan")
     if num_classes == 2:
         return float(roc_auc_score(y, proba[:, 1]))
-    return float(roc_auc_score(y, proba, multi_class="ovr", average="macro",
-                               labels=list(range(num_classes))))
+    return float(
+        roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(num_classes)))
+    )
 
 
 def classification_report(
@@ -35,18 +36,25 @@ def classification_report(
         proba: ``(N, K)`` probabilities.
         label_names: K class names.
     """
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     k = len(label_names)
     pred = proba.argmax(axis=1)
     prec, rec, _, support = precision_recall_fscore_support(
-        y, pred, labels=list(range(k)), zero_division=0)
+        y, pred, labels=list(range(k)), zero_division=0
+    )
     return {
         "acc": float((pred == y).mean()),
         "auc": auc_score(y, proba, k),
         "balanced_acc": float(balanced_accuracy_score(y, pred)),
-        "per_class": {n: {"precision": float(p), "recall": float(r), "support": int(s)}
-                      for n, p, r, s in zip(label_names, prec, rec, support)},
+        "per_class": {
+            n: {"precision": float(p), "recall": float(r), "support": int(s)}
+            for n, p, r, s in zip(label_names, prec, rec, support)
+        },
         "confusion": confusion_matrix(y, pred, labels=list(range(k))).tolist(),
     }
 
@@ -57,8 +65,10 @@ def format_results(rows: dict[str, dict[str, object]], label_names: Sequence[str
     lines = [head]
     for method, r in rows.items():
         pc = r["per_class"]
-        lines.append([method, f"{r['acc']:.3f}", f"{r['auc']:.3f}", f"{r['balanced_acc']:.3f}"]
-                     + [f"{pc[n]['precision']:.2f}/{pc[n]['recall']:.2f}" for n in label_names])
+        lines.append(
+            [method, f"{r['acc']:.3f}", f"{r['auc']:.3f}", f"{r['balanced_acc']:.3f}"]
+            + [f"{pc[n]['precision']:.2f}/{pc[n]['recall']:.2f}" for n in label_names]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
     return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])

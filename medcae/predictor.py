@@ -40,8 +40,14 @@ class Predictor:
         meta: Bundle metadata (for ``GET /v1/model`` and reports).
     """
 
-    def __init__(self, extractor: FeatureExtractor, cae: ConvAutoEncoder, head: LinearHead,
-                 label_names: Sequence[str], meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        cae: ConvAutoEncoder,
+        head: LinearHead,
+        label_names: Sequence[str],
+        meta: dict[str, Any] | None = None,
+    ):
         self.extractor = extractor
         self.cae = cae.eval()
         self.head = head
@@ -80,8 +86,10 @@ class Predictor:
         """
         x = torch.from_numpy(self.maps(images)).float()
         codes = self.cae.embed(x).numpy()
-        return {"proba": self.head.predict_proba(codes),
-                "error": self.cae.reconstruction_error(x).numpy()}
+        return {
+            "proba": self.head.predict_proba(codes),
+            "error": self.cae.reconstruction_error(x).numpy(),
+        }
 
     def predict_proba(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(N, K)``."""
@@ -90,8 +98,12 @@ class Predictor:
     def predict(self, images: np.ndarray | Sequence[ImageLike]) -> list[Prediction]:
         """Label, probabilities and out-of-distribution flag per image."""
         out = self.predict_arrays(images)
-        return [Prediction(label=self.label_names[int(p.argmax())],
-                           probabilities=dict(zip(self.label_names, map(float, p))),
-                           reconstruction_error=float(e),
-                           in_distribution=bool(e <= self.ood_threshold))
-                for p, e in zip(out["proba"], out["error"])]
+        return [
+            Prediction(
+                label=self.label_names[int(p.argmax())],
+                probabilities=dict(zip(self.label_names, map(float, p))),
+                reconstruction_error=float(e),
+                in_distribution=bool(e <= self.ood_threshold),
+            )
+            for p, e in zip(out["proba"], out["error"])
+        ]

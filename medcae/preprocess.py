@@ -44,8 +44,9 @@ def to_model_input(
         raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {tuple(images.shape)}")
     x = x.float().div_(255.0)
     if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+        )
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
     x = (x - m) / s

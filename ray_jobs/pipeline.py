@@ -33,15 +33,27 @@ def _budget(text: str) -> float | int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="demo", help="data set: .npz / folder / .parquet path, "
-                   "a MedMNIST name (pneumoniamnist, ...) or 'demo' (built-in synthetic set)")
-    d.add_argument("--unlabeled", default=None, help="separate unlabeled images for the CAE "
-                   "(folder, .npz, .parquet); default: the labeled set's training images")
-    d.add_argument("--data-dir", default=None, help="where named data sets live "
-                   "(default $MEDCAE_DATA_DIR or ~/.medmnist)")
+    d.add_argument(
+        "--data",
+        default="demo",
+        help="data set: .npz / folder / .parquet path, "
+        "a MedMNIST name (pneumoniamnist, ...) or 'demo' (built-in synthetic set)",
+    )
+    d.add_argument(
+        "--unlabeled",
+        default=None,
+        help="separate unlabeled images for the CAE "
+        "(folder, .npz, .parquet); default: the labeled set's training images",
+    )
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="where named data sets live (default $MEDCAE_DATA_DIR or ~/.medmnist)",
+    )
     b = p.add_argument_group("backbone")
     b.add_argument("--backbone", default="efficientnet_lite0")
     b.add_argument("--taps", default="", help="comma-separated tap layers (default per backbone)")
@@ -59,8 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--weight-decay", type=float, default=1e-4)
     k = p.add_argument_group("classifier")
     k.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm"])
-    k.add_argument("--budget", type=_budget, default=1.0,
-                   help="labels used: fraction of each class (0.1) or count per class (20)")
+    k.add_argument(
+        "--budget",
+        type=_budget,
+        default=1.0,
+        help="labels used: fraction of each class (0.1) or count per class (20)",
+    )
     k.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("ray")
     r.add_argument("--address", default=None, help="Ray cluster address (default: local)")
@@ -82,11 +98,22 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
         data=a.data,
         unlabeled=a.unlabeled,
         backbone=BackboneConfig(a.backbone, _taps(a.taps), a.resolution, a.backbone_weights),
-        cae=CAEConfig(a.cae_channels, a.latent_channels, a.downsample, a.noise_std, a.pool,
-                      a.epochs, a.batch_size, a.lr, a.weight_decay, a.seed),
+        cae=CAEConfig(
+            a.cae_channels,
+            a.latent_channels,
+            a.downsample,
+            a.noise_std,
+            a.pool,
+            a.epochs,
+            a.batch_size,
+            a.lr,
+            a.weight_decay,
+            a.seed,
+        ),
         classifier=ClassifierConfig(a.classifier, a.budget, seed=a.seed),
-        train=TrainConfig(a.num_workers, a.use_gpu, a.cpus_per_worker, a.extract_batch_size,
-                          a.extract_actors),
+        train=TrainConfig(
+            a.num_workers, a.use_gpu, a.cpus_per_worker, a.extract_batch_size, a.extract_actors
+        ),
     )
 
 
@@ -95,7 +122,9 @@ def _taps(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parse_args(argv)
     from medcae.errors import run_cli
 
@@ -114,14 +143,18 @@ def _run(args: argparse.Namespace) -> int:
     sample_budget(dataset.splits["train"].labels, cfg.classifier.budget, cfg.classifier.seed)
     init_ray(args.address, args.num_cpus)
     res = run_pipeline(cfg, out, args.cache_dir, args.smoke_test, args.data_dir, dataset)
-    print(f"\nTest-set results ({cfg.data}, {len(res.history)} CAE epochs, "
-          f"labels: budget {cfg.classifier.budget}):\n")
+    print(
+        f"\nTest-set results ({cfg.data}, {len(res.history)} CAE epochs, "
+        f"labels: budget {cfg.classifier.budget}):\n"
+    )
     print(res.table)
     for path, reason in res.skipped:
         print(f"skipped unreadable image: {path}: {reason}")
-    print(f"\nfeature cache: {'hit' if all(res.cache_hits.values()) else 'miss'} "
-          f"(features {res.timings['features_s']:.1f}s, CAE training {res.timings['train_s']:.1f}s,"
-          f" total {res.timings['total_s']:.1f}s)")
+    print(
+        f"\nfeature cache: {'hit' if all(res.cache_hits.values()) else 'miss'} "
+        f"(features {res.timings['features_s']:.1f}s, CAE training {res.timings['train_s']:.1f}s,"
+        f" total {res.timings['total_s']:.1f}s)"
+    )
     print(f"model bundle: {res.bundle.resolve()}")
     return 0
 

@@ -20,8 +20,12 @@ def test_efficientnet_lite0_tap_shapes(tap, resolution, shape):
 
 @pytest.mark.parametrize(
     "name, tap, channels",
-    [("resnet18", "layer3", 256), ("resnet50", "layer2", 512), ("densenet121", "block3", 1024),
-     ("vgg16", "pool4", 512)],
+    [
+        ("resnet18", "layer3", 256),
+        ("resnet50", "layer2", 512),
+        ("densenet121", "block3", 1024),
+        ("vgg16", "pool4", 512),
+    ],
 )
 def test_torchvision_taps_with_explicit_random_weights(name, tap, channels):
     bb = build_backbone(name, [tap], 64, weights="random")
@@ -73,9 +77,12 @@ def test_offline_without_cached_weights_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"name": "alexnet"}, "unknown backbone"), ({"name": "resnet18", "taps": ["layer9"]}, "no tap"),
-     ({"name": "efficientnet_lite0", "resolution": 16}, "resolution"),
-     ({"name": "resnet18", "weights": "/nonexistent.pth"}, "not found")],
+    [
+        ({"name": "alexnet"}, "unknown backbone"),
+        ({"name": "resnet18", "taps": ["layer9"]}, "no tap"),
+        ({"name": "efficientnet_lite0", "resolution": 16}, "resolution"),
+        ({"name": "resnet18", "weights": "/nonexistent.pth"}, "not found"),
+    ],
 )
 def test_bad_backbone_requests(kwargs, match):
     with pytest.raises(BackboneError, match=match):

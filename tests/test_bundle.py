@@ -17,9 +17,11 @@ from medcae.predictor import Predictor
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory, demo_npz):
     """A real bundle built with the core only: real backbone, untrained tiny CAE, fitted head."""
-    cfg = PipelineConfig(backbone=BackboneConfig(taps=("stage4",), resolution=64),
-                         cae=CAEConfig(channels=(16,), latent_channels=8),
-                         classifier=ClassifierConfig(C_grid=(1.0,)))
+    cfg = PipelineConfig(
+        backbone=BackboneConfig(taps=("stage4",), resolution=64),
+        cae=CAEConfig(channels=(16,), latent_channels=8),
+        classifier=ClassifierConfig(C_grid=(1.0,)),
+    )
     ds = load_dataset(str(demo_npz))
     ext = FeatureExtractor(cfg.backbone)
     parts = {s: ds.splits[s] for s in ("train", "val", "test")}
@@ -28,10 +30,15 @@ def tiny_bundle(tmp_path_factory, demo_npz):
     cae = build_cae(maps["train"].shape[1], cfg.cae, *channel_stats(maps["train"]))
     codes = {s: embed_all(cae, m) for s, m in maps.items()}
     ev = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
-    meta = {"config": cfg.to_dict(), "label_names": ds.label_names,
-            "in_channels": int(maps["train"].shape[1]), "ood": {"threshold": 1.0}}
-    path = write_bundle(tmp_path_factory.mktemp("b") / "bundle", meta, cae.state_dict(),
-                        ev.head.to_arrays())
+    meta = {
+        "config": cfg.to_dict(),
+        "label_names": ds.label_names,
+        "in_channels": int(maps["train"].shape[1]),
+        "ood": {"threshold": 1.0},
+    }
+    path = write_bundle(
+        tmp_path_factory.mktemp("b") / "bundle", meta, cae.state_dict(), ev.head.to_arrays()
+    )
     expected = ev.head.predict_proba(codes["test"])
     return path, parts["test"].images[:60], expected
 

@@ -10,8 +10,14 @@ LABELS = np.array([0] * 100 + [1] * 300 + [2] * 50)
 
 @pytest.mark.parametrize(
     "budget, per_class",
-    [(1.0, [100, 300, 50]), (0.1, [10, 30, 5]), (0.01, [1, 3, 1]), (20, [20, 20, 20]),
-     (1, [1, 1, 1]), (50.0, [50, 50, 50])],
+    [
+        (1.0, [100, 300, 50]),
+        (0.1, [10, 30, 5]),
+        (0.01, [1, 3, 1]),
+        (20, [20, 20, 20]),
+        (1, [1, 1, 1]),
+        (50.0, [50, 50, 50]),
+    ],
 )
 def test_budget_is_stratified(budget, per_class):
     idx = sample_budget(LABELS, budget, seed=3)
@@ -25,8 +31,9 @@ def test_budget_is_reproducible_and_seeded():
     assert not np.array_equal(a, sample_budget(LABELS, 0.1, seed=2))
 
 
-@pytest.mark.parametrize("budget, match", [(51, "only 50"), (0, "budget"), (2.5, "budget"),
-                                           (-0.1, "budget")])
+@pytest.mark.parametrize(
+    "budget, match", [(51, "only 50"), (0, "budget"), (2.5, "budget"), (-0.1, "budget")]
+)
 def test_budget_errors(budget, match):
     with pytest.raises(BudgetError, match=match):
         sample_budget(LABELS, budget)

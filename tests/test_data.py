@@ -40,18 +40,28 @@ def noise_png(seed: int, size: int = 16, mode: str = "L") -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A tiny 1-bit PNG that declares a huge size (its pixel data is never read)."""
+
     def chunk(tag: bytes, body: bytes) -> bytes:
         crc = zlib.crc32(tag + body) & 0xFFFFFFFF
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", crc)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
-def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2",
-                window: tuple[float, float] | None = None, slope: float = 2,
-                intercept: float = -100, with_pixels: bool = True) -> bytes:
+def dicom_bytes(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    slope: float = 2,
+    intercept: float = -100,
+    with_pixels: bool = True,
+) -> bytes:
     """A small 16-bit Explicit VR Little Endian DICOM file (multi-frame if pixels is 3-D)."""
     from pydicom.dataset import Dataset as DicomDataset
     from pydicom.dataset import FileMetaDataset
@@ -129,12 +139,15 @@ def test_npz_missing_keys_lists_found_keys(tmp_path):
     assert "'train_images'" in message and "'val_images'" in message and "found keys" in message
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("nosuchdataset", "pneumoniamnist"),      # unknown name: lists known names
-    ("nosuchdataset", "expected a path"),
-    ("/definitely/not/here.npz", "no such file or folder: /definitely/not/here.npz"),
-    ("some/folder", "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("nosuchdataset", "pneumoniamnist"),  # unknown name: lists known names
+        ("nosuchdataset", "expected a path"),
+        ("/definitely/not/here.npz", "no such file or folder: /definitely/not/here.npz"),
+        ("some/folder", "no such file or folder"),
+    ],
+)
 def test_unknown_name_and_missing_path(source, expected):
     with pytest.raises(DataError, match="(?i)" + expected.replace(".", r"\.")):
         data.load_dataset(source)
@@ -144,8 +157,9 @@ def test_unknown_name_and_missing_path(source, expected):
 def test_name_lookup_in_data_dir(tmp_path, monkeypatch, how):
     write_npz(tmp_path / "pneumoniamnist.npz")
     monkeypatch.setenv("MEDCAE_DATA_DIR", str(tmp_path) if how == "env" else "/nonexistent")
-    ds = data.load_dataset("pneumoniamnist", str(tmp_path) if how == "argument" else None,
-                           download=False)
+    ds = data.load_dataset(
+        "pneumoniamnist", str(tmp_path) if how == "argument" else None, download=False
+    )
     assert ds.name == "pneumoniamnist" and ds.label_names == ["normal", "pneumonia"]
 
 
@@ -234,9 +248,16 @@ def test_flat_folder_is_unlabeled(tmp_path):
     assert [p for p, _ in skipped] == [str(tmp_path / "bad.jpg")]
 
 
-@pytest.mark.parametrize("n, expected", [
-    (1, (1, 0, 0)), (2, (1, 0, 1)), (3, (1, 1, 1)), (20, (14, 3, 3)), (100, (70, 15, 15)),
-])
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        (1, (1, 0, 0)),
+        (2, (1, 0, 1)),
+        (3, (1, 1, 1)),
+        (20, (14, 3, 3)),
+        (100, (70, 15, 15)),
+    ],
+)
 def test_split_counts(n, expected):
     assert data._split_counts(n) == expected
 
@@ -257,13 +278,24 @@ def _mode_image(mode: str, size: tuple[int, int]) -> Image.Image:
     rng = np.random.default_rng(3)
     if mode == "I;16":
         return Image.fromarray(rng.integers(0, 65535, size[::-1], dtype=np.uint16))
-    return Image.fromarray(rng.integers(0, 256, (*size[::-1], 4), dtype=np.uint8),
-                           "RGBA").convert(mode)
+    return Image.fromarray(rng.integers(0, 256, (*size[::-1], 4), dtype=np.uint8), "RGBA").convert(
+        mode
+    )
 
 
-@pytest.mark.parametrize("mode, ndim", [
-    ("L", 2), ("1", 2), ("LA", 2), ("RGB", 3), ("RGBA", 3), ("P", 3), ("CMYK", 3), ("I;16", 2),
-])
+@pytest.mark.parametrize(
+    "mode, ndim",
+    [
+        ("L", 2),
+        ("1", 2),
+        ("LA", 2),
+        ("RGB", 3),
+        ("RGBA", 3),
+        ("P", 3),
+        ("CMYK", 3),
+        ("I;16", 2),
+    ],
+)
 def test_decode_modes(mode, ndim):
     fmt = "TIFF" if mode == "CMYK" else "PNG"
     out = data.decode_image(encode(_mode_image(mode, (9, 7)), fmt))
@@ -300,12 +332,15 @@ def test_to_uniform_mixed_sizes_and_modes():
 STORED = np.array([[0, 150], [200, 300]])  # modality LUT (x2 - 100): [[-100, 200], [300, 500]]
 
 
-@pytest.mark.parametrize("photometric, window, expected", [
-    ("MONOCHROME2", None, [[0, 128], [170, 255]]),          # min-max over -100..500
-    ("MONOCHROME2", (200, 200), [[0, 128], [255, 255]]),    # window 100..300 after rescale
-    ("MONOCHROME1", None, [[255, 127], [85, 0]]),           # inverted
-    ("MONOCHROME1", (200, 200), [[255, 127], [0, 0]]),
-])
+@pytest.mark.parametrize(
+    "photometric, window, expected",
+    [
+        ("MONOCHROME2", None, [[0, 128], [170, 255]]),  # min-max over -100..500
+        ("MONOCHROME2", (200, 200), [[0, 128], [255, 255]]),  # window 100..300 after rescale
+        ("MONOCHROME1", None, [[255, 127], [85, 0]]),  # inverted
+        ("MONOCHROME1", (200, 200), [[255, 127], [0, 0]]),
+    ],
+)
 def test_dicom_rescale_window_and_inversion(photometric, window, expected):
     out = data.decode_image(dicom_bytes(STORED, photometric, window), "x")
     assert out.dtype == np.uint8
@@ -325,12 +360,15 @@ def test_dicom_without_pixel_data():
         data.decode_image(dicom_bytes(STORED, with_pixels=False), "scan.dcm")
 
 
-@pytest.mark.parametrize("payload", [
-    b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF\n",
-    os.urandom(512),
-    b"",
-    noise_png(5, size=64)[:300],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF\n",
+        os.urandom(512),
+        b"",
+        noise_png(5, size=64)[:300],
+    ],
+)
 def test_undecodable_bytes(payload):
     with pytest.raises(ImageDecodeError, match="thing.png"):
         data.decode_image(payload, "thing.png")
@@ -365,8 +403,10 @@ def write_parquet(path: Path, columns: dict) -> Path:
 def test_parquet_string_labels_and_split_column(tmp_path):
     labels = ["pneumonia", "normal"] * 4
     splits = ["train"] * 4 + ["val", "val", "test", "test"]
-    path = write_parquet(tmp_path / "x.parquet", {
-        "image": [noise_png(i) for i in range(8)], "label": labels, "split": splits})
+    path = write_parquet(
+        tmp_path / "x.parquet",
+        {"image": [noise_png(i) for i in range(8)], "label": labels, "split": splits},
+    )
     ds = data.load_dataset(path)
     assert ds.label_names == ["normal", "pneumonia"] and ds.name == "x"
     assert [len(ds.splits[s]) for s in data.SPLITS] == [4, 2, 2]
@@ -396,8 +436,9 @@ def test_load_unlabeled_sources(tmp_path, kind, count):
     if kind == "npz":
         source = write_npz(tmp_path / "u.npz")
     elif kind == "parquet":
-        source = write_parquet(tmp_path / "u.parquet",
-                               {"image": [noise_png(i) for i in range(count)]})
+        source = write_parquet(
+            tmp_path / "u.parquet", {"image": [noise_png(i) for i in range(count)]}
+        )
     else:
         source = write_class_folder(tmp_path / "u", {"a": 1, "b": 3})
     images, skipped = data.load_unlabeled(str(source), image_size=6)
@@ -441,9 +482,12 @@ def test_fingerprint_changes_with_one_pixel(tmp_path):
 
 
 def test_import_does_not_pull_ray_or_lazy_deps():
-    code = ("import sys, medcae.data; "
-            "print([m for m in ('ray', 'pydicom', 'pyarrow') if m in sys.modules])")
+    code = (
+        "import sys, medcae.data; "
+        "print([m for m in ('ray', 'pydicom', 'pyarrow') if m in sys.modules])"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"

@@ -18,23 +18,31 @@ JOB = ROOT / "ray_jobs" / "pipeline.py"
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "ray_jobs").glob("*.py")), ids=lambda p: p.name)
 def test_entry_points_have_help_and_smoke_flag(script):
-    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert out.returncode == 0 and "--smoke-test" in out.stdout
 
 
 @pytest.mark.parametrize(
     "args, match",
-    [(["--data", "/no/such/file.npz"], "no such file"),
-     (["--data", "notadataset"], "notadataset"),
-     (["--data", "{demo}", "--budget", "100000"], "only"),
-     (["--data", "{demo}", "--backbone", "alexnet"], "unknown backbone")],
+    [
+        (["--data", "/no/such/file.npz"], "no such file"),
+        (["--data", "notadataset"], "notadataset"),
+        (["--data", "{demo}", "--budget", "100000"], "only"),
+        (["--data", "{demo}", "--backbone", "alexnet"], "unknown backbone"),
+    ],
 )
 def test_bad_input_is_one_clear_line_before_ray_starts(args, match, demo_npz):
     args = [a.replace("{demo}", str(demo_npz)) for a in args]
@@ -74,8 +82,18 @@ def test_pipeline_smoke_cache_hit_and_bundle_predictions(ray_session, demo_npz, 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_cli_smoke_test_prints_table_and_bundle(demo_npz, tmp_path):
-    out = _cli("--data", str(demo_npz), "--smoke-test", "--out", str(tmp_path / "run"),
-               "--cache-dir", str(tmp_path / "cache"), "--num-cpus", "4", timeout=400)
+    out = _cli(
+        "--data",
+        str(demo_npz),
+        "--smoke-test",
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--num-cpus",
+        "4",
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ACC" in out.stdout and "AUC" in out.stdout and "P/R nodule" in out.stdout
     bundle = out.stdout.strip().splitlines()[-1].split("model bundle: ")[1]

@@ -62,8 +62,11 @@ def extract_with_ray(
     n = len(images)
     ds = image_dataset(images).map_batches(
         BackboneStage,
-        fn_constructor_kwargs={"backbone": _asdict(backbone), "use_gpu": use_gpu,
-                               "threads": threads},
+        fn_constructor_kwargs={
+            "backbone": _asdict(backbone),
+            "use_gpu": use_gpu,
+            "threads": threads,
+        },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
@@ -81,15 +84,25 @@ def image_dataset(images: np.ndarray, rows_per_block: int = 1024) -> ray.data.Da
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    blocks = [pa.table({"idx": np.arange(i, min(i + rows_per_block, len(images))),
-                        "image": ArrowTensorArray.from_numpy(images[i : i + rows_per_block])})
-              for i in range(0, len(images), rows_per_block)]
+    blocks = [
+        pa.table(
+            {
+                "idx": np.arange(i, min(i + rows_per_block, len(images))),
+                "image": ArrowTensorArray.from_numpy(images[i : i + rows_per_block]),
+            }
+        )
+        for i in range(0, len(images), rows_per_block)
+    ]
     return ray.data.from_arrow(blocks)
 
 
 def _asdict(cfg: BackboneConfig) -> dict:
-    return {"name": cfg.name, "taps": list(cfg.taps), "resolution": cfg.resolution,
-            "weights": cfg.weights}
+    return {
+        "name": cfg.name,
+        "taps": list(cfg.taps),
+        "resolution": cfg.resolution,
+        "weights": cfg.weights,
+    }
 
 
 def _collect(ds: ray.data.Dataset, n: int, label: str) -> dict[str, np.ndarray]:
@@ -104,8 +117,14 @@ def _collect(ds: ray.data.Dataset, n: int, label: str) -> dict[str, np.ndarray]:
         done += len(idx)
         now = time.perf_counter() - start
         if now - last > 10 or done == n:
-            log.info("%s extracted %d/%d images, %.1f img/s, ETA %.0fs", label, done, n,
-                     done / now, (n - done) / max(done / now, 1e-9))
+            log.info(
+                "%s extracted %d/%d images, %.1f img/s, ETA %.0fs",
+                label,
+                done,
+                n,
+                done / now,
+                (n - done) / max(done / now, 1e-9),
+            )
             last = now
     if done != n:
         raise RuntimeError(f"extraction returned {done} rows for {n} images")

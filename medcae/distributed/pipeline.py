@@ -1,4 +1,4 @@
-"""The main job: data -> Ray Data backbone stage (cached) -> Ray Train CAE -> classifier -> bundle."""
+"""The main job: data -> Ray Data backbone stage (cached) -> Ray Train CAE -> classifier."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from medcae.backbones import get_spec
 from medcae.bundle import write_bundle
 from medcae.cache import FeatureCache, cache_key
@@ -43,8 +44,11 @@ class PipelineResult:
 
 def smoke_config(cfg: PipelineConfig) -> PipelineConfig:
     """Shrink a config to seconds: low resolution, small CAE, two epochs."""
-    return replace(cfg, backbone=replace(cfg.backbone, resolution=64),
-                   cae=replace(cfg.cae, channels=(32,), latent_channels=8, epochs=2))
+    return replace(
+        cfg,
+        backbone=replace(cfg.backbone, resolution=64),
+        cae=replace(cfg.cae, channels=(32,), latent_channels=8, epochs=2),
+    )
 
 
 def subsample(ds: Dataset, per_split: dict[str, int], seed: int = 0) -> Dataset:
@@ -67,7 +71,9 @@ def resolved_backbone(cfg: PipelineConfig) -> PipelineConfig:
     """Fill in the backbone's default tap so the config names exactly what was used."""
     if cfg.backbone.taps:
         return cfg
-    return replace(cfg, backbone=replace(cfg.backbone, taps=(get_spec(cfg.backbone.name).default_tap,)))
+    return replace(
+        cfg, backbone=replace(cfg.backbone, taps=(get_spec(cfg.backbone.name).default_tap,))
+    )
 
 
 def cached_features(
@@ -87,8 +93,14 @@ def cached_features(
     FeatureExtractor(cfg.backbone)  # fail here, with a clear message, not inside an actor
     out = {}
     for name, part in parts.items():
-        feats = extract_with_ray(part.images, cfg.backbone, cfg.train.extract_batch_size,
-                                 cfg.train.extract_actors, cfg.train.use_gpu, label=name)
+        feats = extract_with_ray(
+            part.images,
+            cfg.backbone,
+            cfg.train.extract_batch_size,
+            cfg.train.extract_actors,
+            cfg.train.use_gpu,
+            label=name,
+        )
         out[name] = feats | ({"labels": part.labels} if part.labels is not None else {})
     cache.save(key, out, {"backbone": cfg.to_dict()["backbone"], "fingerprint": fingerprint})
     return cache.load(key), False  # type: ignore[return-value]
@@ -130,15 +142,24 @@ def run_pipeline(
     if cfg.unlabeled:
         unl, unl_skipped = load_unlabeled(cfg.unlabeled, data_dir=data_dir)
         skipped += unl_skipped
-        unl_feats, hits["unlabeled"] = cached_features({"unlabeled": unl}, _fingerprint(unl.images),
-                                                       cfg, cache)
+        unl_feats, hits["unlabeled"] = cached_features(
+            {"unlabeled": unl}, _fingerprint(unl.images), cfg, cache
+        )
         unl_maps = unl_feats["unlabeled"]["maps"]
     t["features_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     mean, std = channel_stats(unl_maps)
-    state, history = train_cae(unl_maps, feats["val"]["maps"], cfg.cae, cfg.train, mean, std,
-                               out_dir / "checkpoints", name=run_name or f"cae-{int(time.time())}")
+    state, history = train_cae(
+        unl_maps,
+        feats["val"]["maps"],
+        cfg.cae,
+        cfg.train,
+        mean,
+        std,
+        out_dir / "checkpoints",
+        name=run_name or f"cae-{int(time.time())}",
+    )
     t["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -150,27 +171,48 @@ def run_pipeline(
     frozen = fit_and_test(cfg.classifier, finals, labels, ds.label_names)
     ours = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
     val_err = errors_all(cae, feats["val"]["maps"])
-    reports = {f"frozen {cfg.backbone.name} final + {cfg.classifier.kind}": frozen.test,
-               f"CAE on {'+'.join(cfg.backbone.taps)} + {cfg.classifier.kind}": ours.test}
+    reports = {
+        f"frozen {cfg.backbone.name} final + {cfg.classifier.kind}": frozen.test,
+        f"CAE on {'+'.join(cfg.backbone.taps)} + {cfg.classifier.kind}": ours.test,
+    }
     t["classifier_s"] = time.perf_counter() - t2
 
     meta = {
-        "config": cfg.to_dict(), "data": ds.name, "label_names": ds.label_names,
-        "in_channels": int(unl_maps.shape[1]), "num_train_unlabeled": int(len(unl_maps)),
-        "preprocessing": {"resolution": cfg.backbone.resolution, "grayscale_to_rgb": True,
-                          "mean": list(get_spec(cfg.backbone.name).mean),
-                          "std": list(get_spec(cfg.backbone.name).std)},
+        "config": cfg.to_dict(),
+        "data": ds.name,
+        "label_names": ds.label_names,
+        "in_channels": int(unl_maps.shape[1]),
+        "num_train_unlabeled": int(len(unl_maps)),
+        "preprocessing": {
+            "resolution": cfg.backbone.resolution,
+            "grayscale_to_rgb": True,
+            "mean": list(get_spec(cfg.backbone.name).mean),
+            "std": list(get_spec(cfg.backbone.name).std),
+        },
         "classifier": {"kind": cfg.classifier.kind, **ours.selection},
-        "metrics": {"test": ours.test, "baseline_frozen_test": frozen.test,
-                    "cae_history": history},
-        "ood": {"threshold": float(np.quantile(val_err, OOD_QUANTILE)),
-                "quantile": OOD_QUANTILE, "calibrated_on": "val"},
+        "metrics": {"test": ours.test, "baseline_frozen_test": frozen.test, "cae_history": history},
+        "ood": {
+            "threshold": float(np.quantile(val_err, OOD_QUANTILE)),
+            "quantile": OOD_QUANTILE,
+            "calibrated_on": "val",
+        },
     }
     bundle = write_bundle(out_dir / "bundle", meta, cae.state_dict(), ours.head.to_arrays())
     t["total_s"] = time.perf_counter() - t0
     table = format_results(reports, ds.label_names)
     result = PipelineResult(bundle, reports, table, hits, t, history, skipped)
-    (out_dir / "results.json").write_text(json.dumps(
-        {"reports": reports, "cache_hits": hits, "timings": t, "bundle": str(bundle),
-         "skipped": skipped, "config": cfg.to_dict()}, indent=2, default=float))
+    (out_dir / "results.json").write_text(
+        json.dumps(
+            {
+                "reports": reports,
+                "cache_hits": hits,
+                "timings": t,
+                "bundle": str(bundle),
+                "skipped": skipped,
+                "config": cfg.to_dict(),
+            },
+            indent=2,
+            default=float,
+        )
+    )
     return result
