@@ -118,6 +118,8 @@ class TrainConfig:
         cpus_per_worker: Logical CPUs each Train worker reserves (fractional leaves Ray Data room).
         extract_batch_size: Images per backbone batch.
         extract_actors: Backbone actors in the Ray Data actor pool.
+        extract_threads: CPUs (= torch threads) per backbone actor; 0 = the driver node's cores
+            divided by ``extract_actors``.
     """
 
     num_workers: int = 1
@@ -125,6 +127,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     extract_batch_size: int = 64
     extract_actors: int = 1
+    extract_threads: int = 0
 
 
 @dataclass(frozen=True)

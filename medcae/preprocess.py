@@ -35,6 +35,8 @@ def to_model_input(
     Raises:
         ValueError: If ``images`` does not have one of the two accepted shapes.
     """
+    if not images.flags.writeable:  # e.g. a zero-copy Ray Data batch; torch wants writable
+        images = images.copy()
     x = torch.from_numpy(np.ascontiguousarray(images))
     if x.ndim == 3:
         x = x.unsqueeze(1).expand(-1, 3, -1, -1)

@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--cpus-per-worker", type=float, default=1.0)
     r.add_argument("--extract-batch-size", type=int, default=64)
     r.add_argument("--extract-actors", type=int, default=1)
+    r.add_argument("--extract-threads", type=int, default=0,
+                   help="CPUs/torch threads per backbone actor (0: node cores / actors)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default runs/<time>)")
     o.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/medcae)")
@@ -112,7 +114,12 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
         ),
         classifier=ClassifierConfig(a.classifier, a.budget, seed=a.seed),
         train=TrainConfig(
-            a.num_workers, a.use_gpu, a.cpus_per_worker, a.extract_batch_size, a.extract_actors
+            a.num_workers,
+            a.use_gpu,
+            a.cpus_per_worker,
+            a.extract_batch_size,
+            a.extract_actors,
+            a.extract_threads,
         ),
     )
 

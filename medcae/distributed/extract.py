@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -53,13 +54,15 @@ def extract_with_ray(
         batch_size: Images per ``map_batches`` batch.
         actors: Size of the actor pool.
         use_gpu: One GPU per actor.
-        threads: Torch threads per actor (0 = default).
+        threads: CPUs each actor reserves and uses as torch threads; 0 means all cores of
+            the node split over the actors (Ray would otherwise give each actor one thread).
         label: Prefix for progress log lines.
 
     Returns:
         ``{"maps": (N, C, h, w) float16, "final": (N, C_final) float32}``.
     """
     n = len(images)
+    threads = threads or max(1, (os.cpu_count() or 1) // actors)
     ds = image_dataset(images).map_batches(
         BackboneStage,
         fn_constructor_kwargs={
@@ -70,7 +73,7 @@ def extract_with_ray(
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
+        num_cpus=1 if use_gpu else threads,
         batch_format="numpy",
     )
     return _collect(ds, n, label)

