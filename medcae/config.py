@@ -69,7 +69,7 @@ class CAEConfig:
     latent_channels: int = 32
     downsample: bool = False
     noise_std: float = 0.1
-    pool: str = "avgmax"
+    pool: str = "flatten"
     epochs: int = 15
     batch_size: int = 64
     lr: float = 1e-3

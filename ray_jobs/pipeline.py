@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--latent-channels", type=int, default=32)
     c.add_argument("--downsample", action="store_true")
     c.add_argument("--noise-std", type=float, default=0.1)
-    c.add_argument("--pool", default="avgmax", choices=["avg", "avgmax", "flatten"])
+    c.add_argument("--pool", default="flatten", choices=["avg", "avgmax", "flatten"])
     c.add_argument("--epochs", type=int, default=15)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--lr", type=float, default=1e-3)
@@ -86,8 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--cpus-per-worker", type=float, default=1.0)
     r.add_argument("--extract-batch-size", type=int, default=64)
     r.add_argument("--extract-actors", type=int, default=1)
-    r.add_argument("--extract-threads", type=int, default=0,
-                   help="CPUs/torch threads per backbone actor (0: node cores / actors)")
+    r.add_argument(
+        "--extract-threads",
+        type=int,
+        default=0,
+        help="CPUs/torch threads per backbone actor (0: node cores / actors)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default runs/<time>)")
     o.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/medcae)")

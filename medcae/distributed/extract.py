@@ -34,7 +34,13 @@ class BackboneStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feats = self.extractor(batch["image"])
-        return {"idx": batch["idx"], "maps": feats["maps"], "final": feats["final"]}
+        done_at = np.full(len(batch["idx"]), time.time())
+        return {
+            "idx": batch["idx"],
+            "maps": feats["maps"],
+            "final": feats["final"],
+            "done_at": done_at,
+        }
 
 
 def extract_with_ray(
@@ -45,6 +51,7 @@ def extract_with_ray(
     use_gpu: bool = False,
     threads: int = 0,
     label: str = "",
+    stats: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Extract backbone features of ``images`` through Ray Data, in input order.
 
@@ -57,6 +64,9 @@ def extract_with_ray(
         threads: CPUs each actor reserves and uses as torch threads; 0 means all cores of
             the node split over the actors (Ray would otherwise give each actor one thread).
         label: Prefix for progress log lines.
+        stats: If given, filled with ``wall_s``, ``steady_images_per_s`` (actor throughput
+            after its first batch) and ``first_batch_s`` (the rest of the wall time: start-up,
+            first batch, moving results).
 
     Returns:
         ``{"maps": (N, C, h, w) float16, "final": (N, C_final) float32}``.
@@ -76,7 +86,7 @@ def extract_with_ray(
         num_cpus=1 if use_gpu else threads,
         batch_format="numpy",
     )
-    return _collect(ds, n, label)
+    return _collect(ds, n, label, stats if stats is not None else {})
 
 
 def image_dataset(images: np.ndarray, rows_per_block: int = 1024) -> ray.data.Dataset:
@@ -108,27 +118,34 @@ def _asdict(cfg: BackboneConfig) -> dict:
     }
 
 
-def _collect(ds: ray.data.Dataset, n: int, label: str) -> dict[str, np.ndarray]:
+def _collect(ds: ray.data.Dataset, n: int, label: str, stats: dict) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     done, start, last = 0, time.perf_counter(), 0.0
+    stamps = np.empty(n)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         idx = batch["idx"]
         for key in ("maps", "final"):
             if key not in out:
                 out[key] = np.empty((n, *batch[key].shape[1:]), batch[key].dtype)
             out[key][idx] = batch[key]
+        stamps[idx] = batch["done_at"]
         done += len(idx)
         now = time.perf_counter() - start
         if now - last > 10 or done == n:
+            rate = done / now
             log.info(
                 "%s extracted %d/%d images, %.1f img/s, ETA %.0fs",
                 label,
                 done,
                 n,
-                done / now,
-                (n - done) / max(done / now, 1e-9),
+                rate,
+                (n - done) / max(rate, 1e-9),
             )
             last = now
     if done != n:
         raise RuntimeError(f"extraction returned {done} rows for {n} images")
+    # Actor-side throughput: rows finished after the first batch over the time they took.
+    first, span = stamps.min(), stamps.max() - stamps.min()
+    steady = (stamps > first).sum() / span if span > 0 else float("nan")
+    stats.update(wall_s=now, steady_images_per_s=steady, first_batch_s=now - span)
     return out

@@ -91,18 +91,23 @@ def cached_features(
         return hit, True
     log.info("feature cache miss: extracting %s with %s", list(parts), cfg.backbone.name)
     FeatureExtractor(cfg.backbone)  # fail here, with a clear message, not inside an actor
+    names = list(parts)
+    images = np.concatenate([parts[p].images for p in names])  # one pass, one actor pool
+    feats = extract_with_ray(
+        images,
+        cfg.backbone,
+        cfg.train.extract_batch_size,
+        cfg.train.extract_actors,
+        cfg.train.use_gpu,
+        cfg.train.extract_threads,
+        label="+".join(names),
+    )
+    bounds = np.cumsum([0] + [len(parts[p]) for p in names])
     out = {}
-    for name, part in parts.items():
-        feats = extract_with_ray(
-            part.images,
-            cfg.backbone,
-            cfg.train.extract_batch_size,
-            cfg.train.extract_actors,
-            cfg.train.use_gpu,
-            cfg.train.extract_threads,
-            label=name,
-        )
-        out[name] = feats | ({"labels": part.labels} if part.labels is not None else {})
+    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+        labels = parts[name].labels
+        out[name] = {k: v[lo:hi] for k, v in feats.items()}
+        out[name] |= {"labels": labels} if labels is not None else {}
     cache.save(key, out, {"backbone": cfg.to_dict()["backbone"], "fingerprint": fingerprint})
     return cache.load(key), False  # type: ignore[return-value]
 
