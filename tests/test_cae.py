@@ -56,7 +56,7 @@ def test_run_epoch_accepts_a_plain_list_of_batches_and_loss_falls_on_real_featur
 
     images = load_dataset(str(demo_npz)).splits["train"].images[:192]
     maps = FeatureExtractor(BackboneConfig(taps=("stage4",), resolution=64))(images)["maps"]
-    cfg = CAEConfig(channels=(32,), latent_channels=8)
+    cfg = CAEConfig(channels=(32,), latent_channels=8, pool="avgmax")
     mean, std = channel_stats(maps)
     model = build_cae(maps.shape[1], cfg, mean, std)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
