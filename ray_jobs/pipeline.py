@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import ray
+
     from medcae.classifier import sample_budget
     from medcae.data import load_dataset
     from medcae.distributed.pipeline import run_pipeline
@@ -154,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     sample_budget(dataset.splits["train"].labels, cfg.classifier.budget, cfg.classifier.seed)
     init_ray(args.address, args.num_cpus)
     res = run_pipeline(cfg, out, args.cache_dir, args.smoke_test, args.data_dir, dataset)
+    ray.shutdown()  # flush worker logs before the summary, so it is the last thing printed
     print(
         f"\nTest-set results ({cfg.data}, {len(res.history)} CAE epochs, "
         f"labels: budget {cfg.classifier.budget}):\n"

@@ -96,5 +96,6 @@ def test_cli_smoke_test_prints_table_and_bundle(demo_npz, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ACC" in out.stdout and "AUC" in out.stdout and "P/R nodule" in out.stdout
-    bundle = out.stdout.strip().splitlines()[-1].split("model bundle: ")[1]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("model bundle: "))
+    bundle = line.split("model bundle: ")[1]
     assert (Path(bundle) / "bundle.json").is_file()

@@ -29,7 +29,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = num_cpus or 2 * (os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cpus, log_to_driver=True)
     quiet_data_progress()
     log.info("ray: %s", ray.cluster_resources())
 
