@@ -22,6 +22,7 @@ from medcae.config import CAEConfig, PipelineConfig
 CAE_AUC_FLOOR = 0.958
 FROZEN_AUC_FLOOR = 0.92
 
+
 @pytest.mark.realdata
 @pytest.mark.ray
 @pytest.mark.slow
