@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format typecheck bench clean
+.PHONY: venv demo test test-fast lint format typecheck bench serve clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/extract.py
+
+BUNDLE ?= runs/demo/bundle
+serve: $(STAMP)
+	$(BIN)/medcae serve --bundle $(BUNDLE)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -3,7 +3,7 @@
 Layout of an entry ``<root>/<key>/``::
 
     meta.json              what was extracted: data set fingerprint, backbone config, shapes
-    <part>.maps.npy        float16 (N, C, h, w) tap feature maps
+    <part>.maps.npy        float32 (N, C, h, w) tap feature maps
     <part>.final.npy       float32 (N, C_final) pooled last-layer features
     <part>.labels.npy      int64 (N,) labels (absent for unlabeled parts)
 
@@ -28,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: maps stored as float32
 ARRAYS = ("maps", "final", "labels")
 
 

@@ -145,6 +145,14 @@ class ImageDecodeError(DataError):
     """One image could not be decoded."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image declares more pixels than allowed (a possible decompression bomb)."""
+
+
+class NoPixelDataError(ImageDecodeError):
+    """A DICOM file holds no pixel data."""
+
+
 @dataclass
 class ImageSet:
     """A stack of same-sized images with optional labels.
@@ -230,7 +238,7 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
 
 def _check_pixel_count(count: int, source: str) -> None:
     if count > MAX_PIXELS:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"refusing to decode {source}: {count} pixels is more than "
             f"MAX_PIXELS={MAX_PIXELS} (possible decompression bomb)"
         )
@@ -242,7 +250,7 @@ def _check_pil_size(img: Image.Image, source: str) -> None:
     _check_pixel_count(count, source)
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit and count > pil_limit:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"refusing to decode {source}: {count} pixels is more than "
             f"Pillow's MAX_IMAGE_PIXELS={pil_limit} (decompression bomb?)"
         )
@@ -257,7 +265,7 @@ def _decode_pil(data: bytes, source: str) -> np.ndarray:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"refusing to decode {source}: {exc}") from exc
+        raise ImageTooLargeError(f"refusing to decode {source}: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             f"cannot decode {source}: not a recognised image format "
@@ -301,7 +309,7 @@ def _decode_dicom(data: bytes, source: str) -> np.ndarray:
     if len(ds) == 0:
         raise ImageDecodeError(f"cannot read DICOM {source}: no DICOM data elements found")
     if not any(key in ds for key in _PIXEL_KEYS):
-        raise ImageDecodeError(f"DICOM {source} has no pixel data (no PixelData element)")
+        raise NoPixelDataError(f"DICOM {source} has no pixel data (no PixelData element)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     _check_pixel_count(int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, source)
     try:

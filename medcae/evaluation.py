@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medcae.backbones import get_spec
+from medcae.bundle import write_bundle
+from medcae.cae import ConvAutoEncoder
 from medcae.classifier import LinearHead, fit_classifier
-from medcae.config import ClassifierConfig
+from medcae.config import ClassifierConfig, PipelineConfig
+from medcae.engine import errors_all
 from medcae.metrics import classification_report
 
 
@@ -42,3 +47,53 @@ def fit_and_test(
     )
     report = classification_report(labels["test"], head.predict_proba(feats["test"]), label_names)
     return Evaluated(head, selection, report)
+
+
+OOD_QUANTILE = 0.99
+
+
+def save_model(
+    path: str | Path,
+    cfg: PipelineConfig,
+    data_name: str,
+    label_names: Sequence[str],
+    cae: ConvAutoEncoder,
+    fitted: Evaluated,
+    val_maps: np.ndarray,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model bundle, calibrating the out-of-distribution threshold on validation maps.
+
+    Args:
+        path: Bundle folder.
+        cfg: Resolved pipeline config (backbone taps filled in).
+        data_name: Name of the labeled data set.
+        label_names: Class names.
+        cae: Trained auto-encoder.
+        fitted: The fitted head with its selection and test report.
+        val_maps: Validation feature maps ``(M, C, h, w)``; the threshold is the
+            ``OOD_QUANTILE`` quantile of their reconstruction errors.
+        metrics: Extra metrics stored next to the test report (baselines, history).
+    """
+    spec = get_spec(cfg.backbone.name)
+    errors = errors_all(cae, val_maps)
+    meta = {
+        "config": cfg.to_dict(),
+        "data": data_name,
+        "label_names": list(label_names),
+        "in_channels": cae.in_channels,
+        "preprocessing": {
+            "resolution": cfg.backbone.resolution,
+            "grayscale_to_rgb": True,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
+        "classifier": {"kind": cfg.classifier.kind, **fitted.selection},
+        "metrics": {"test": fitted.test, **(metrics or {})},
+        "ood": {
+            "threshold": float(np.quantile(errors, OOD_QUANTILE)),
+            "quantile": OOD_QUANTILE,
+            "calibrated_on": "val",
+        },
+    }
+    return write_bundle(path, meta, cae.state_dict(), fitted.head.to_arrays())

@@ -74,7 +74,7 @@ class Predictor:
         return to_uniform(arrays, size=self.extractor.cfg.resolution)
 
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
-        """Backbone feature maps ``(N, C, h, w)`` (float16, as cached)."""
+        """Backbone feature maps ``(N, C, h, w)`` (float32, as cached)."""
         return self.extractor(self._as_array(images))["maps"]
 
     @torch.no_grad()

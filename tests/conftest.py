@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,60 @@ def tiny_backbone() -> BackboneConfig:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@dataclass
+class BundleCase:
+    """A real bundle built with the core (no Ray) and what it should predict."""
+
+    path: Path
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    expected_proba: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
+    """Real backbone (64 px), a small CAE trained for a few epochs, a fitted head, real OOD
+    threshold; built with the Ray-free core in a few seconds."""
+    import torch
+
+    from medcae.config import CAEConfig, ClassifierConfig, PipelineConfig
+    from medcae.data import load_dataset
+    from medcae.engine import build_cae, channel_stats, embed_all, run_epoch
+    from medcae.evaluation import fit_and_test, save_model
+    from medcae.features import FeatureExtractor
+
+    cfg = PipelineConfig(
+        data=str(demo_npz),
+        backbone=BackboneConfig(taps=("stage4",), resolution=64),
+        cae=CAEConfig(channels=(32,), latent_channels=8),
+        classifier=ClassifierConfig(C_grid=(0.1, 1.0)),
+    )
+    ds = load_dataset(str(demo_npz))
+    n = {"train": 240, "val": 80, "test": 80}
+    ext = FeatureExtractor(cfg.backbone)
+    maps = {s: ext(ds.splits[s].images[:k])["maps"] for s, k in n.items()}
+    labels = {s: ds.splits[s].labels[:k] for s, k in n.items()}
+    cae = build_cae(maps["train"].shape[1], cfg.cae, *channel_stats(maps["train"]))
+    opt = torch.optim.AdamW(cae.parameters(), lr=3e-3)
+    x = torch.from_numpy(maps["train"]).float()
+    for _ in range(6):
+        run_epoch(cae, [{"maps": x[i : i + 32]} for i in range(0, len(x), 32)], opt, noise_std=0.1)
+    codes = {s: embed_all(cae, m) for s, m in maps.items()}
+    fitted = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
+    path = save_model(
+        tmp_path_factory.mktemp("bundle") / "bundle",
+        cfg,
+        ds.name,
+        ds.label_names,
+        cae,
+        fitted,
+        maps["val"],
+    )
+    return BundleCase(
+        path,
+        ds.splits["test"].images[: n["test"]],
+        labels["test"],
+        fitted.head.predict_proba(codes["test"]),
+    )

@@ -6,41 +6,12 @@ import pytest
 import torch
 
 from medcae.bundle import BundleError, read_bundle, write_bundle
-from medcae.config import BackboneConfig, CAEConfig, ClassifierConfig, PipelineConfig
-from medcae.data import load_dataset
-from medcae.engine import build_cae, channel_stats, embed_all
-from medcae.evaluation import fit_and_test
-from medcae.features import FeatureExtractor
 from medcae.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, demo_npz):
-    """A real bundle built with the core only: real backbone, untrained tiny CAE, fitted head."""
-    cfg = PipelineConfig(
-        backbone=BackboneConfig(taps=("stage4",), resolution=64),
-        cae=CAEConfig(channels=(16,), latent_channels=8),
-        classifier=ClassifierConfig(C_grid=(1.0,)),
-    )
-    ds = load_dataset(str(demo_npz))
-    ext = FeatureExtractor(cfg.backbone)
-    parts = {s: ds.splits[s] for s in ("train", "val", "test")}
-    maps = {s: ext(p.images[:60])["maps"] for s, p in parts.items()}
-    labels = {s: p.labels[:60] for s, p in parts.items()}
-    cae = build_cae(maps["train"].shape[1], cfg.cae, *channel_stats(maps["train"]))
-    codes = {s: embed_all(cae, m) for s, m in maps.items()}
-    ev = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
-    meta = {
-        "config": cfg.to_dict(),
-        "label_names": ds.label_names,
-        "in_channels": int(maps["train"].shape[1]),
-        "ood": {"threshold": 1.0},
-    }
-    path = write_bundle(
-        tmp_path_factory.mktemp("b") / "bundle", meta, cae.state_dict(), ev.head.to_arrays()
-    )
-    expected = ev.head.predict_proba(codes["test"])
-    return path, parts["test"].images[:60], expected
+def tiny_bundle(demo_bundle):
+    return demo_bundle.path, demo_bundle.test_images, demo_bundle.expected_proba
 
 
 def test_bundle_round_trip_gives_identical_predictions(tiny_bundle):

@@ -69,7 +69,7 @@ def extract_with_ray(
             first batch, moving results).
 
     Returns:
-        ``{"maps": (N, C, h, w) float16, "final": (N, C_final) float32}``.
+        ``{"maps": (N, C, h, w) float32, "final": (N, C_final) float32}``.
     """
     n = len(images)
     threads = threads or max(1, (os.cpu_count() or 1) // actors)

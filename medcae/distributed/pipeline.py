@@ -13,20 +13,17 @@ from typing import Any
 import numpy as np
 
 from medcae.backbones import get_spec
-from medcae.bundle import write_bundle
 from medcae.cache import FeatureCache, cache_key
 from medcae.config import PipelineConfig
 from medcae.data import SPLITS, Dataset, ImageSet, load_dataset, load_unlabeled
 from medcae.distributed.extract import extract_with_ray
 from medcae.distributed.train import train_cae
-from medcae.engine import build_cae, channel_stats, embed_all, errors_all
-from medcae.evaluation import fit_and_test
+from medcae.engine import build_cae, channel_stats, embed_all
+from medcae.evaluation import fit_and_test, save_model
 from medcae.features import FeatureExtractor
 from medcae.metrics import format_results
 
 log = logging.getLogger(__name__)
-
-OOD_QUANTILE = 0.99
 
 
 @dataclass
@@ -176,34 +173,27 @@ def run_pipeline(
     finals = {s: np.asarray(feats[s]["final"]) for s in SPLITS}
     frozen = fit_and_test(cfg.classifier, finals, labels, ds.label_names)
     ours = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
-    val_err = errors_all(cae, feats["val"]["maps"])
     reports = {
         f"frozen {cfg.backbone.name} final + {cfg.classifier.kind}": frozen.test,
         f"CAE on {'+'.join(cfg.backbone.taps)} + {cfg.classifier.kind}": ours.test,
     }
     t["classifier_s"] = time.perf_counter() - t2
 
-    meta = {
-        "config": cfg.to_dict(),
-        "data": ds.name,
-        "label_names": ds.label_names,
-        "in_channels": int(unl_maps.shape[1]),
+    extra = {
+        "baseline_frozen_test": frozen.test,
+        "cae_history": history,
         "num_train_unlabeled": int(len(unl_maps)),
-        "preprocessing": {
-            "resolution": cfg.backbone.resolution,
-            "grayscale_to_rgb": True,
-            "mean": list(get_spec(cfg.backbone.name).mean),
-            "std": list(get_spec(cfg.backbone.name).std),
-        },
-        "classifier": {"kind": cfg.classifier.kind, **ours.selection},
-        "metrics": {"test": ours.test, "baseline_frozen_test": frozen.test, "cae_history": history},
-        "ood": {
-            "threshold": float(np.quantile(val_err, OOD_QUANTILE)),
-            "quantile": OOD_QUANTILE,
-            "calibrated_on": "val",
-        },
     }
-    bundle = write_bundle(out_dir / "bundle", meta, cae.state_dict(), ours.head.to_arrays())
+    bundle = save_model(
+        out_dir / "bundle",
+        cfg,
+        ds.name,
+        ds.label_names,
+        cae,
+        ours,
+        np.asarray(feats["val"]["maps"]),
+        extra,
+    )
     t["total_s"] = time.perf_counter() - t0
     table = format_results(reports, ds.label_names)
     result = PipelineResult(bundle, reports, table, hits, t, history, skipped)

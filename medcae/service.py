@@ -1,0 +1,212 @@
+"""HTTP request handling shared by the Ray Serve app and the plain-FastAPI baseline (no Ray).
+
+Validation turns every bad request into a :class:`RequestError` with a 4xx status and a JSON
+body ``{"error": code, "detail": message}``; the schemas document the responses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from medcae.data import ImageDecodeError, ImageTooLargeError, NoPixelDataError, decode_image
+
+SUPPORTED = "PNG, JPEG or DICOM"
+_OTHER_FORMATS = {
+    b"GIF8": "GIF",
+    b"%PDF": "PDF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"RIFF": "RIFF/WebP",
+}
+
+
+class RequestError(Exception):
+    """A client error: HTTP ``status``, a short machine ``code`` and a human ``detail``."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+    def body(self) -> dict[str, str]:
+        """The JSON error body."""
+        return {"error": self.code, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits.
+
+    Attributes:
+        max_image_bytes: Largest accepted encoded image.
+        max_pixels: Largest accepted decoded image (width x height x frames).
+        max_batch_images: Most images in one ``/v1/predict/batch`` request.
+    """
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_batch_images: int = 32
+
+
+def sniff(data: bytes) -> str:
+    """Name the format of encoded image bytes from their magic numbers.
+
+    Returns:
+        ``png``, ``jpeg``, ``dicom``, or the name of an unsupported format (``GIF``, ``PDF``,
+        ...), or ``unknown``.
+    """
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return next(
+        (name for magic, name in _OTHER_FORMATS.items() if data.startswith(magic)), "unknown"
+    )
+
+
+def decode_request_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray:
+    """Validate and decode one uploaded image.
+
+    Args:
+        data: The encoded bytes.
+        limits: Size limits.
+        name: How the image is named in error messages.
+
+    Returns:
+        uint8 ``(H, W)`` or ``(H, W, 3)``.
+
+    Raises:
+        RequestError: 400 empty or corrupt, 413 too large, 415 unsupported type, 422 DICOM
+            without pixel data.
+    """
+    if not data:
+        raise RequestError(400, "empty_body", f"{name}: no bytes received; send a {SUPPORTED}")
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(
+            413,
+            "too_large",
+            f"{name}: {len(data)} bytes is over the limit of {limits.max_image_bytes} bytes",
+        )
+    kind = sniff(data)
+    if kind not in ("png", "jpeg", "dicom"):
+        raise RequestError(
+            415, "unsupported_media_type", f"{name}: looks like {kind}, expected {SUPPORTED}"
+        )
+    return _decode(data, kind, limits, name)
+
+
+def _decode(data: bytes, kind: str, limits: Limits, name: str) -> np.ndarray:
+    try:
+        arr = decode_image(data, source=f"{name} ({kind})")
+    except ImageTooLargeError as err:
+        raise RequestError(413, "too_many_pixels", str(err)) from err
+    except NoPixelDataError as err:
+        raise RequestError(422, "no_pixel_data", str(err)) from err
+    except ImageDecodeError as err:
+        raise RequestError(400, "corrupt_image", str(err)) from err
+    if arr.shape[0] * arr.shape[1] > limits.max_pixels:
+        raise RequestError(
+            413,
+            "too_many_pixels",
+            f"{name}: {arr.shape[1]}x{arr.shape[0]} "
+            f"pixels is over the limit of {limits.max_pixels}",
+        )
+    return arr
+
+
+def decode_b64_images(payload: Any, limits: Limits) -> list[np.ndarray]:
+    """Decode a JSON batch ``{"images": ["<base64>", ...]}``.
+
+    Raises:
+        RequestError: 422 on a malformed body, 413 over the batch limit, or any error of
+            :func:`decode_request_image` (naming the image's index).
+    """
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise RequestError(422, "bad_json", 'expected a JSON object {"images": ["<base64>", ...]}')
+    check_batch_size(len(images), limits)
+    out = []
+    for i, text in enumerate(images):
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(422, "bad_base64", f"images[{i}]: not valid base64") from err
+        out.append(decode_request_image(data, limits, f"images[{i}]"))
+    return out
+
+
+def check_batch_size(n: int, limits: Limits) -> None:
+    """Reject an empty batch or one over ``limits.max_batch_images``."""
+    if n == 0:
+        raise RequestError(400, "empty_batch", "the batch holds no images")
+    if n > limits.max_batch_images:
+        raise RequestError(
+            413,
+            "batch_too_large",
+            f"{n} images is over the batch limit of {limits.max_batch_images}",
+        )
+
+
+class PredictionOut(BaseModel):
+    """One image's prediction."""
+
+    label: str = Field(description="Most probable class")
+    probabilities: dict[str, float] = Field(description="Class name -> probability")
+    reconstruction_error: float = Field(description="CAE reconstruction MSE of the feature map")
+    in_distribution: bool = Field(
+        description="False when the error exceeds the bundle's "
+        "threshold (99th percentile on validation)"
+    )
+
+
+class PredictResponse(BaseModel):
+    """Response of ``POST /v1/predict``."""
+
+    model: str
+    prediction: PredictionOut
+
+
+class BatchResponse(BaseModel):
+    """Response of ``POST /v1/predict/batch``."""
+
+    model: str
+    predictions: list[PredictionOut]
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx response."""
+
+    error: str
+    detail: str
+
+
+def model_info(meta: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """What ``GET /v1/model`` returns, from a bundle's metadata."""
+    cfg = meta.get("config", {})
+    return {
+        "id": model_id,
+        "data": meta.get("data"),
+        "label_names": meta.get("label_names"),
+        "backbone": cfg.get("backbone"),
+        "cae": cfg.get("cae"),
+        "classifier": meta.get("classifier"),
+        "metrics": meta.get("metrics", {}).get("test"),
+        "ood": meta.get("ood"),
+        "created": meta.get("created"),
+        "versions": meta.get("versions"),
+    }
+
+
+def model_id(meta: dict[str, Any]) -> str:
+    """A short stable identity of a bundle: data set, backbone and the CAE weights' hash."""
+    digest = meta.get("files", {}).get("cae.pt", "")[:12]
+    backbone = meta.get("config", {}).get("backbone", {}).get("name", "?")
+    return f"medcae-{meta.get('data', 'model')}-{backbone}-{digest}"

@@ -1,0 +1,148 @@
+"""Ray Serve application: one model bundle behind a FastAPI ingress with dynamic batching.
+
+    serve run serve/config.yaml                      # bundle path in the config's args
+    serve run serve.app:build_app bundle=runs/demo/bundle
+
+Endpoints: ``POST /v1/predict`` (one image: raw body or multipart ``file``),
+``POST /v1/predict/batch`` (multipart files, or JSON ``{"images": [base64, ...]}``),
+``GET /v1/model``, ``GET /healthz``, OpenAPI docs at ``/docs``.
+"""
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from medcae.service import (
+    BatchResponse,
+    ErrorResponse,
+    Limits,
+    PredictResponse,
+    RequestError,
+    check_batch_size,
+    decode_b64_images,
+    decode_request_image,
+    model_id,
+    model_info,
+)
+
+log = logging.getLogger("medcae.serve")
+
+ERRORS = {
+    400: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    415: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+
+app = FastAPI(title="medcae", version="1", description="CAE-on-frozen-CNN image classifier")
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, err: RequestError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def read_images(request: Request, limits: Limits, batch: bool) -> list[np.ndarray]:
+    """Decode the images of a request: raw body, multipart files, or (batch) base64 JSON."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not batch and len(files) != 1:
+            raise RequestError(400, "bad_multipart", f"expected 1 file, got {len(files)}")
+        check_batch_size(len(files), limits)
+        blobs = [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
+        return [decode_request_image(b, limits, name) for name, b in blobs]
+    body = await request.body()
+    if batch:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RequestError(422, "bad_json", f"body is not valid JSON: {err}") from err
+        return decode_b64_images(payload, limits)
+    return [decode_request_image(body, limits)]
+
+
+@serve.deployment(name="medcae", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress(app)
+class MedcaeModel:
+    """Loads one bundle per replica through ``Predictor.from_bundle``.
+
+    Args:
+        bundle: Bundle folder (from the Serve config's application arguments).
+        max_batch_size: Most images the batcher groups into one forward pass.
+        batch_wait_timeout_s: How long the batcher waits to fill a batch.
+        limits: Overrides of :class:`medcae.service.Limits` fields.
+        device: ``cuda`` / ``cpu``; default: GPU when the replica has one.
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+        limits: dict[str, int] | None = None,
+        device: str | None = None,
+    ):
+        import torch
+
+        from medcae.predictor import Predictor
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.predictor = Predictor.from_bundle(bundle, device)
+        self.model_id = model_id(self.predictor.meta)
+        self.limits = Limits(**(limits or {}))
+        self._predict.set_max_batch_size(max_batch_size)
+        self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        log.info("loaded %s from %s on %s (pid %d)", self.model_id, bundle, device, os.getpid())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Dynamic batch: one forward pass for images from many concurrent requests."""
+        preds = await asyncio.to_thread(self.predictor.predict, images)
+        return [p.__dict__ for p in preds]
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(self, request: Request) -> dict[str, Any]:
+        """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
+        (image,) = await read_images(request, self.limits, batch=False)
+        return {"model": self.model_id, "prediction": await self._predict(image)}
+
+    @app.post("/v1/predict/batch", response_model=BatchResponse, responses=ERRORS)
+    async def predict_batch(self, request: Request) -> dict[str, Any]:
+        """Classify several images: multipart files, or JSON ``{"images": [base64, ...]}``."""
+        images = await read_images(request, self.limits, batch=True)
+        preds = await asyncio.gather(*(self._predict(im) for im in images))
+        return {"model": self.model_id, "predictions": list(preds)}
+
+    @app.get("/v1/model")
+    async def model(self) -> dict[str, Any]:
+        """Backbone, tap, CAE shape, labels, metrics, creation time and versions."""
+        return model_info(self.predictor.meta, self.model_id) | {"pid": os.getpid()}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the replica is up and its model is loaded."""
+        return {"status": "ok", "model": self.model_id}
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run serve.app:build_app bundle=...`` and config files."""
+    if "bundle" not in args:
+        raise ValueError("serve app needs the argument 'bundle' (path to a model bundle folder)")
+    kwargs = {
+        k: args[k]
+        for k in ("bundle", "max_batch_size", "batch_wait_timeout_s", "limits", "device")
+        if k in args
+    }
+    for key in ("max_batch_size",):
+        if key in kwargs:
+            kwargs[key] = int(kwargs[key])
+    return MedcaeModel.bind(**kwargs)

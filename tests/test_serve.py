@@ -1,0 +1,212 @@
+"""The Ray Serve app on loopback: same answers as offline, 4xx on bad input, batching, recovery."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medcae.predictor import Predictor
+
+pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.slow]
+
+LIMITS = {"max_image_bytes": 300_000, "max_pixels": 4_000_000, "max_batch_images": 4}
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(side: int = 30_000) -> bytes:
+    """A few-hundred-byte PNG that declares side x side pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def dicom_without_pixels() -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.PatientName = "Test^NoPixels"
+    ds.Modality = "CR"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, demo_bundle):
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"bundle": str(demo_bundle.path), "max_batch_size": 8, "limits": LIMITS}),
+        name="medcae",
+        route_prefix="/",
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield client
+    client.close()
+    serve.shutdown()
+
+
+def test_health_model_and_docs(server, demo_bundle):
+    assert server.get("/healthz").json()["status"] == "ok"
+    info = server.get("/v1/model").json()
+    assert info["backbone"]["name"] == "efficientnet_lite0" and info["backbone"]["taps"] == [
+        "stage4"
+    ]
+    assert info["label_names"] == ["normal", "nodule", "ring"] and info["created"]
+    assert info["versions"]["torch"] and info["cae"]["latent_channels"] == 8
+    assert server.get("/docs").status_code == 200
+    assert "/v1/predict/batch" in server.get("/openapi.json").json()["paths"]
+
+
+def test_endpoint_equals_predictor_offline(server, demo_bundle):
+    pred = Predictor.from_bundle(demo_bundle.path)
+    images = demo_bundle.test_images[:24]
+    offline = pred.predict_proba(images)
+    names = pred.label_names
+    for arr, ref in zip(images, offline):
+        out = server.post("/v1/predict", content=png_bytes(arr)).json()["prediction"]
+        np.testing.assert_allclose([out["probabilities"][n] for n in names], ref, atol=1e-5)
+
+
+def test_batch_endpoint_multipart_and_json(server, demo_bundle):
+    blobs = [png_bytes(a) for a in demo_bundle.test_images[:3]]
+    files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
+    multi = server.post("/v1/predict/batch", files=files).json()["predictions"]
+    js = server.post(
+        "/v1/predict/batch", json={"images": [base64.b64encode(b).decode() for b in blobs]}
+    ).json()
+    assert len(multi) == 3 and [p["label"] for p in multi] == [
+        p["label"] for p in js["predictions"]
+    ]
+    single = server.post("/v1/predict", files={"file": ("x.png", blobs[0], "image/png")}).json()
+    assert single["prediction"]["probabilities"] == pytest.approx(
+        multi[0]["probabilities"], abs=1e-5
+    )
+
+
+BAD = [
+    ("empty body", "/v1/predict", {"content": b""}, 400, "empty_body"),
+    ("not an image", "/v1/predict", {"content": os.urandom(2000)}, 415, "unsupported_media_type"),
+    ("truncated png", "/v1/predict", {"content": "TRUNC"}, 400, "corrupt_image"),
+    ("gif", "/v1/predict", {"content": b"GIF89a" + b"\0" * 100}, 415, "unsupported_media_type"),
+    ("pdf", "/v1/predict", {"content": b"%PDF-1.7\n" + b"x" * 100}, 415, "unsupported_media_type"),
+    ("over size limit", "/v1/predict", {"content": "BIG"}, 413, "too_large"),
+    ("decompression bomb", "/v1/predict", {"content": "BOMB"}, 413, "too_many_pixels"),
+    ("dicom without pixels", "/v1/predict", {"content": "NOPIX"}, 422, "no_pixel_data"),
+    ("batch over limit", "/v1/predict/batch", {"json": "FIVE"}, 413, "batch_too_large"),
+    ("bad json", "/v1/predict/batch", {"content": b"{not json"}, 422, "bad_json"),
+    ("json wrong shape", "/v1/predict/batch", {"json": {"imgs": 1}}, 422, "bad_json"),
+    ("bad base64", "/v1/predict/batch", {"json": {"images": ["%%%"]}}, 422, "bad_base64"),
+]
+
+
+def test_bad_requests_get_4xx_and_server_stays_up(server, demo_bundle):
+    good = png_bytes(demo_bundle.test_images[0])
+    rng = np.random.default_rng(0)
+    special = {
+        "TRUNC": good[: len(good) // 2],
+        "BOMB": bomb_png(),
+        "NOPIX": dicom_without_pixels(),
+        "BIG": png_bytes(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)),
+        "FIVE": {"images": [base64.b64encode(good).decode()] * 5},
+    }
+    pid = server.get("/v1/model").json()["pid"]
+    for name, path, kwargs, status, code in BAD:
+        kwargs = {k: special.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+        r = server.post(path, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.json()["error"] == code and r.json()["detail"], name
+    assert server.post("/v1/predict", content=good).status_code == 200
+    assert server.get("/v1/model").json()["pid"] == pid  # no replica restarted
+
+
+def test_ood_flag_on_the_endpoint(server, demo_bundle):
+    from skimage import data as skdata
+
+    photo = png_bytes(np.asarray(Image.fromarray(skdata.astronaut()).resize((256, 256))))
+    noise = png_bytes(np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8))
+    for blob in (photo, noise):
+        out = server.post("/v1/predict", content=blob).json()["prediction"]
+        assert out["in_distribution"] is False and out["reconstruction_error"] > 0
+
+
+def test_sixteen_concurrent_clients_no_errors(server, demo_bundle):
+    import httpx
+
+    blobs = [png_bytes(a) for a in demo_bundle.test_images[:16]]
+    url = str(server.base_url)
+
+    def client(i: int) -> list[int]:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            return [
+                c.post("/v1/predict", content=blobs[(i + k) % 16]).status_code for k in range(15)
+            ]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        codes = [c for cs in pool.map(client, range(16)) for c in cs]
+    secs = time.perf_counter() - start
+    print(f"\n240 requests from 16 clients in {secs:.1f}s ({240 / secs:.1f} req/s)")
+    assert len(codes) == 240 and set(codes) == {200}
+    assert secs < 180
+
+
+def test_killed_replica_is_restarted_and_serves_again(server, demo_bundle):
+    good = png_bytes(demo_bundle.test_images[0])
+    pid = server.get("/v1/model").json()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline, new_pid = time.time() + 120, None
+    while time.time() < deadline:
+        try:
+            r = server.get("/v1/model", timeout=5)
+            if r.status_code == 200 and r.json()["pid"] != pid:
+                new_pid = r.json()["pid"]
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    assert new_pid is not None, "replica did not come back within 120 s"
+    assert server.post("/v1/predict", content=good).status_code == 200
