@@ -88,7 +88,7 @@ def load(url: str, blobs: list[bytes], concurrency: int, requests: int, max_s: f
     }
 
 
-def run_serve(bundle: str, batch: int, port: int) -> str:
+def run_serve(bundle: str, batch: int, port: int, threads: int) -> str:
     from ray import serve
 
     from serve.app import build_app
@@ -99,6 +99,7 @@ def run_serve(bundle: str, batch: int, port: int) -> str:
                 "bundle": bundle,
                 "max_batch_size": batch,
                 "batch_wait_timeout_s": 0.01 if batch > 1 else 0.0,
+                "threads": threads,
             }
         ),
         name="medcae",
@@ -115,6 +116,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=192)
     p.add_argument("--max-seconds", type=float, default=90)
     p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the Serve replica; 0 = Ray's default (its num_cpus, 1). On 2 "
+        "cores, 2 threads oversubscribe next to the proxy and the load generator",
+    )
     a = p.parse_args()
     import ray
     from ray import serve
@@ -148,7 +156,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for label, batch in (("Ray Serve, batching 16", 16), ("Ray Serve, no batching", 1)):
-        url = run_serve(bundle, batch, port)
+        url = run_serve(bundle, batch, port, a.threads)
         rows += [(label, c, load(url, blobs, c, a.requests, a.max_seconds)) for c in levels]
     serve.shutdown()
     ray.shutdown()

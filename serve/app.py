@@ -81,6 +81,7 @@ class MedcaeModel:
         batch_wait_timeout_s: How long the batcher waits to fill a batch.
         limits: Overrides of :class:`medcae.service.Limits` fields.
         device: ``cuda`` / ``cpu``; default: GPU when the replica has one.
+        threads: Torch CPU threads; 0 keeps Ray's default (the replica's ``num_cpus``).
     """
 
     def __init__(
@@ -90,11 +91,14 @@ class MedcaeModel:
         batch_wait_timeout_s: float = 0.01,
         limits: dict[str, int] | None = None,
         device: str | None = None,
+        threads: int = 0,
     ):
         import torch
 
         from medcae.predictor import Predictor
 
+        if threads:
+            torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.predictor = Predictor.from_bundle(bundle, device)
         self.model_id = model_id(self.predictor.meta)
@@ -139,10 +143,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError("serve app needs the argument 'bundle' (path to a model bundle folder)")
     kwargs = {
         k: args[k]
-        for k in ("bundle", "max_batch_size", "batch_wait_timeout_s", "limits", "device")
+        for k in ("bundle", "max_batch_size", "batch_wait_timeout_s", "limits", "device", "threads")
         if k in args
     }
-    for key in ("max_batch_size",):
+    for key in ("max_batch_size", "threads"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])
     return MedcaeModel.bind(**kwargs)
