@@ -101,9 +101,20 @@ def test_health_model_and_docs(server, demo_bundle):
     assert "/v1/predict/batch" in server.get("/openapi.json").json()["paths"]
 
 
+def real_images(demo_bundle, n: int = 24) -> np.ndarray:
+    """PneumoniaMNIST test X-rays when the shared data is there, else demo images."""
+    from pathlib import Path
+
+    d = os.environ.get("MEDCAE_DATA_DIR")
+    if d and (Path(d) / "pneumoniamnist.npz").is_file():
+        with np.load(Path(d) / "pneumoniamnist.npz") as z:
+            return z["test_images"][:n]
+    return demo_bundle.test_images[:n]
+
+
 def test_endpoint_equals_predictor_offline(server, demo_bundle):
     pred = Predictor.from_bundle(demo_bundle.path)
-    images = demo_bundle.test_images[:24]
+    images = real_images(demo_bundle)
     offline = pred.predict_proba(images)
     names = pred.label_names
     for arr, ref in zip(images, offline):
@@ -210,3 +221,32 @@ def test_killed_replica_is_restarted_and_serves_again(server, demo_bundle):
         time.sleep(1)
     assert new_pid is not None, "replica did not come back within 120 s"
     assert server.post("/v1/predict", content=good).status_code == 200
+
+
+def test_cli_predict_against_the_server(server, demo_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    img = tmp_path / "x.png"
+    img.write_bytes(png_bytes(demo_bundle.test_images[0]))
+    out = subprocess.run(
+        [sys.executable, "-m", "medcae.cli", "predict", "--url", str(server.base_url), str(img)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "x.png:" in out.stdout and "normal=" in out.stdout
+
+
+def test_serve_config_yaml_is_consistent():
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    app = cfg["applications"][0]
+    dep = app["deployments"][0]
+    assert app["import_path"] == "serve.app:build_app" and "bundle" in app["args"]
+    assert dep["max_ongoing_requests"] >= app["args"]["max_batch_size"]
+    assert cfg["http_options"]["host"] == "127.0.0.1"
