@@ -73,6 +73,11 @@ def resolved_backbone(cfg: PipelineConfig) -> PipelineConfig:
     )
 
 
+def features_key(fingerprint: str, cfg: PipelineConfig) -> str:
+    """Cache key of the backbone features of one image set under ``cfg.backbone``."""
+    return cache_key({"images": fingerprint}, cfg.to_dict()["backbone"])
+
+
 def cached_features(
     parts: dict[str, ImageSet], fingerprint: str, cfg: PipelineConfig, cache: FeatureCache
 ) -> tuple[dict[str, dict[str, np.ndarray]], bool]:
@@ -81,7 +86,7 @@ def cached_features(
     Returns:
         ``({part: {"maps", "final", "labels"?}}, cache_hit)``.
     """
-    key = cache_key({"images": fingerprint}, cfg.to_dict()["backbone"])
+    key = features_key(fingerprint, cfg)
     hit = cache.load(key)
     if hit is not None and set(hit) >= set(parts):
         log.info("feature cache hit: %s", cache.path(key))

@@ -1,0 +1,273 @@
+"""Hyperparameter search with Ray Tune + Optuna (TPE) + ASHA over the CAE and the classifier.
+
+Backbone features for every (taps, resolution) the space can pick are extracted once through
+Ray Data and cached; each trial is a function trainable that reads them, trains a CAE epoch by
+epoch, fits the classifier on the label budget and reports the validation AUC after every epoch
+(ASHA stops bad trials on it). The test split is never read during the search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+from ray.tune import Checkpoint
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from medcae.cache import FeatureCache
+from medcae.classifier import fit_classifier
+from medcae.config import PipelineConfig
+from medcae.data import Dataset
+from medcae.distributed.pipeline import cached_features, features_key
+from medcae.engine import build_cae, channel_stats, embed_all, run_epoch
+from medcae.search import apply_params, backbone_variants
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_auc"
+STATE_FILE = "trial.pt"
+
+
+def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """Ray Tune distributions for a validated space (OptunaSearch converts them)."""
+    make = {
+        "choice": tune.choice,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "int": lambda a: tune.randint(a[0], a[1] + 1),
+    }
+    return {k: make[kind](args) for k, d in space.items() for kind, args in d.items()}
+
+
+def _batches(x: torch.Tensor, size: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    perm = torch.randperm(len(x), generator=gen)
+    return [{"maps": x[perm[i : i + size]]} for i in range(0, len(x), size)]
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["epoch"])
+
+
+def trial(params: dict[str, Any], base: dict, cache_dir: str, keys: dict[str, str]) -> None:
+    """One Tune trial: CAE epochs on cached unlabeled maps, validation AUC after each."""
+    torch.set_num_threads(
+        max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    )
+    cfg = apply_params(PipelineConfig.from_dict(base), params)
+    feats = FeatureCache(cache_dir).load(keys[_variant(cfg)])
+    x = torch.from_numpy(np.ascontiguousarray(feats["train"]["maps"], dtype=np.float32))
+    y = {s: np.asarray(feats[s]["labels"]) for s in ("train", "val")}
+    model = build_cae(x.shape[1], cfg.cae, *channel_stats(feats["train"]["maps"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.cae.lr, weight_decay=cfg.cae.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.cae.seed)
+    for epoch in range(_restore(model, opt), cfg.cae.epochs):
+        loss = run_epoch(
+            model, _batches(x, cfg.cae.batch_size, gen), opt, "cpu", cfg.cae.noise_std
+        )["loss"]
+        codes = {s: embed_all(model, feats[s]["maps"]) for s in ("train", "val")}
+        _, sel = fit_classifier(
+            cfg.classifier,
+            codes["train"],
+            y["train"],
+            codes["val"],
+            y["val"],
+            len(np.unique(y["train"])),
+        )
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
+                Path(d) / STATE_FILE,
+            )
+            tune.report(
+                {METRIC: sel["val_auc"], "train_loss": loss, "epoch": epoch + 1},
+                checkpoint=Checkpoint.from_directory(d),
+            )
+
+
+def _variant(cfg: PipelineConfig) -> str:
+    return f"{'+'.join(cfg.backbone.taps)}@{cfg.backbone.resolution}"
+
+
+def prepare_features(
+    ds: Dataset, space: dict, base: PipelineConfig, cache: FeatureCache
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Extract (or find cached) features for every backbone variant the space can pick.
+
+    Returns:
+        ``({variant: cache key}, {variant: seconds spent})``.
+    """
+    keys, secs = {}, {}
+    for bb in backbone_variants(space, base):
+        cfg = replace(base, backbone=bb)
+        t = time.perf_counter()
+        cached_features(ds.splits, ds.fingerprint(), cfg, cache)
+        keys[_variant(cfg)] = features_key(ds.fingerprint(), cfg)
+        secs[_variant(cfg)] = time.perf_counter() - t
+    return keys, secs
+
+
+def make_tuner(
+    space: dict,
+    base: PipelineConfig,
+    cache: FeatureCache,
+    keys: dict[str, str],
+    opts: dict[str, Any],
+    storage: Path,
+    name: str,
+) -> tune.Tuner:
+    """A Tuner: OptunaSearch (TPE, seeded) limited to ``max_concurrent``, ASHA on val AUC."""
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base=base.to_dict(), cache_dir=str(cache.root), keys=keys),
+        {"cpu": opts["cpus_per_trial"], "gpu": opts["gpus_per_trial"]},
+    )
+    path = storage / name
+    if opts["resume"] and tune.Tuner.can_restore(str(path)):
+        log.info("resuming search from %s", path)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    import optuna
+
+    searcher = OptunaSearch(
+        metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=opts["seed"])
+    )
+    max_t = max(
+        space.get("cae.epochs", {}).get("choice", [base.cae.epochs])
+        + space.get("cae.epochs", {}).get("int", [])
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        metric=METRIC,
+        mode="max",
+        max_t=max_t,
+        grace_period=opts["grace_period"],
+        reduction_factor=opts["reduction_factor"],
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(space),
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, opts["max_concurrent"]),
+            scheduler=scheduler,
+            num_samples=opts["num_samples"],
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            verbose=1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def best_of(results: tune.ResultGrid) -> tune.Result:
+    """The trial with the highest validation AUC at any reported epoch's end (last report)."""
+    return results.get_best_result(metric=METRIC, mode="max", scope="last")
+
+
+def trials_table(results: tune.ResultGrid) -> list[dict[str, Any]]:
+    """One row per trial: its parameters, last and best validation AUC, epochs run, status."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        hist = r.metrics_dataframe
+        best = float(hist[METRIC].max()) if hist is not None and METRIC in hist else float("nan")
+        rows.append(
+            {
+                "trial_id": m.get("trial_id"),
+                **{k: v for k, v in r.config.items()},
+                METRIC: m.get(METRIC),
+                "best_" + METRIC: best,
+                "epochs_run": m.get("training_iteration"),
+                "error": str(r.error)[:200] if r.error else "",
+            }
+        )
+    return rows
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically-enough for reports (tmp file + rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+SMOKE_SPACE = {
+    "backbone.taps": {"choice": ["stage4"]},
+    "backbone.resolution": {"choice": [64]},
+    "cae.depth": {"int": [1, 2]},
+    "cae.width": {"choice": [16, 32]},
+    "cae.latent_channels": {"choice": [4, 8]},
+    "cae.epochs": {"choice": [4]},
+}
+
+
+def finalize(
+    results: tune.ResultGrid,
+    ds: Dataset,
+    space: dict,
+    base: PipelineConfig,
+    cache: FeatureCache,
+    keys: dict[str, str],
+    out: Path,
+) -> dict[str, Any]:
+    """Best trial -> bundle (its checkpoint reused), test split touched once; tables and plots."""
+    from medcae.evaluation import fit_and_test, save_model
+    from medcae.report import importances, plot_history, plot_importance, write_csv
+
+    rows = trials_table(results)
+    write_csv(rows, out / "trials.csv")
+    best = best_of(results)
+    cfg = apply_params(base, best.config)
+    feats = cache.load(keys[_variant(cfg)])
+    with best.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model = build_cae(
+        feats["train"]["maps"].shape[1], cfg.cae, *channel_stats(feats["train"]["maps"])
+    )
+    model.load_state_dict(state["model"])
+    splits = ("train", "val", "test")
+    codes = {s: embed_all(model, feats[s]["maps"]) for s in splits}
+    fitted = fit_and_test(
+        cfg.classifier, codes, {s: np.asarray(feats[s]["labels"]) for s in splits}, ds.label_names
+    )
+    bundle = save_model(
+        out / "bundle",
+        cfg,
+        ds.name,
+        ds.label_names,
+        model,
+        fitted,
+        np.asarray(feats["val"]["maps"]),
+        {"search_best_trial": best.config},
+    )
+    imp = importances(rows, space, METRIC)
+    plot_history(rows, METRIC, out / "history.png")
+    plot_importance(imp, out / "importance.png")
+    summary = {
+        "best_params": best.config,
+        "best_config": cfg.to_dict(),
+        "best_val_auc": best.metrics.get(METRIC),
+        "test": fitted.test,
+        "bundle": str(bundle),
+        "trials": len(rows),
+        "importances": imp,
+        "epochs_run": {str(r["trial_id"]): r["epochs_run"] for r in rows},
+    }
+    save_json(out / "best_config.json", summary)
+    return summary
