@@ -194,6 +194,7 @@ def trials_table(results: tune.ResultGrid) -> list[dict[str, Any]]:
                 METRIC: m.get(METRIC),
                 "best_" + METRIC: best,
                 "epochs_run": m.get("training_iteration"),
+                "time_total_s": m.get("time_total_s"),
                 "error": str(r.error)[:200] if r.error else "",
             }
         )
@@ -259,7 +260,9 @@ def finalize(
     imp = importances(rows, space, METRIC)
     plot_history(rows, METRIC, out / "history.png")
     plot_importance(imp, out / "importance.png")
+    times = [r["time_total_s"] for r in rows if r.get("time_total_s")]
     summary = {
+        "mean_trial_s": float(np.mean(times)) if times else float("nan"),
         "best_params": best.config,
         "best_config": cfg.to_dict(),
         "best_val_auc": best.metrics.get(METRIC),
