@@ -65,17 +65,31 @@ class Predictor:
         head = LinearHead.from_arrays(cfg.classifier.kind, len(meta["label_names"]), arrays)
         return cls(FeatureExtractor(cfg.backbone, device), cae, head, meta["label_names"], meta)
 
-    def _as_array(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
-        from medcae.data import decode_image, to_uniform
-
-        if isinstance(images, np.ndarray):
-            return images
-        arrays = [decode_image(im) if isinstance(im, bytes) else im for im in images]
-        return to_uniform(arrays, size=self.extractor.cfg.resolution)
-
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
-        """Backbone feature maps ``(N, C, h, w)`` (float32, as cached)."""
-        return self.extractor(self._as_array(images))["maps"]
+        """Backbone feature maps ``(N, C, h, w)`` (float32, as cached).
+
+        Every image takes the same path as in training: native pixels, resized to the
+        backbone resolution by :func:`medcae.preprocess.to_model_input`. A list of images of
+        different sizes or colour modes is processed in groups of equal shape.
+        """
+        if isinstance(images, np.ndarray):
+            return self.extractor(images)["maps"]
+        from medcae.data import decode_image
+
+        arrays = [decode_image(im) if isinstance(im, bytes) else np.asarray(im) for im in images]
+        if not arrays:
+            raise ValueError("no images to predict")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape, []).append(i)
+        out: np.ndarray | None = None
+        for idx in groups.values():
+            part = self.extractor(np.stack([arrays[i] for i in idx]))["maps"]
+            if out is None:
+                out = np.empty((len(arrays), *part.shape[1:]), part.dtype)
+            out[idx] = part
+        assert out is not None
+        return out
 
     @torch.no_grad()
     def predict_arrays(self, images: np.ndarray | Sequence[ImageLike]) -> dict[str, np.ndarray]:

@@ -89,3 +89,29 @@ def test_crash_mid_write_keeps_the_old_bundle(tiny_bundle, tmp_path):
     assert (dest / "bundle.json").read_text() == before
     read_bundle(dest)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary folder left
+
+
+def test_bytes_and_arrays_take_the_same_path_at_any_size(demo_bundle):
+    """Images smaller and larger than the backbone resolution, as arrays and as PNG bytes,
+    alone and mixed in one call, give the same probabilities (no preprocessing drift)."""
+    import io
+
+    from PIL import Image
+
+    pred = Predictor.from_bundle(demo_bundle.path)
+    base = demo_bundle.test_images[:4]
+    small = np.stack([np.asarray(Image.fromarray(a).resize((28, 28))) for a in base])
+    large = np.stack([np.asarray(Image.fromarray(a).resize((150, 150))) for a in base])
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for arr in (small, large):
+        np.testing.assert_allclose(
+            pred.predict_proba([png(a) for a in arr]), pred.predict_proba(arr), atol=1e-5
+        )
+    mixed = pred.predict_proba([small[0], png(large[1]), small[2]])
+    np.testing.assert_allclose(mixed[0], pred.predict_proba(small[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], pred.predict_proba(large[1:2])[0], atol=1e-5)
