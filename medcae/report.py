@@ -105,3 +105,104 @@ def plot_importance(imp: dict[str, float], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+LABELS = {
+    "frozen_final": "frozen backbone, final layer",
+    "frozen_tap": "frozen backbone, CAE tap",
+    "cae": "CAE on tap feature maps (method)",
+    "cae_pixels": "CAE on raw pixels",
+    "finetune": "fine-tuned backbone",
+}
+
+
+def _budget_name(b: float) -> str:
+    return f"{b:g}/class" if isinstance(b, int) or b > 1 else f"{b:.0%}"
+
+
+def evidence_table(agg: list[dict[str, Any]], quoted: dict[str, tuple[float, float]]) -> str:
+    """Markdown table: method x budget, test AUC / ACC / balanced ACC as mean ± std."""
+    lines = [
+        "| method | labels | n labels | test AUC | test ACC | balanced ACC | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(agg, key=lambda r: (list(LABELS).index(r["method"]), r["n_labels"])):
+        lines.append(
+            f"| {LABELS[r['method']]} | {_budget_name(r['budget'])} | {r['n_labels']} | "
+            f"{r['auc']:.3f} ± {r['auc_std']:.3f} | {r['acc']:.3f} ± {r['acc_std']:.3f} | "
+            f"{r['balanced_acc']:.3f} ± {r['balanced_acc_std']:.3f} | {r['seeds']} |"
+        )
+    for name, (auc, acc) in quoted.items():
+        lines.append(f"| {name} (quoted, not re-run) | 100% | all | {auc:.3f} | {acc:.3f} | | |")
+    return "\n".join(lines)
+
+
+def plot_auc_vs_budget(agg: list[dict[str, Any]], path: Path) -> Path:
+    """Test AUC against the number of labels, one line per method (error bars: std)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in LABELS:
+        rs = sorted((r for r in agg if r["method"] == method), key=lambda r: r["n_labels"])
+        if rs:
+            ax.errorbar(
+                [r["n_labels"] for r in rs],
+                [r["auc"] for r in rs],
+                yerr=[r["auc_std"] for r in rs],
+                marker="o",
+                capsize=3,
+                label=LABELS[method],
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels used (log)")
+    ax.set_ylabel("test AUC")
+    ax.set_title("Test AUC vs label budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: list[list[int]], names: list[str], title: str, path: Path) -> Path:
+    """A confusion matrix with counts."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(confusion, cmap="Blues")
+    for i, row in enumerate(confusion):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reconstructions(ex: dict[str, Any], path: Path) -> Path:
+    """Input images, channel means of their feature maps and of the CAE reconstructions."""
+    n = len(ex["images"])
+    fig, axes = plt.subplots(3, n, figsize=(2 * n, 6))
+    for j in range(n):
+        for i, (key, title) in enumerate(
+            (
+                ("images", "input"),
+                ("maps", "feature map mean"),
+                ("recon", "CAE reconstruction mean"),
+            )
+        ):
+            ax = axes[i][j] if n > 1 else axes[i]
+            lim = (
+                {}
+                if key == "images"
+                else {"vmin": ex["maps"][j].min(), "vmax": ex["maps"][j].max()}
+            )
+            ax.imshow(ex[key][j], cmap="gray", **lim)  # map and reconstruction share a scale
+            ax.set_axis_off()
+            if j == 0:
+                ax.set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,109 @@
+"""The evidence run: every method x seed as Ray tasks over the cached features."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import ray
+
+from medcae.config import PipelineConfig
+from medcae.data import Dataset
+from medcae.evidence import (
+    reconstruction_examples,
+    run_feature_method,
+    run_finetune,
+    train_cae,
+)
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=1)
+def _feature_task(
+    method: str, seed: int, budgets: list, data: dict, cfg: dict, names: list[str]
+) -> tuple[list[dict], dict | None]:
+    config = PipelineConfig.from_dict(cfg)
+    if method == "cae_pixels":  # raw pixels are many positions: halve them first
+        config = replace(config, cae=replace(config.cae, downsample=True))
+    rows = run_feature_method(method, seed, budgets, data, config, names)
+    examples = None
+    if method == "cae" and seed == 0:
+        model = train_cae(np.asarray(data["train"]["maps"]), config, seed)
+        examples = reconstruction_examples(model, data["test"]["maps"]) | {
+            "images": np.asarray(data["test"]["images"][:4])
+        }
+    return rows, examples
+
+
+@ray.remote(num_cpus=1)
+def _finetune_task(
+    seed: int, budget: float, data: dict, cfg: dict, names: list[str], epochs: int, resolution: int
+) -> dict:
+    return run_finetune(
+        seed, budget, data, PipelineConfig.from_dict(cfg), names, epochs, resolution=resolution
+    )
+
+
+def run_evaluation(
+    ds: Dataset,
+    feats: dict[str, dict[str, np.ndarray]],
+    cfg: PipelineConfig,
+    methods: list[str],
+    budgets: list[float],
+    seeds: list[int],
+    finetune_epochs: int,
+    finetune_resolution: int,
+) -> tuple[list[dict], dict[str, Any] | None]:
+    """Run all (method, seed) tasks concurrently on Ray; returns per-seed rows and examples."""
+    data = {
+        s: {
+            "maps": np.asarray(feats[s]["maps"]),
+            "final": np.asarray(feats[s]["final"]),
+            "labels": np.asarray(feats[s]["labels"]),
+            "images": ds.splits[s].images,
+        }
+        for s in ("train", "val", "test")
+    }
+    ref = ray.put(data)
+    cfg_d, names = cfg.to_dict(), list(ds.label_names)
+    pending = {
+        _feature_task.remote(m, s, budgets, ref, cfg_d, names): (m, s)
+        for m in methods
+        if m != "finetune"
+        for s in seeds
+    }
+    if "finetune" in methods:
+        pending |= {
+            _finetune_task.remote(s, b, ref, cfg_d, names, finetune_epochs, finetune_resolution): (
+                "finetune",
+                s,
+                b,
+            )
+            for s in seeds
+            for b in budgets
+        }
+    rows, examples, start, total = [], None, time.perf_counter(), len(pending)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        what = pending.pop(done[0])
+        out = ray.get(done[0])
+        if isinstance(out, tuple):
+            rows += out[0]
+            examples = out[1] or examples
+        else:
+            rows.append(out)
+        secs = time.perf_counter() - start
+        finished = total - len(pending)
+        log.info(
+            "evaluate: %s done (%d/%d tasks, %.0fs, ETA %.0fs)",
+            what,
+            finished,
+            total,
+            secs,
+            secs / finished * len(pending),
+        )
+    return rows, examples
