@@ -90,6 +90,24 @@ def pixels(images: np.ndarray) -> np.ndarray:
     return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
 
 
+def feature_sets(
+    method: str, seed: int, data: dict[str, Any], cfg: PipelineConfig
+) -> tuple[dict[str, np.ndarray], torch.nn.Module | None]:
+    """Per-split feature vectors of one of the four feature methods (and its CAE, if any)."""
+    if method == "frozen_final":
+        return {s: np.asarray(data[s]["final"]) for s in SPLITS}, None
+    if method == "frozen_tap":
+        return {s: _pool(data[s]["maps"]) for s in SPLITS}, None
+    if method == "cae":
+        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
+        return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
+    if method == "cae_pixels":
+        raw = {s: pixels(data[s]["images"]) for s in SPLITS}
+        model = train_cae(raw["train"], cfg, seed)
+        return {s: embed_all(model, raw[s]) for s in SPLITS}, model
+    raise ValueError(f"unknown feature method {method!r}; expected one of {METHODS[:4]}")
+
+
 def run_feature_method(
     method: str,
     seed: int,
@@ -97,23 +115,11 @@ def run_feature_method(
     data: dict[str, Any],
     cfg: PipelineConfig,
     names: Sequence[str],
-) -> list[dict]:
-    """Rows of one of the four feature methods for one seed (one CAE per seed, all budgets)."""
+) -> tuple[list[dict], torch.nn.Module | None]:
+    """Rows of one feature method for one seed (one CAE per seed, reused for all budgets)."""
+    feats, model = feature_sets(method, seed, data, cfg)
     labels = {s: np.asarray(data[s]["labels"]) for s in SPLITS}
-    if method == "frozen_final":
-        feats = {s: np.asarray(data[s]["final"]) for s in SPLITS}
-    elif method == "frozen_tap":
-        feats = {s: _pool(data[s]["maps"]) for s in SPLITS}
-    elif method == "cae":
-        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
-        feats = {s: embed_all(model, data[s]["maps"]) for s in SPLITS}
-    elif method == "cae_pixels":
-        raw = {s: pixels(data[s]["images"]) for s in SPLITS}
-        model = train_cae(raw["train"], cfg, seed)
-        feats = {s: embed_all(model, raw[s]) for s in SPLITS}
-    else:
-        raise ValueError(f"unknown feature method {method!r}; expected one of {METHODS[:4]}")
-    return _rows(method, seed, budgets, feats, labels, cfg, names)
+    return _rows(method, seed, budgets, feats, labels, cfg, names), model
 
 
 def run_finetune(

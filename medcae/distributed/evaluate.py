@@ -16,10 +16,11 @@ from medcae.evidence import (
     reconstruction_examples,
     run_feature_method,
     run_finetune,
-    train_cae,
 )
 
 log = logging.getLogger(__name__)
+
+PIXEL_CAE_CHANNELS = (32, 16)
 
 
 @ray.remote(num_cpus=1)
@@ -27,12 +28,13 @@ def _feature_task(
     method: str, seed: int, budgets: list, data: dict, cfg: dict, names: list[str]
 ) -> tuple[list[dict], dict | None]:
     config = PipelineConfig.from_dict(cfg)
-    if method == "cae_pixels":  # raw pixels are many positions: halve them first
-        config = replace(config, cae=replace(config.cae, downsample=True))
-    rows = run_feature_method(method, seed, budgets, data, config, names)
+    if method == "cae_pixels":  # raw pixels have many positions: stride 2 and a slimmer CAE
+        config = replace(
+            config, cae=replace(config.cae, downsample=True, channels=PIXEL_CAE_CHANNELS)
+        )
+    rows, model = run_feature_method(method, seed, budgets, data, config, names)
     examples = None
-    if method == "cae" and seed == 0:
-        model = train_cae(np.asarray(data["train"]["maps"]), config, seed)
+    if method == "cae" and seed == 0 and model is not None:
         examples = reconstruction_examples(model, data["test"]["maps"]) | {
             "images": np.asarray(data["test"]["images"][:4])
         }
