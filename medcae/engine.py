@@ -55,6 +55,14 @@ def run_epoch(
     return {"loss": total / max(count, 1), "samples": float(count)}
 
 
+def shuffled_batches(
+    x: torch.Tensor, size: int, gen: torch.Generator
+) -> list[dict[str, torch.Tensor]]:
+    """One epoch of ``{"maps": (size, C, h, w)}`` batches of ``x`` in a seeded random order."""
+    perm = torch.randperm(len(x), generator=gen)
+    return [{"maps": x[perm[i : i + size]]} for i in range(0, len(x), size)]
+
+
 def channel_stats(maps: np.ndarray, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of feature maps, computed in chunks.
 

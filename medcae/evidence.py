@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from medcae.classifier import sample_budget
 from medcae.config import PipelineConfig
-from medcae.engine import build_cae, channel_stats, embed_all, run_epoch
+from medcae.engine import build_cae, channel_stats, embed_all, run_epoch, shuffled_batches
 from medcae.evaluation import fit_and_test
 from medcae.metrics import classification_report
 
@@ -75,12 +75,9 @@ def train_cae(maps: np.ndarray, cfg: PipelineConfig, seed: int) -> torch.nn.Modu
     x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(cae_cfg.epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        batches = [
-            {"maps": x[perm[i : i + cae_cfg.batch_size]]}
-            for i in range(0, len(x), cae_cfg.batch_size)
-        ]
-        run_epoch(model, batches, opt, "cpu", cae_cfg.noise_std)
+        run_epoch(
+            model, shuffled_batches(x, cae_cfg.batch_size, gen), opt, "cpu", cae_cfg.noise_std
+        )
     return model.eval()
 
 

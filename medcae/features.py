@@ -7,7 +7,6 @@ the benchmark times, so all three compute exactly the same features.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import torch
@@ -64,37 +63,3 @@ class FeatureExtractor:
             "maps": maps.float().cpu().numpy().astype(MAPS_DTYPE),
             "final": feats["final"].float().cpu().numpy(),
         }
-
-
-def extract_all(
-    extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 64, label: str = ""
-) -> dict[str, np.ndarray]:
-    """Run the extractor over an array of images in batches, logging throughput and ETA.
-
-    Args:
-        extractor: The feature extractor.
-        images: uint8 ``(N, H, W)`` or ``(N, H, W, 3)``.
-        batch_size: Images per batch.
-        label: Prefix for log lines.
-
-    Returns:
-        ``{"maps": (N, C, h, w), "final": (N, C_final)}``.
-    """
-    parts: list[dict[str, np.ndarray]] = []
-    start = last = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        parts.append(extractor(images[i : i + batch_size]))
-        now = time.perf_counter()
-        if now - last > 10 or i + batch_size >= len(images):
-            done = min(i + batch_size, len(images))
-            rate = done / (now - start)
-            log.info(
-                "%s extracted %d/%d images, %.1f img/s, ETA %.0fs",
-                label,
-                done,
-                len(images),
-                rate,
-                (len(images) - done) / rate,
-            )
-            last = now
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("maps", "final")}

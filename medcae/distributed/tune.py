@@ -29,7 +29,7 @@ from medcae.classifier import fit_classifier
 from medcae.config import PipelineConfig
 from medcae.data import Dataset
 from medcae.distributed.pipeline import cached_features, features_key
-from medcae.engine import build_cae, channel_stats, embed_all, run_epoch
+from medcae.engine import build_cae, channel_stats, embed_all, run_epoch, shuffled_batches
 from medcae.search import apply_params, backbone_variants
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,6 @@ def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
         "int": lambda a: tune.randint(a[0], a[1] + 1),
     }
     return {k: make[kind](args) for k, d in space.items() for kind, args in d.items()}
-
-
-def _batches(x: torch.Tensor, size: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
-    perm = torch.randperm(len(x), generator=gen)
-    return [{"maps": x[perm[i : i + size]]} for i in range(0, len(x), size)]
 
 
 def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -79,7 +74,7 @@ def trial(params: dict[str, Any], base: dict, cache_dir: str, keys: dict[str, st
     gen = torch.Generator().manual_seed(cfg.cae.seed)
     for epoch in range(_restore(model, opt), cfg.cae.epochs):
         loss = run_epoch(
-            model, _batches(x, cfg.cae.batch_size, gen), opt, "cpu", cfg.cae.noise_std
+            model, shuffled_batches(x, cfg.cae.batch_size, gen), opt, "cpu", cfg.cae.noise_std
         )["loss"]
         codes = {s: embed_all(model, feats[s]["maps"]) for s in ("train", "val")}
         _, sel = fit_classifier(
