@@ -59,7 +59,7 @@ class CAEConfig:
         noise_std: Std of the Gaussian noise added to standardised inputs (denoising); 0 = off.
         pool: How the code map becomes a vector: ``avg``, ``avgmax`` or ``flatten``.
         epochs: Training epochs.
-        batch_size: Per-worker batch size.
+        batch_size: Global batch size; each of N DDP workers takes ``batch_size // N``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         seed: Seed for weights init and noise.
@@ -120,6 +120,11 @@ class TrainConfig:
         extract_actors: Backbone actors in the Ray Data actor pool.
         extract_threads: CPUs (= torch threads) per backbone actor; 0 = the driver node's cores
             divided by ``extract_actors``.
+        max_failures: Worker-group restarts Ray Train allows (-1: unlimited).
+        num_to_keep: Checkpoints kept on storage (0: all).
+        checkpoint_score_attribute: Metric that ranks checkpoints (``val_loss``...) for
+            ``num_to_keep`` and for picking the final model; empty = keep the latest.
+        placement_strategy: ``PACK`` (fewest nodes) or ``SPREAD`` (one worker per node first).
     """
 
     num_workers: int = 1
@@ -128,6 +133,31 @@ class TrainConfig:
     extract_batch_size: int = 64
     extract_actors: int = 1
     extract_threads: int = 0
+    max_failures: int = 0
+    num_to_keep: int = 2
+    checkpoint_score_attribute: str = ""
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"train.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be >= -1, got {self.max_failures}")
+        if self.num_to_keep < 0:
+            raise ConfigError(f"train.num_to_keep must be >= 0, got {self.num_to_keep}")
+        allowed = ("", "train_loss", "val_loss")
+        if self.checkpoint_score_attribute not in allowed:
+            raise ConfigError(
+                "train.checkpoint_score_attribute must be one of "
+                f"{allowed}, got {self.checkpoint_score_attribute!r}"
+            )
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(
+                "train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {self.placement_strategy!r}"
+            )
 
 
 @dataclass(frozen=True)

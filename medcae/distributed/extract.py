@@ -22,25 +22,39 @@ class BackboneStage:
         backbone: ``BackboneConfig`` as a dict.
         use_gpu: Run on the actor's GPU.
         threads: Torch intra-op threads in the actor (0 = leave torch's default).
+        outputs: Which features to emit (``maps``, ``final``).
+        timestamps: Add a ``done_at`` column (wall clock when the batch finished).
+
+    Columns other than ``image`` pass through unchanged (``idx``, ``split``...).
     """
 
-    def __init__(self, backbone: dict, use_gpu: bool = False, threads: int = 0):
+    def __init__(
+        self,
+        backbone: dict,
+        use_gpu: bool = False,
+        threads: int = 0,
+        outputs: tuple[str, ...] = ("maps", "final"),
+        timestamps: bool = True,
+    ):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.extractor = FeatureExtractor(BackboneConfig(**backbone), device)
+        self.outputs = tuple(outputs)
+        self.timestamps = timestamps
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image"])
+        out = {k: v for k, v in batch.items() if k != "image"}
+        if n == 0:  # a batch whose files were all undecodable
+            return out | {k: np.zeros((0,), np.float32) for k in self.outputs}
         feats = self.extractor(batch["image"])
-        done_at = np.full(len(batch["idx"]), time.time())
-        return {
-            "idx": batch["idx"],
-            "maps": feats["maps"],
-            "final": feats["final"],
-            "done_at": done_at,
-        }
+        out |= {k: feats[k] for k in self.outputs}
+        if self.timestamps:
+            out["done_at"] = np.full(n, time.time())
+        return out
 
 
 def extract_with_ray(

@@ -158,7 +158,7 @@ def run_pipeline(
 
     t1 = time.perf_counter()
     mean, std = channel_stats(unl_maps)
-    state, history = train_cae(
+    outcome = train_cae(
         unl_maps,
         feats["val"]["maps"],
         cfg.cae,
@@ -168,6 +168,7 @@ def run_pipeline(
         out_dir / "checkpoints",
         name=run_name or f"cae-{int(time.time())}",
     )
+    state, history = outcome.state, outcome.history
     t["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -1,13 +1,18 @@
-"""Training the CAE with Ray Train (``TorchTrainer``, DDP) on Ray Data shards of feature maps."""
+"""Training the CAE with Ray Train (``TorchTrainer``, DDP) on Ray Data shards of feature maps.
+
+Every worker reports every epoch (``ray.train.report`` is a barrier in Train V2); rank 0
+attaches a checkpoint holding model, optimizer, epoch, RNG state and history. A restarted
+worker group (``FailureConfig``) or a re-run with the same name and storage path resumes
+from the latest checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from medcae.config import CAEConfig, TrainConfig
+from medcae.distributed.ingest import storage_uri
 from medcae.engine import build_cae, run_epoch
 
 log = logging.getLogger(__name__)
@@ -26,12 +32,35 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
+@dataclass
+class TrainOutcome:
+    """What a training run produced.
+
+    Attributes:
+        state: Final (or best, with a score attribute) CAE ``state_dict``.
+        history: Per-epoch metrics, across restarts.
+        worker_nodes: Ray node id of each rank in the last attempt.
+        checkpoint: Path or URI of the checkpoint the state came from.
+        restored_from: Epoch the last attempt resumed from (0: started fresh).
+    """
+
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    worker_nodes: list[str]
+    checkpoint: str
+    restored_from: int
+
+
 def _batches(shard: Any, batch_size: int, shuffle_seed: int | None):
     kwargs = {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": shuffle_seed}
     it = shard.iter_torch_batches(
         batch_size=batch_size, dtypes=torch.float32, **(kwargs if shuffle_seed is not None else {})
     )
-    return ({"maps": b["data"]} for b in it)
+    return ({"maps": b["maps"]} for b in it)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
 
 
 def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, history: list[dict]) -> int:
@@ -44,16 +73,32 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, history: list[d
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     history.extend(json.loads(state["history"]))
-    log.info("resumed from checkpoint at epoch %d", state["epoch"])
     return int(state["epoch"])
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def _global_mean(stats: dict[str, float]) -> float:
+    """Sample-weighted mean loss over all workers (``stats``: this worker's loss, samples)."""
+    t = torch.tensor([stats["loss"] * stats["samples"], stats["samples"]], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+def _worker_nodes() -> list[str]:
+    node = ray.get_runtime_context().get_node_id()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [node]
+    nodes: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _report(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, metrics: dict, history: list[dict]
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    metrics: dict,
+    history: list[dict],
+    nodes: list[str],
 ) -> None:
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
@@ -64,10 +109,18 @@ def _report(
                 "epoch": metrics["epoch"],
                 "rng": torch.get_rng_state(),
                 "history": json.dumps(history),
+                "worker_nodes": json.dumps(nodes),
             }
             torch.save(state, Path(d) / STATE_FILE)
             ckpt = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _worker_log() -> logging.Logger:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log.setLevel(logging.INFO)
+    return log
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -76,7 +129,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     Args:
         config: ``{"cae": CAEConfig dict, "in_channels": C, "mean": [C], "std": [C]}``.
     """
+    wlog = _worker_log()
     cfg = CAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["cae"].items()})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = build_cae(
         config["in_channels"], cfg, torch.tensor(config["mean"]), torch.tensor(config["std"])
     )
@@ -85,94 +141,127 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     start = _restore(model, opt, history)
-    rank = ray.train.get_context().get_world_rank()
+    nodes = _worker_nodes()
+    if rank == 0:
+        how = f"resumed from checkpoint at epoch {start}" if start else "starting at epoch 0"
+        wlog.info("CAE training %s: %d workers on nodes %s", how, world, sorted(set(nodes)))
+    per_worker = max(1, cfg.batch_size // world)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
+        train_shard = ray.train.get_dataset_shard("train")
         train = run_epoch(
             model,
-            _batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed * 1000 + epoch),
+            _batches(train_shard, per_worker, cfg.seed * 1000 + epoch * world + rank),
             opt,
             device,
             cfg.noise_std,
         )
         val = run_epoch(
-            model, _batches(ray.train.get_dataset_shard("val"), cfg.batch_size, None), None, device
+            model, _batches(ray.train.get_dataset_shard("val"), 256, None), None, device
         )
         secs = time.perf_counter() - t0
+        samples = train["samples"] * world  # equal shards
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": train["loss"],
-            "val_loss": val["loss"],
-            "samples_per_s": train["samples"] / secs,
+            "train_loss": _global_mean(train),
+            "val_loss": _global_mean(val),
+            "samples_per_s": samples / secs,
             "epoch_s": secs,
+            "restored_from": start,
+            "time": time.time(),
         }
         if rank == 0:
-            log.info(
+            wlog.info(
                 "epoch %d/%d train_loss %.4f val_loss %.4f %.0f samples/s ETA %.0fs",
                 epoch + 1,
                 cfg.epochs,
-                train["loss"],
-                val["loss"],
+                metrics["train_loss"],
+                metrics["val_loss"],
                 metrics["samples_per_s"],
                 secs * (cfg.epochs - epoch - 1),
             )
         history.append(metrics)
-        _report(model, opt, metrics, history)
+        _report(model, opt, metrics, history, nodes)
+
+
+def as_maps_dataset(data: np.ndarray | ray.data.Dataset) -> ray.data.Dataset:
+    """A Ray Dataset with one tensor column ``maps``, from an array ``(N, C, h, w)`` or as is."""
+    if isinstance(data, ray.data.Dataset):
+        return data
+    return ray.data.from_numpy(np.ascontiguousarray(data)).rename_columns({"data": "maps"})
 
 
 def train_cae(
-    train_maps: np.ndarray,
-    val_maps: np.ndarray,
+    train_data: np.ndarray | ray.data.Dataset,
+    val_data: np.ndarray | ray.data.Dataset,
     cae: CAEConfig,
     train: TrainConfig,
     mean: torch.Tensor,
     std: torch.Tensor,
     storage_path: str | Path,
     name: str = "cae",
-    max_failures: int = 0,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    in_channels: int | None = None,
+) -> TrainOutcome:
     """Train the CAE on Ray Train and return the final weights and per-epoch metrics.
 
+    Ray Train splits each dataset into equal shards, one per worker (unequal shards would
+    deadlock DDP's all-reduce on the last batches).
+
     Args:
-        train_maps: Unlabeled feature maps ``(N, C, h, w)``.
-        val_maps: Validation feature maps ``(M, C, h, w)`` (labels unused).
+        train_data: Unlabeled feature maps ``(N, C, h, w)``, or a Dataset with column ``maps``.
+        val_data: Validation feature maps, same forms (labels unused).
         cae: CAE configuration.
-        train: Workers, GPU and CPU per worker.
+        train: Workers, GPU, CPUs per worker, failures allowed, checkpoints kept.
         mean: ``(C,)`` channel means for standardisation.
         std: ``(C,)`` channel stds.
         storage_path: Where Ray Train writes checkpoints (local path or pyarrow URI).
         name: Run name under ``storage_path``; re-using it resumes from its last checkpoint.
-        max_failures: Worker-group restarts allowed.
-
-    Returns:
-        ``(state_dict, history)``.
+        in_channels: ``C``; needed when ``train_data`` is a Dataset.
     """
-    storage = str(storage_path) if "://" in str(storage_path) else os.path.abspath(storage_path)
+    if in_channels is None:
+        in_channels = int(np.asarray(train_data).shape[1])  # type: ignore[arg-type]
+    score = train.checkpoint_score_attribute or None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cae": asdict(cae),
-            "in_channels": int(train_maps.shape[1]),
-            "mean": mean.tolist(),
-            "std": std.tolist(),
+            "in_channels": int(in_channels),
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker},
+            placement_strategy=train.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=storage_uri(storage_path),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.num_to_keep or None,
+                checkpoint_score_attribute=score,
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=train.max_failures),
         ),
-        datasets={
-            "train": ray.data.from_numpy(np.ascontiguousarray(train_maps)),
-            "val": ray.data.from_numpy(np.ascontiguousarray(val_maps)),
-        },
+        datasets={"train": as_maps_dataset(train_data), "val": as_maps_dataset(val_data)},
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state["model"], json.loads(state["history"])
+    last = _load_state(result.checkpoint)
+    ckpt = result.checkpoint
+    if score and result.best_checkpoints:
+        ckpt = min(result.best_checkpoints, key=lambda cm: cm[1][score])[0]
+    history = json.loads(last["history"])
+    return TrainOutcome(
+        (_load_state(ckpt) if ckpt is not result.checkpoint else last)["model"],
+        history,
+        json.loads(last["worker_nodes"]),
+        ckpt.path,
+        int(history[-1]["restored_from"]),
+    )
+
+
+def _load_state(ckpt: Checkpoint) -> dict[str, Any]:
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,197 @@
+"""Ray Train DDP of the CAE: 1 vs 2 workers, a SIGKILLed worker, a killed driver, resumption.
+
+The kill tests run ``ray_jobs/train.py`` as a separate driver connected to the session's Ray,
+so a real worker process (or the real driver) is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medcae.config import CAEConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "ray_jobs" / "train.py"
+TAG = "MEDCAE_TRAIN_RESULT"
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _maps(n: int, seed: int) -> np.ndarray:
+    """Feature maps ``(n, 16, 4, 4)`` with low-rank structure a CAE can learn to compress."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(123).normal(size=(4, 16 * 4 * 4))
+    x = rng.normal(size=(n, 4)) @ basis + 0.1 * rng.normal(size=(n, 16 * 4 * 4))
+    return x.reshape(n, 16, 4, 4).astype(np.float32)
+
+
+def test_one_and_two_workers_are_equivalent(ray_session, tmp_path):
+    from medcae.distributed.train import train_cae
+    from medcae.engine import build_cae, channel_stats, errors_all
+
+    train, val = _maps(512, 0), _maps(128, 1)
+    mean, std = channel_stats(train)
+    cae = CAEConfig(channels=(32,), latent_channels=4, epochs=5, batch_size=64, lr=3e-3)
+    untrained = float(errors_all(build_cae(16, cae, mean, std), val).mean())
+    runs = {}
+    for workers in (1, 2):
+        cfg = TrainConfig(num_workers=workers, cpus_per_worker=1.0)
+        runs[workers] = train_cae(train, val, cae, cfg, mean, std, tmp_path, f"w{workers}")
+    one, two = runs[1], runs[2]
+    assert [h["epoch"] for h in two.history] == [1, 2, 3, 4, 5]
+    assert len(two.worker_nodes) == 2 and len(one.worker_nodes) == 1
+    a, b = one.history[-1]["val_loss"], two.history[-1]["val_loss"]
+    assert a < 0.5 * untrained and b < 0.5 * untrained, (a, b, untrained)
+    assert abs(a - b) / a < 0.15, (a, b)  # same global batch, same seed: within noise
+    # The weights returned are the trained ones: their error matches the reported val loss.
+    model = build_cae(16, cae, mean, std)
+    model.load_state_dict(two.state)
+    assert float(errors_all(model, val).mean()) == pytest.approx(b, rel=0.05)
+    print(f"\n1 worker: val_loss {a:.4f}, {one.history[-1]['samples_per_s']:.0f} samples/s")
+    print(f"2 workers: val_loss {b:.4f}, {two.history[-1]['samples_per_s']:.0f} samples/s")
+
+
+def _job(storage: Path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(JOB),
+        "--smoke-test",
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--epochs",
+        "8",
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        *extra,
+    ]
+
+
+def _start(cmd: list[str], address: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*cmd, "--address", address],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _result(log: Path) -> dict:
+    text = log.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith(TAG)]
+    assert lines, text[-4000:]
+    return json.loads(lines[-1][len(TAG) :])
+
+
+def _checkpoint_epochs(run: Path) -> list[int]:
+    """Epochs of the checkpoints on storage (read from each checkpoint's state)."""
+    epochs = []
+    for d in run.glob("checkpoint_*"):
+        try:
+            state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError):
+            continue  # being written
+        epochs.append(int(state["epoch"]))
+    return sorted(epochs)
+
+
+def _wait_for_checkpoint(run: Path, epoch: int, proc: subprocess.Popen, log: Path, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"job ended before checkpoint {epoch}:\n{log.read_text()[-4000:]}")
+        if any(e >= epoch for e in _checkpoint_epochs(run)):
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no checkpoint for epoch {epoch} after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def _address(ray) -> str:
+    return ray.get_runtime_context().gcs_address
+
+
+def _contiguous(history: list[dict]) -> list[int]:
+    return [h["epoch"] for h in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    """The same smoke job as the kill tests, run without any failure."""
+    storage = tmp_path_factory.mktemp("ref")
+    log = storage / "job.log"
+    proc = _start(_job(storage, "ref"), _address(ray_session), log)
+    assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    return _result(log)
+
+
+@pytest.mark.timeout(600)
+def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path):
+    from ray.util.state import list_actors
+
+    log = tmp_path / "job.log"
+    proc = _start(
+        _job(tmp_path, "kill-worker", "--max-failures", "1"), _address(ray_session), log
+    )
+    try:
+        _wait_for_checkpoint(tmp_path / "kill-worker", 2, proc, log)
+        workers = list_actors(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        )
+        assert len(workers) == 2, workers
+        victim = int(workers[-1].pid)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    res = _result(log)
+    history = res["history"]
+    assert _contiguous(history) == list(range(1, 9))  # no epoch lost or repeated
+    assert res["restored_from_epoch"] >= 2  # the new worker group resumed, not restarted
+    resumed = [h for h in history if h["restored_from"] >= 2]
+    assert resumed and resumed[0]["time"] > killed_at
+    ref = uninterrupted["final_val_loss"]
+    assert res["final_val_loss"] == pytest.approx(ref, rel=0.15), (res["final_val_loss"], ref)
+    lost = resumed[0]["time"] - killed_at - resumed[0]["epoch_s"]
+    print(f"\nkill -> training progressing again: {lost:.1f}s (first epoch after restore done "
+          f"{resumed[0]['time'] - killed_at:.1f}s after the kill)")
+
+
+@pytest.mark.timeout(600)
+def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupted, tmp_path):
+    address = _address(ray_session)
+    cmd = _job(tmp_path, "kill-driver")
+    log1 = tmp_path / "first.log"
+    first = _start(cmd, address, log1)
+    try:
+        _wait_for_checkpoint(tmp_path / "kill-driver", 3, first, log1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole job's driver, no clean-up
+    first.wait(timeout=30)
+    done = _checkpoint_epochs(tmp_path / "kill-driver")
+    assert done and max(done) < 8, done  # killed mid-run
+    log2 = tmp_path / "second.log"
+    second = _start(cmd, address, log2)
+    assert second.wait(timeout=400) == 0, log2.read_text()[-4000:]
+    res = _result(log2)
+    assert res["features_reused"] is True  # no re-extraction
+    assert res["restored_from_epoch"] >= 3 and res["restored_from_epoch"] >= max(done) - 1
+    assert _contiguous(res["history"]) == list(range(1, 9))
+    ref = uninterrupted["final_val_loss"]
+    assert res["final_val_loss"] == pytest.approx(ref, rel=0.15)
