@@ -23,6 +23,7 @@ from medcae.config import CAEConfig, TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "train.py"
 TAG = "MEDCAE_TRAIN_RESULT"
+EPOCHS = 20
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -71,7 +72,7 @@ def _job(storage: Path, name: str, *extra: str) -> list[str]:
         "--cpus-per-worker",
         "0.5",
         "--epochs",
-        "8",
+        str(EPOCHS),
         "--storage-path",
         str(storage),
         "--name",
@@ -141,20 +142,15 @@ def uninterrupted(ray_session, tmp_path_factory):
 
 @pytest.mark.timeout(600)
 def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path):
-    from ray.util.state import list_actors
+    from medcae.distributed.runtime import local_train_worker_pids
 
     log = tmp_path / "job.log"
-    proc = _start(
-        _job(tmp_path, "kill-worker", "--max-failures", "1"), _address(ray_session), log
-    )
+    proc = _start(_job(tmp_path, "kill-worker", "--max-failures", "1"), _address(ray_session), log)
     try:
-        _wait_for_checkpoint(tmp_path / "kill-worker", 2, proc, log)
-        workers = list_actors(
-            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        )
+        _wait_for_checkpoint(tmp_path / "kill-worker", 1, proc, log)
+        workers = local_train_worker_pids()  # the session's raylet is this process's child
         assert len(workers) == 2, workers
-        victim = int(workers[-1].pid)
-        os.kill(victim, signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
         killed_at = time.time()
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:
@@ -162,15 +158,17 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupte
             os.killpg(proc.pid, signal.SIGKILL)
     res = _result(log)
     history = res["history"]
-    assert _contiguous(history) == list(range(1, 9))  # no epoch lost or repeated
-    assert res["restored_from_epoch"] >= 2  # the new worker group resumed, not restarted
-    resumed = [h for h in history if h["restored_from"] >= 2]
+    assert _contiguous(history) == list(range(1, EPOCHS + 1))  # no epoch lost or repeated
+    assert res["restored_from_epoch"] >= 1  # the new worker group resumed, not restarted
+    resumed = [h for h in history if h["restored_from"] >= 1]
     assert resumed and resumed[0]["time"] > killed_at
     ref = uninterrupted["final_val_loss"]
     assert res["final_val_loss"] == pytest.approx(ref, rel=0.15), (res["final_val_loss"], ref)
     lost = resumed[0]["time"] - killed_at - resumed[0]["epoch_s"]
-    print(f"\nkill -> training progressing again: {lost:.1f}s (first epoch after restore done "
-          f"{resumed[0]['time'] - killed_at:.1f}s after the kill)")
+    print(
+        f"\nkill -> training progressing again: {lost:.1f}s (first epoch after restore done "
+        f"{resumed[0]['time'] - killed_at:.1f}s after the kill)"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -185,13 +183,15 @@ def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupte
         os.killpg(first.pid, signal.SIGKILL)  # the whole job's driver, no clean-up
     first.wait(timeout=30)
     done = _checkpoint_epochs(tmp_path / "kill-driver")
-    assert done and max(done) < 8, done  # killed mid-run
+    assert done and max(done) < EPOCHS, done  # killed mid-run
     log2 = tmp_path / "second.log"
     second = _start(cmd, address, log2)
     assert second.wait(timeout=400) == 0, log2.read_text()[-4000:]
     res = _result(log2)
     assert res["features_reused"] is True  # no re-extraction
-    assert res["restored_from_epoch"] >= 3 and res["restored_from_epoch"] >= max(done) - 1
-    assert _contiguous(res["history"]) == list(range(1, 9))
+    # The newest checkpoint on storage may not have been registered by the (killed) Train
+    # controller yet; the one before it must have been.
+    assert res["restored_from_epoch"] >= max(2, max(done) - 1), (res["restored_from_epoch"], done)
+    assert _contiguous(res["history"]) == list(range(1, EPOCHS + 1))
     ref = uninterrupted["final_val_loss"]
     assert res["final_val_loss"] == pytest.approx(ref, rel=0.15)

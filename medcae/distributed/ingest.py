@@ -92,7 +92,8 @@ class FeatureStore:
         Lazy (re-read from storage each epoch, memory bounded) unless ``materialize``, which
         reads it once into the object store (fast epochs for stores that fit).
         """
-        ds = ray.data.read_parquet(f"{self.uri}/split={name}").select_columns(["maps"])
+        ds = ray.data.read_parquet(f"{self.uri}/split={name}", file_extensions=["parquet"])
+        ds = ds.select_columns(["maps"])
         return ds.materialize() if materialize else ds
 
     @property
@@ -388,26 +389,27 @@ def _from_meta(uri: str, meta: dict[str, Any], reused: bool) -> FeatureStore:
 
 
 def _scan(uri: str) -> tuple[dict[str, int], tuple[int, ...], list[float], list[float]]:
-    """Row counts per split and per-channel mean/std of the training maps, streamed."""
-    rows: dict[str, int] = {}
-    for split in ("train", "val"):
-        fs, path = _fs(f"{uri}/split={split}")
-        present = fs.get_file_info(path).type == pafs.FileType.Directory
-        rows[split] = ray.data.read_parquet(f"{uri}/split={split}").count() if present else 0
-    if rows["train"] == 0:
-        raise ValueError(f"no training images could be decoded (feature store {uri})")
-    s = ss = None
+    """Rows per split and per-channel mean/std of the training maps, in one streamed pass."""
+    rows = {"train": 0, "val": 0}
+    s = ss = 0.0
     n = 0
     shape: tuple[int, ...] = ()
-    ds = ray.data.read_parquet(f"{uri}/split=train").select_columns(["maps"])
+    ds = ray.data.read_parquet(uri, file_extensions=["parquet"])
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        m = batch["maps"].astype(np.float64)
+        is_train = batch["split"] == "train"
+        rows["train"] += int(is_train.sum())
+        rows["val"] += int((~is_train).sum())
+        if not is_train.any():
+            continue
+        m = batch["maps"][is_train].astype(np.float64)
         shape = m.shape[1:]
-        s = m.sum(axis=(0, 2, 3)) + (0 if s is None else s)
-        ss = (m**2).sum(axis=(0, 2, 3)) + (0 if ss is None else ss)
+        s = s + m.sum(axis=(0, 2, 3))
+        ss = ss + (m**2).sum(axis=(0, 2, 3))
         n += m.shape[0] * m.shape[2] * m.shape[3]
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
+    if rows["train"] == 0:
+        raise DataError(f"no training images could be decoded (feature store {uri})")
+    mean = np.asarray(s) / n
+    std = np.sqrt(np.maximum(np.asarray(ss) / n - mean**2, 0.0))
     return rows, shape, mean.tolist(), std.tolist()
 
 

@@ -39,3 +39,22 @@ def quiet_data_progress() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+
+
+def local_train_worker_pids(root_pid: int | None = None) -> list[int]:
+    """PIDs of Ray Train worker processes (``ray::RayTrainWorker``) started under ``root_pid``.
+
+    For operators and tests on a local Ray (the driver that called ``ray.init`` is the root of
+    its raylet and workers); needs no dashboard or state API.
+    """
+    import psutil
+
+    root = psutil.Process(root_pid or os.getpid())
+    pids = []
+    for proc in root.children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)

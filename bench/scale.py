@@ -1,0 +1,202 @@
+"""Scale benchmark: bounded memory on input larger than the object store, DDP throughput,
+and the time a worker failure costs.
+
+1. Writes a folder of large grayscale PNGs (default 600 x 1024^2, about 5x a 128 MB object
+   store once decoded) unless it exists.
+2. Starts a local Ray with a small object store and streams the folder through
+   ``medcae.distributed.ingest`` (read -> decode+resize -> backbone actor pool -> Parquet)
+   while sampling the RSS of the driver and every Ray process, and object-store use.
+3. Trains the CAE on the stored features (streamed from storage) with 1 and 2 workers and
+   reports samples/s and the same peaks.
+4. With ``--kill``, trains again with 2 workers, SIGKILLs one worker after the first
+   checkpoint and reports the seconds from the kill to the next finished epoch.
+
+    python bench/scale.py [--work /tmp/medcae-scale] [--images 600] [--object-store-mb 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+
+class Sampler:
+    """Background sampling of summed RSS (driver + descendants) and object-store use."""
+
+    def __init__(self, every: float = 0.5):
+        self.every = every
+        self.rss_peak = 0
+        self.store_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            rss = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.rss_peak = max(self.rss_peak, rss)
+            self.store_peak = max(self.store_peak, _store_used())
+            self._stop.wait(self.every)
+
+
+def _store_used() -> int:
+    """Bytes in the object store (plasma), from Ray's memory summary."""
+    from ray._private.internal_api import memory_summary
+
+    try:
+        text = memory_summary(stats_only=True)
+    except Exception:  # noqa: BLE001 (Ray not up yet / shutting down)
+        return 0
+    m = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(m.group(1)) * 2**20 if m else 0
+
+
+def write_images(folder: Path, n: int, side: int) -> int:
+    """``n`` noisy grayscale PNGs of ``side``^2 px (incompressible-ish, like real scans)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(list(folder.glob("*.png")))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(have, n):
+        base = 128 + 60 * np.sin(6 * xx + i) * np.cos(4 * yy)
+        img = np.clip(base + rng.normal(0, 25, (side, side)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i:05d}.png", compress_level=1)
+    return sum(f.stat().st_size for f in folder.glob("*.png"))
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:,.0f} MB"
+
+
+def _kill_after_checkpoint(run: Path, out: dict) -> None:
+    from medcae.distributed.runtime import local_train_worker_pids
+
+    while not list(run.glob("checkpoint_*")):
+        time.sleep(0.1)
+    os.kill(local_train_worker_pids()[-1], signal.SIGKILL)
+    out["killed_at"] = time.time()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/medcae-scale")
+    p.add_argument("--images", type=int, default=600)
+    p.add_argument("--side", type=int, default=1024)
+    p.add_argument("--object-store-mb", type=int, default=128)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--kill", action="store_true", help="also measure a worker failure")
+    a = p.parse_args()
+
+    import ray
+
+    from medcae.config import BackboneConfig, CAEConfig, TrainConfig
+    from medcae.distributed.ingest import build_feature_store, folder_source
+    from medcae.distributed.runtime import quiet_data_progress
+    from medcae.distributed.train import train_cae
+
+    work = Path(a.work)
+    on_disk = write_images(work / "images", a.images, a.side)
+    decoded = a.images * a.side**2
+    ray.init(num_cpus=4, object_store_memory=a.object_store_mb * 2**20, include_dashboard=False)
+    quiet_data_progress()
+    store_cap = ray.cluster_resources()["object_store_memory"]
+    print(
+        f"input: {a.images} PNGs {a.side}x{a.side}, {_mb(on_disk)} on disk, {_mb(decoded)} "
+        f"decoded = {decoded / store_cap:.1f}x the object store ({_mb(store_cap)})"
+    )
+    backbone = BackboneConfig(taps=("stage5",), resolution=a.resolution)
+    uri = str(work / f"store-{int(time.time())}")
+    src = folder_source(work / "images", a.resolution, f"{uri}/_skipped")
+    with Sampler() as s:
+        t0 = time.perf_counter()
+        store = build_feature_store(src, backbone, uri, batch_size=32, threads=2)
+        secs = time.perf_counter() - t0
+    print(
+        f"ingest+extract: {sum(store.rows.values())} images in {secs:.1f}s "
+        f"({sum(store.rows.values()) / secs:.1f} img/s); peak RSS (driver + all Ray "
+        f"processes) {_mb(s.rss_peak)}, peak object store {_mb(s.store_peak)}"
+    )
+
+    cae = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs, batch_size=64)
+    print(
+        f"{'workers':>7s} {'samples/s':>10s} {'epoch s':>8s} {'peak RSS':>10s} {'peak store':>10s}"
+    )
+    for workers in (1, 2):
+        cfg = TrainConfig(num_workers=workers, cpus_per_worker=1.0)
+        with Sampler() as s:
+            out = train_cae(
+                store.split("train"),
+                store.split("val"),
+                cae,
+                cfg,
+                store.mean,
+                store.std,
+                work / "ckpt",
+                f"bench-{workers}w-{int(time.time())}",
+                in_channels=store.shape[0],
+            )
+        rates = [h["samples_per_s"] for h in out.history[1:]] or [out.history[0]["samples_per_s"]]
+        print(
+            f"{workers:7d} {np.median(rates):10.0f} {out.history[-1]['epoch_s']:8.1f} "
+            f"{_mb(s.rss_peak):>10s} {_mb(s.store_peak):>10s}"
+        )
+
+    if a.kill:
+        name = f"bench-kill-{int(time.time())}"
+        info: dict = {}
+        threading.Thread(
+            target=_kill_after_checkpoint, args=(work / "ckpt" / name, info), daemon=True
+        ).start()
+        cfg = TrainConfig(num_workers=2, cpus_per_worker=1.0, max_failures=1)
+        cae_k = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs + 2, batch_size=64)
+        out = train_cae(
+            store.split("train"),
+            store.split("val"),
+            cae_k,
+            cfg,
+            store.mean,
+            store.std,
+            work / "ckpt",
+            name,
+            in_channels=store.shape[0],
+        )
+        after = [h for h in out.history if h["restored_from"] > 0]
+        first = after[0]
+        since = first["time"] - info["killed_at"]
+        print(
+            f"worker SIGKILLed after checkpoint {first['restored_from']}: next epoch finished "
+            f"{since:.1f}s after the kill (its own compute {first['epoch_s']:.1f}s), so "
+            f"{since - first['epoch_s']:.1f}s lost to detection, restart and restore"
+        )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
