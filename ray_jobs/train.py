@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--name", default=None, help="run name; the same name and storage path resume a run"
     )
     o.add_argument(
+        "--feature-store",
+        default=None,
+        help="where the backbone features go (default <storage-path>/<name>/features); point "
+        "several runs at one store to extract once",
+    )
+    o.add_argument(
         "--materialize",
         default="auto",
         choices=["auto", "always", "never"],
@@ -97,12 +103,13 @@ def _run(args: argparse.Namespace) -> int:
     FeatureExtractor(cfg.backbone)  # missing weights: one clear error before Ray starts
     name = args.name or f"cae-{time.strftime('%Y%m%d-%H%M%S')}"
     run_uri = f"{storage_uri(args.storage_path)}/{name}"
+    features_uri = storage_uri(args.feature_store) if args.feature_store else f"{run_uri}/features"
     limit = SMOKE_LIMIT if args.smoke_test else None
     init_ray(args.address, args.num_cpus)
     source = open_source(
         cfg.data,
         cfg.backbone.resolution,
-        f"{run_uri}/features/_skipped",
+        f"{features_uri}/_skipped",
         cfg.unlabeled,
         args.data_dir,
         args.color,
@@ -113,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     store = build_feature_store(
         source,
         cfg.backbone,
-        f"{run_uri}/features",
+        features_uri,
         cfg.train.extract_batch_size,
         cfg.train.extract_actors,
         cfg.train.use_gpu,
@@ -151,6 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         "worker_nodes": out.worker_nodes,
         "history": out.history,
         "features_reused": store.reused,
+        "feature_store": features_uri,
         "feature_rows": store.rows,
         "skipped": store.skipped,
         "extract_s": t1 - t0,

@@ -63,6 +63,7 @@ def test_one_and_two_workers_are_equivalent(ray_session, tmp_path):
 
 
 def _job(storage: Path, name: str, *extra: str) -> list[str]:
+    """The smoke job; all runs share one feature store, so only the first one extracts."""
     return [
         sys.executable,
         str(JOB),
@@ -77,6 +78,8 @@ def _job(storage: Path, name: str, *extra: str) -> list[str]:
         str(storage),
         "--name",
         name,
+        "--feature-store",
+        str(storage.parent / "features"),
         *extra,
     ]
 
@@ -130,10 +133,19 @@ def _contiguous(history: list[dict]) -> list[int]:
     return [h["epoch"] for h in history]
 
 
+@pytest.fixture
+def run_dir(tmp_path_factory, request) -> Path:
+    """A run folder beside the shared feature store."""
+    d = tmp_path_factory.getbasetemp() / "train-jobs" / request.node.name[:40]
+    d.mkdir(parents=True)
+    return d
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tmp_path_factory):
     """The same smoke job as the kill tests, run without any failure."""
-    storage = tmp_path_factory.mktemp("ref")
+    storage = tmp_path_factory.getbasetemp() / "train-jobs" / "ref"
+    storage.mkdir(parents=True)
     log = storage / "job.log"
     proc = _start(_job(storage, "ref"), _address(ray_session), log)
     assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
@@ -141,13 +153,13 @@ def uninterrupted(ray_session, tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, tmp_path):
+def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, run_dir):
     from medcae.distributed.runtime import local_train_worker_pids
 
-    log = tmp_path / "job.log"
-    proc = _start(_job(tmp_path, "kill-worker", "--max-failures", "1"), _address(ray_session), log)
+    log = run_dir / "job.log"
+    proc = _start(_job(run_dir, "kill-worker", "--max-failures", "1"), _address(ray_session), log)
     try:
-        _wait_for_checkpoint(tmp_path / "kill-worker", 1, proc, log)
+        _wait_for_checkpoint(run_dir / "kill-worker", 1, proc, log)
         workers = local_train_worker_pids()  # the session's raylet is this process's child
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
@@ -172,19 +184,19 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupte
 
 
 @pytest.mark.timeout(600)
-def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupted, tmp_path):
+def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupted, run_dir):
     address = _address(ray_session)
-    cmd = _job(tmp_path, "kill-driver")
-    log1 = tmp_path / "first.log"
+    cmd = _job(run_dir, "kill-driver")
+    log1 = run_dir / "first.log"
     first = _start(cmd, address, log1)
     try:
-        _wait_for_checkpoint(tmp_path / "kill-driver", 3, first, log1)
+        _wait_for_checkpoint(run_dir / "kill-driver", 3, first, log1)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the whole job's driver, no clean-up
     first.wait(timeout=30)
-    done = _checkpoint_epochs(tmp_path / "kill-driver")
+    done = _checkpoint_epochs(run_dir / "kill-driver")
     assert done and max(done) < EPOCHS, done  # killed mid-run
-    log2 = tmp_path / "second.log"
+    log2 = run_dir / "second.log"
     second = _start(cmd, address, log2)
     assert second.wait(timeout=400) == 0, log2.read_text()[-4000:]
     res = _result(log2)
