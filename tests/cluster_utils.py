@@ -1,9 +1,10 @@
 """Start and stop real local Ray nodes for cluster tests, without touching anyone else's Ray.
 
-Each node is a ``ray start --block`` subprocess with its own temp dir, its own ports on
-127.0.0.1 and token authentication. Stopping a node sends SIGTERM to that process (which tears
-its node down), then SIGKILL to its process group and to any process still naming its temp
-dir. Never ``ray stop``: it kills every Ray of this user.
+Each node is a ``ray start --block`` subprocess in its own session, with its own temp dir, its
+own free ports and token authentication; the dashboard listens on 127.0.0.1 (Ray replaces a
+``--node-ip-address`` of 127.0.0.1 by the host's address for everything else). Stopping a node
+sends SIGTERM to that process (which tears its node down), then SIGKILL to whatever is left in
+its process group or names its temp dir. Never ``ray stop``: it kills every Ray of this user.
 """
 
 from __future__ import annotations
@@ -165,21 +166,51 @@ def start_node(
     return RayNode(proc, temp_dir, ports, log, head)
 
 
-def ray_pids(temp_dir: Path) -> list[int]:
-    """Pids of live processes whose command line names ``temp_dir`` (this node's processes)."""
-    needle = str(temp_dir).encode()
-    pids = []
+def _procs() -> Iterator[tuple[int, int, str, bytes]]:
+    """(pid, process group, state, command line) of every live process but this one."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
+            stat = (d / "stat").read_text().rsplit(") ", 1)[1].split()
             cmd = (d / "cmdline").read_bytes()
-            state = (d / "stat").read_text().split(") ", 1)[1][0]
-        except OSError:
+        except (OSError, IndexError):
             continue
-        if needle in cmd and state != "Z":
-            pids.append(int(d.name))
-    return pids
+        if stat[0] != "Z":
+            yield int(d.name), int(stat[2]), stat[0], cmd
+
+
+def ray_pids(temp_dir: Path) -> list[int]:
+    """Pids of live processes whose command line names ``temp_dir`` (this node's processes)."""
+    needle = str(temp_dir).encode()
+    return [pid for pid, _, _, cmd in _procs() if needle in cmd]
+
+
+def group_or_dir_pids(pgid: int, temp_dir: Path | str) -> list[int]:
+    """Pids still in process group ``pgid`` or naming ``temp_dir`` (some Ray processes rename
+    themselves, e.g. ``ray::DashboardAgent``, so the temp dir alone misses them)."""
+    needle = str(temp_dir).encode()
+    return [pid for pid, group, _, cmd in _procs() if group == pgid or needle in cmd]
+
+
+def wait_gone(pgid: int, temp_dir: Path | str, timeout: float = 15.0) -> dict[int, str]:
+    """Wait up to ``timeout`` for :func:`group_or_dir_pids` to be empty; returns what is left,
+    pid to command line (processes may take a moment to exit after their parent)."""
+    deadline = time.monotonic() + timeout
+    while (pids := group_or_dir_pids(pgid, temp_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {}
+    for pid in pids:
+        try:
+            left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            pass
+    return left
+
+
+def node_pids(node: RayNode) -> list[int]:
+    """What is left of ``node``: its process group and anything naming its temp dir."""
+    return group_or_dir_pids(node.proc.pid, node.temp_dir)
 
 
 def stop_node(node: RayNode, timeout: float = 30.0) -> None:
@@ -190,17 +221,14 @@ def stop_node(node: RayNode, timeout: float = 30.0) -> None:
             node.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-    for kill in (
-        lambda: os.killpg(node.proc.pid, signal.SIGKILL),
-        *[lambda p=p: os.kill(p, signal.SIGKILL) for p in ray_pids(node.temp_dir)],
-    ):
+    for pid in node_pids(node):
         try:
-            kill()
+            os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     node.proc.wait(10)
     deadline = time.monotonic() + 10
-    while ray_pids(node.temp_dir) and time.monotonic() < deadline:
+    while node_pids(node) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
@@ -273,7 +301,11 @@ def local_cluster(
         ids = wait_for_nodes(head, token, len(nodes), timeout)
         yield LocalCluster(token, head, nodes[1:], ids)
     finally:
+        left = []
         for node in reversed(nodes):
             stop_node(node)
-            if not ray_pids(node.temp_dir):
+            left += node_pids(node)
+            if not left:
                 shutil.rmtree(node.temp_dir, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"Ray processes still running after SIGKILL: {left}")

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster_utils import REPO, node_env, port_free, ray_pids
+from cluster_utils import REPO, node_env, port_free, wait_gone
 
 SCRIPT = REPO / "hpc" / "medcae.sbatch"
 
@@ -178,13 +178,12 @@ def _run_script(tmp_path: Path, entry: list[str], timeout: float, **extra: str):
         out, _ = proc.communicate(timeout=60)
         pytest.fail(f"batch script timed out after {timeout}s:\n{out[-6000:]}")
     finally:
-        leftovers = ray_pids(Path(prefix))
+        leftovers = wait_gone(proc.pid, f"{prefix}-")
         for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for i in (0, 1):
             shutil.rmtree(f"{prefix}-{i}", ignore_errors=True)
     assert not leftovers, f"Ray processes left after the job: {leftovers}\n{out[-6000:]}"
