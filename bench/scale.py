@@ -5,7 +5,8 @@ and the time a worker failure costs.
    store once decoded) unless it exists.
 2. Starts a local Ray with a small object store and streams the folder through
    ``medcae.distributed.ingest`` (read -> decode+resize -> backbone actor pool -> Parquet)
-   while sampling the RSS of the driver and every Ray process, and object-store use.
+   while sampling the memory (PSS) of the driver and every Ray process, and object-store use,
+   for half and all of the images: the peak should not grow with the input.
 3. Trains the CAE on the stored features (streamed from storage) with 1 and 2 workers and
    reports samples/s and the same peaks.
 4. With ``--kill``, trains again with 2 workers, SIGKILLs one worker after the first
@@ -31,12 +32,26 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 
+def memory_now() -> int:
+    """Summed PSS of this driver and every process under it (the local Ray: raylet, GCS,
+    workers, actors). PSS splits shared pages (the object store's mmap, libraries) between
+    the processes that map them, so the sum is not inflated the way summed RSS is."""
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total
+
+
 class Sampler:
-    """Background sampling of summed RSS (driver + descendants) and object-store use."""
+    """Background sampling of memory (see :func:`memory_now`) and object-store use."""
 
     def __init__(self, every: float = 0.5):
         self.every = every
-        self.rss_peak = 0
+        self.mem_peak = 0
         self.store_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -50,15 +65,8 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
-            rss = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    rss += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.rss_peak = max(self.rss_peak, rss)
+            self.mem_peak = max(self.mem_peak, memory_now())
             self.store_peak = max(self.store_peak, _store_used())
             self._stop.wait(self.every)
 
@@ -96,8 +104,9 @@ def _mb(x: float) -> str:
 
 def _kill_after_checkpoint(run: Path, out: dict) -> None:
     from medcae.distributed.runtime import local_train_worker_pids
+    from medcae.distributed.train import registered_epoch
 
-    while not list(run.glob("checkpoint_*")):
+    while registered_epoch(run) < 1:
         time.sleep(0.1)
     os.kill(local_train_worker_pids()[-1], signal.SIGKILL)
     out["killed_at"] = time.time()
@@ -132,41 +141,54 @@ def main() -> None:
         f"decoded = {decoded / store_cap:.1f}x the object store ({_mb(store_cap)})"
     )
     backbone = BackboneConfig(taps=("stage5",), resolution=a.resolution)
-    uri = str(work / f"store-{int(time.time())}")
-    src = folder_source(work / "images", a.resolution, f"{uri}/_skipped")
-    with Sampler() as s:
-        t0 = time.perf_counter()
-        store = build_feature_store(src, backbone, uri, batch_size=32, threads=2)
-        secs = time.perf_counter() - t0
-    print(
-        f"ingest+extract: {sum(store.rows.values())} images in {secs:.1f}s "
-        f"({sum(store.rows.values()) / secs:.1f} img/s); peak RSS (driver + all Ray "
-        f"processes) {_mb(s.rss_peak)}, peak object store {_mb(s.store_peak)}"
-    )
+    base = memory_now()
+    print(f"memory (PSS, driver + all Ray processes) with Ray idle: {_mb(base)}")
+    print(f"{'images':>7s} {'decoded':>9s} {'img/s':>6s} {'peak memory':>12s} {'peak store':>10s}")
+    store = None
+    for n in sorted({a.images // 2, a.images}):
+        uri = str(work / f"store-{n}-{int(time.time())}")
+        src = folder_source(work / "images", a.resolution, f"{uri}/_skipped", limit=n)
+        with Sampler() as s:
+            t0 = time.perf_counter()
+            store = build_feature_store(src, backbone, uri, batch_size=32, threads=2)
+            secs = time.perf_counter() - t0
+        rows = sum(store.rows.values())
+        print(
+            f"{rows:7d} {_mb(rows * a.side**2):>9s} {rows / secs:6.1f} {_mb(s.mem_peak):>12s} "
+            f"{_mb(s.store_peak):>10s}"
+        )
+    assert store is not None
 
     cae = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs, batch_size=64)
     print(
-        f"{'workers':>7s} {'samples/s':>10s} {'epoch s':>8s} {'peak RSS':>10s} {'peak store':>10s}"
+        f"CAE training on {store.rows['train']} feature maps {store.shape}, {a.epochs} epochs:\n"
+        f"{'workers':>7s} {'maps':>15s} {'samples/s':>10s} {'epoch s':>8s} {'peak memory':>12s} "
+        f"{'peak store':>10s}"
     )
-    for workers in (1, 2):
-        cfg = TrainConfig(num_workers=workers, cpus_per_worker=1.0)
-        with Sampler() as s:
-            out = train_cae(
-                store.split("train"),
-                store.split("val"),
-                cae,
-                cfg,
-                store.mean,
-                store.std,
-                work / "ckpt",
-                f"bench-{workers}w-{int(time.time())}",
-                in_channels=store.shape[0],
+    for hold in (False, True):
+        for workers in (1, 2):
+            cfg = TrainConfig(num_workers=workers, cpus_per_worker=1.0)
+            with Sampler() as s:
+                out = train_cae(
+                    store.split("train", hold),
+                    store.split("val", hold),
+                    cae,
+                    cfg,
+                    store.mean,
+                    store.std,
+                    work / "ckpt",
+                    f"bench-{workers}w-{int(time.time())}",
+                    in_channels=store.shape[0],
+                )
+            rates = [h["samples_per_s"] for h in out.history[1:]] or [
+                out.history[0]["samples_per_s"]
+            ]
+            where = "object store" if hold else "streamed"
+            print(
+                f"{workers:7d} {where:>15s} {np.median(rates):10.0f} "
+                f"{np.median([h['epoch_s'] for h in out.history]):8.2f} {_mb(s.mem_peak):>12s} "
+                f"{_mb(s.store_peak):>10s}"
             )
-        rates = [h["samples_per_s"] for h in out.history[1:]] or [out.history[0]["samples_per_s"]]
-        print(
-            f"{workers:7d} {np.median(rates):10.0f} {out.history[-1]['epoch_s']:8.1f} "
-            f"{_mb(s.rss_peak):>10s} {_mb(s.store_peak):>10s}"
-        )
 
     if a.kill:
         name = f"bench-kill-{int(time.time())}"
@@ -175,10 +197,10 @@ def main() -> None:
             target=_kill_after_checkpoint, args=(work / "ckpt" / name, info), daemon=True
         ).start()
         cfg = TrainConfig(num_workers=2, cpus_per_worker=1.0, max_failures=1)
-        cae_k = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs + 2, batch_size=64)
+        cae_k = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs + 6, batch_size=64)
         out = train_cae(
-            store.split("train"),
-            store.split("val"),
+            store.split("train", True),
+            store.split("val", True),
             cae_k,
             cfg,
             store.mean,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from medcae.config import CAEConfig, TrainConfig
+from medcae.distributed.train import registered_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "train.py"
@@ -100,26 +101,12 @@ def _result(log: Path) -> dict:
     return json.loads(lines[-1][len(TAG) :])
 
 
-def _registered_epoch(run: Path) -> int:
-    """Epoch of the latest checkpoint Ray Train has registered (what a restart resumes from).
-
-    A checkpoint folder can be on storage before the Train controller registers it; killing
-    in that window resumes from the one before. Train V2 records registrations in
-    ``checkpoint_manager_snapshot.json``.
-    """
-    try:
-        snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-        return int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def _wait_for_checkpoint(run: Path, epoch: int, proc: subprocess.Popen, log: Path, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"job ended before checkpoint {epoch}:\n{log.read_text()[-4000:]}")
-        if _registered_epoch(run) >= epoch:
+        if registered_epoch(run) >= epoch:
             return
         time.sleep(0.1)
     proc.kill()
@@ -195,7 +182,7 @@ def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupte
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the whole job's driver, no clean-up
     first.wait(timeout=30)
-    registered = _registered_epoch(run_dir / "kill-driver")
+    registered = registered_epoch(run_dir / "kill-driver")
     assert 2 <= registered < EPOCHS, registered  # killed mid-run
     log2 = run_dir / "second.log"
     second = _start(cmd, address, log2)

@@ -189,13 +189,15 @@ def folder_source(
     skipped_uri: str,
     color: str = "gray",
     val_fraction: float = 0.1,
-    files_per_block: int = 64,
+    files_per_block: int = 0,
     limit: int | None = None,
+    block_bytes: int = 16 * 2**20,
 ) -> ImageSource:
     """A folder of image/DICOM files (recursively), read lazily by Ray Data.
 
     Files are listed on the driver (names only); Ray Data reads the bytes in blocks of
-    ``files_per_block`` files, so the pixels never all sit in memory or the object store.
+    ``files_per_block`` files (0: as many as make about ``block_bytes``, at most 64), so the
+    pixels never all sit in memory or the object store.
     """
     root = Path(root)
     files = _image_files(root)
@@ -204,9 +206,13 @@ def folder_source(
     if not files:
         raise DataError(f"{root}: no image files found (expected {sorted(_suffixes())})")
     h = hashlib.sha1(f"folder:{color}:{val_fraction}".encode())
+    total = 0
     for f in files:
         st = f.stat()
+        total += st.st_size
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if files_per_block <= 0:
+        files_per_block = int(np.clip(block_bytes * len(files) // max(total, 1), 1, 64))
     ds = ray.data.read_binary_files(
         [str(f) for f in files],
         include_paths=True,

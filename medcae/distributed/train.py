@@ -184,6 +184,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(model, opt, metrics, history, nodes)
 
 
+def registered_epoch(run_dir: str | Path) -> int:
+    """Epoch of the newest checkpoint Ray Train has registered for a local run folder.
+
+    That is what a restart resumes from. A checkpoint folder can appear on storage before the
+    Train controller registers it; a failure in that window resumes from the one before.
+    Train V2 records registrations in ``checkpoint_manager_snapshot.json``. Returns 0 when
+    nothing is registered (or the snapshot is being rewritten).
+    """
+    try:
+        snap = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+        return int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def as_maps_dataset(data: np.ndarray | ray.data.Dataset) -> ray.data.Dataset:
     """A Ray Dataset with one tensor column ``maps``, from an array ``(N, C, h, w)`` or as is."""
     if isinstance(data, ray.data.Dataset):
