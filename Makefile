@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format typecheck bench serve evaluate clean
+.PHONY: venv demo test test-fast lint format typecheck bench bench-scale serve evaluate clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,9 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/extract.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py --kill
 
 evaluate: $(STAMP)
 	$(BIN)/python ray_jobs/evaluate.py --data pneumoniamnist --out docs/results

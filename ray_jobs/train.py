@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import ray
 
-    from medcae.distributed.ingest import build_feature_store, open_source, storage_uri
+    from medcae.distributed.ingest import (
+        build_feature_store,
+        check_source,
+        open_source,
+        storage_uri,
+    )
     from medcae.distributed.pipeline import resolved_backbone, smoke_config
     from medcae.distributed.runtime import init_ray
     from medcae.distributed.train import train_cae
@@ -101,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
             cfg = replace(cfg, cae=replace(cfg.cae, epochs=args.epochs))
     cfg = resolved_backbone(cfg)
     FeatureExtractor(cfg.backbone)  # missing weights: one clear error before Ray starts
+    logging.info("data: %s", check_source(cfg.data, cfg.unlabeled, args.data_dir))
     name = args.name or f"cae-{time.strftime('%Y%m%d-%H%M%S')}"
     run_uri = f"{storage_uri(args.storage_path)}/{name}"
     features_uri = storage_uri(args.feature_store) if args.feature_store else f"{run_uri}/features"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,31 @@ from medcae.distributed.ingest import (
     is_val_path,
 )
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--data", "/no/such/file.npz"], "no such file"),
+        (["--data", "{empty}"], "no image files"),
+        (["--data", "demo", "--backbone", "alexnet"], "unknown backbone"),
+        (["--data", "demo", "--num-workers", "0"], "num_workers"),
+    ],
+)
+def test_train_job_bad_input_is_one_line_before_ray_starts(args, match, tmp_path):
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "ray_jobs" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error:")
+    assert match in out.stderr.strip().splitlines()[-1]
+    assert "Started a local Ray" not in out.stderr + out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +69,8 @@ def _store(folder: Path, uri: Path, resolution: int = 32):
     return build_feature_store(src, backbone, str(uri), batch_size=8)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_folder_streams_into_store_and_reports_corrupt_files(ray_session, scan_folder, tmp_path):
     store = _store(scan_folder, tmp_path / "fs")
     assert sum(store.rows.values()) == 30 and not store.reused
@@ -59,6 +87,8 @@ def test_folder_streams_into_store_and_reports_corrupt_files(ray_session, scan_f
     assert list(batch) == ["maps"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_store_is_reused_rebuilt_when_incomplete_and_refused_for_other_data(
     ray_session, scan_folder, tmp_path
 ):

@@ -260,6 +260,26 @@ def array_source(
     return ImageSource(ray.data.from_arrow(blocks), key, n, description)
 
 
+def check_source(data: str, unlabeled: str | None = None, data_dir: str | None = None) -> str:
+    """Validate ``--data``/``--unlabeled`` without Ray (so bad input fails before it starts).
+
+    Returns:
+        A one-line description of what will be read.
+
+    Raises:
+        DataError: No images in the folder, a missing file, an unknown name, bad arrays.
+    """
+    if Path(data).is_dir() and unlabeled is None:
+        n = len(_image_files(Path(data)))
+        if n == 0:
+            raise DataError(f"{data}: no image files found (expected {sorted(_suffixes())})")
+        return f"{n} image files under {data}"
+    ds = load_dataset(data, data_dir)
+    if unlabeled is not None:
+        load_unlabeled(unlabeled, data_dir=data_dir)
+    return ds.name
+
+
 def open_source(
     data: str,
     side: int,
