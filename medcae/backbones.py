@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -128,7 +129,8 @@ class FrozenBackbone(nn.Module):
     def tap_shapes(self) -> dict[str, tuple[int, int, int]]:
         """Return ``{tap: (C, h, w)}`` by running one dummy image."""
         dummy = torch.zeros(1, 3, self.resolution, self.resolution)
-        return {k: tuple(v.shape[1:]) for k, v in self.forward(dummy).items() if k != "final"}
+        shapes = {k: v.shape for k, v in self.forward(dummy).items() if k != "final"}
+        return {k: (int(s[1]), int(s[2]), int(s[3])) for k, s in shapes.items()}
 
 
 def build_backbone(
@@ -172,7 +174,7 @@ class _EfficientNetLiteTaps(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = self.net
+        n: Any = self.net  # efficientnet_lite_pytorch's EfficientNet (untyped attributes)
         x = n._swish(n._bn0(n._conv_stem(x)))
         out: dict[str, torch.Tensor] = {}
         stage = 0

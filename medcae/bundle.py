@@ -75,7 +75,7 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         torch.save({k: v.detach().cpu() for k, v in cae_state.items()}, tmp / "cae.pt")
-        np.savez(tmp / "classifier.npz", **classifier_arrays)
+        np.savez(tmp / "classifier.npz", **classifier_arrays)  # type: ignore[arg-type]
         full = {
             **meta,
             "format_version": FORMAT_VERSION,

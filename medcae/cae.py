@@ -44,6 +44,9 @@ class ConvAutoEncoder(nn.Module):
         ValueError: If ``in_channels`` is not positive.
     """
 
+    input_mean: torch.Tensor  # buffers, (1, C, 1, 1)
+    input_std: torch.Tensor
+
     def __init__(self, in_channels: int, cfg: CAEConfig):
         super().__init__()
         if in_channels < 1:

@@ -185,7 +185,7 @@ class PipelineConfig:
             "train": TrainConfig,
         }
         top = {k: v for k, v in data.items() if k not in nested}
-        parts = {k: _from_dict(c, data.get(k) or {}, k) for k, c in nested.items()}
+        parts: dict[str, Any] = {k: _from_dict(c, data.get(k) or {}, k) for k, c in nested.items()}
         return _from_dict(cls, {**top, **parts}, "config")
 
 

@@ -1021,7 +1021,7 @@ def _atomic_savez(dest: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

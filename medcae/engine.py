@@ -46,7 +46,7 @@ def run_epoch(
             x = batch["maps"].to(device, non_blocking=True)
             recon, target = model(x, noise_std if training else 0.0)
             loss = nn.functional.mse_loss(recon, target)
-            if training:
+            if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medcae.cae import ConvAutoEncoder
 from medcae.classifier import sample_budget
 from medcae.config import PipelineConfig
 from medcae.engine import build_cae, channel_stats, embed_all, run_epoch, shuffled_batches
@@ -67,7 +68,7 @@ def _pool(maps: np.ndarray) -> np.ndarray:
     return np.concatenate([m.mean(axis=(2, 3)), m.max(axis=(2, 3))], axis=1)
 
 
-def train_cae(maps: np.ndarray, cfg: PipelineConfig, seed: int) -> torch.nn.Module:
+def train_cae(maps: np.ndarray, cfg: PipelineConfig, seed: int) -> ConvAutoEncoder:
     """Train a CAE on unlabeled maps ``(N, C, h, w)`` with the core loop, seeded."""
     cae_cfg = replace(cfg.cae, seed=seed)
     model = build_cae(maps.shape[1], cae_cfg, *channel_stats(maps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def classification_report(
     }
 
 
-def format_results(rows: dict[str, dict[str, object]], label_names: Sequence[str]) -> str:
+def format_results(rows: dict[str, dict[str, Any]], label_names: Sequence[str]) -> str:
     """Render ``{method: report}`` as an aligned text table with per-class precision/recall."""
     head = ["method", "ACC", "AUC", "BalACC"] + [f"P/R {n}" for n in label_names]
     lines = [head]
