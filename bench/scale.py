@@ -112,6 +112,23 @@ def _kill_after_checkpoint(run: Path, out: dict) -> None:
     out["killed_at"] = time.time()
 
 
+def _train(store, cae, cfg, ckpt: Path, name: str, hold: bool):
+    """``train_cae`` on the store's maps, held in the object store or streamed."""
+    from medcae.distributed.train import train_cae
+
+    return train_cae(
+        store.split("train", hold),
+        store.split("val", hold),
+        cae,
+        cfg,
+        store.mean,
+        store.std,
+        ckpt,
+        name,
+        in_channels=store.shape[0],
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/medcae-scale")
@@ -128,7 +145,6 @@ def main() -> None:
     from medcae.config import BackboneConfig, CAEConfig, TrainConfig
     from medcae.distributed.ingest import build_feature_store, folder_source
     from medcae.distributed.runtime import quiet_data_progress
-    from medcae.distributed.train import train_cae
 
     work = Path(a.work)
     on_disk = write_images(work / "images", a.images, a.side)
@@ -169,17 +185,8 @@ def main() -> None:
         for workers in (1, 2):
             cfg = TrainConfig(num_workers=workers, cpus_per_worker=1.0)
             with Sampler() as s:
-                out = train_cae(
-                    store.split("train", hold),
-                    store.split("val", hold),
-                    cae,
-                    cfg,
-                    store.mean,
-                    store.std,
-                    work / "ckpt",
-                    f"bench-{workers}w-{int(time.time())}",
-                    in_channels=store.shape[0],
-                )
+                name = f"bench-{workers}w-{int(time.time())}"
+                out = _train(store, cae, cfg, work / "ckpt", name, hold)
             rates = [h["samples_per_s"] for h in out.history[1:]] or [
                 out.history[0]["samples_per_s"]
             ]
@@ -198,17 +205,7 @@ def main() -> None:
         ).start()
         cfg = TrainConfig(num_workers=2, cpus_per_worker=1.0, max_failures=1)
         cae_k = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs + 6, batch_size=64)
-        out = train_cae(
-            store.split("train", True),
-            store.split("val", True),
-            cae_k,
-            cfg,
-            store.mean,
-            store.std,
-            work / "ckpt",
-            name,
-            in_channels=store.shape[0],
-        )
+        out = _train(store, cae_k, cfg, work / "ckpt", name, hold=True)
         after = [h for h in out.history if h["restored_from"] > 0]
         first = after[0]
         since = first["time"] - info["killed_at"]

@@ -106,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
             cfg = replace(cfg, cae=replace(cfg.cae, epochs=args.epochs))
     cfg = resolved_backbone(cfg)
     FeatureExtractor(cfg.backbone)  # missing weights: one clear error before Ray starts
-    logging.info("data: %s", check_source(cfg.data, cfg.unlabeled, args.data_dir))
+    what, dataset = check_source(cfg.data, cfg.unlabeled, args.data_dir)
+    logging.info("data: %s", what)
     name = args.name or f"cae-{time.strftime('%Y%m%d-%H%M%S')}"
     run_uri = f"{storage_uri(args.storage_path)}/{name}"
     features_uri = storage_uri(args.feature_store) if args.feature_store else f"{run_uri}/features"
@@ -121,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         args.color,
         args.val_fraction,
         limit,
+        dataset,
     )
     t0 = time.perf_counter()
     store = build_feature_store(

@@ -85,14 +85,39 @@ def extract_with_ray(
     Returns:
         ``{"maps": (N, C, h, w) float32, "final": (N, C_final) float32}``.
     """
-    n = len(images)
+    ds = backbone_stage(image_dataset(images), backbone, batch_size, actors, use_gpu, threads)
+    return _collect(ds, len(images), label, stats if stats is not None else {})
+
+
+def backbone_stage(
+    ds: ray.data.Dataset,
+    backbone: BackboneConfig,
+    batch_size: int = 64,
+    actors: int = 1,
+    use_gpu: bool = False,
+    threads: int = 0,
+    **stage_kwargs,
+) -> ray.data.Dataset:
+    """``ds`` (column ``image``) through :class:`BackboneStage` on an actor pool.
+
+    Args:
+        ds: Dataset with an ``image`` column; other columns pass through.
+        backbone: Backbone configuration.
+        batch_size: Images per batch.
+        actors: Size of the actor pool.
+        use_gpu: One GPU per actor.
+        threads: CPUs each actor reserves and uses as torch threads; 0 means the node's
+            cores split over the actors (Ray would otherwise give each actor one thread).
+        **stage_kwargs: ``outputs`` / ``timestamps`` of :class:`BackboneStage`.
+    """
     threads = threads or max(1, (os.cpu_count() or 1) // actors)
-    ds = image_dataset(images).map_batches(
+    return ds.map_batches(
         BackboneStage,
         fn_constructor_kwargs={
             "backbone": _asdict(backbone),
             "use_gpu": use_gpu,
             "threads": threads,
+            **stage_kwargs,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -100,7 +125,6 @@ def extract_with_ray(
         num_cpus=1 if use_gpu else threads,
         batch_format="numpy",
     )
-    return _collect(ds, n, label, stats if stats is not None else {})
 
 
 def image_dataset(images: np.ndarray, rows_per_block: int = 1024) -> ray.data.Dataset:

@@ -26,7 +26,9 @@ import ray
 
 from medcae.config import BackboneConfig
 from medcae.data import (
+    IMAGE_SUFFIXES,
     DataError,
+    Dataset,
     ImageDecodeError,
     _image_files,
     _resize,
@@ -34,7 +36,7 @@ from medcae.data import (
     load_dataset,
     load_unlabeled,
 )
-from medcae.distributed.extract import BackboneStage, _asdict
+from medcae.distributed.extract import _asdict, backbone_stage
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ def folder_source(
     if limit is not None and len(files) > limit:
         files = files[:: -(-len(files) // limit)][:limit]
     if not files:
-        raise DataError(f"{root}: no image files found (expected {sorted(_suffixes())})")
+        raise DataError(f"{root}: no image files found (expected {sorted(IMAGE_SUFFIXES)})")
     h = hashlib.sha1(f"folder:{color}:{val_fraction}".encode())
     total = 0
     for f in files:
@@ -231,12 +233,6 @@ def folder_source(
     return ImageSource(ds, h.hexdigest(), len(files), f"{len(files)} files under {root}")
 
 
-def _suffixes() -> set[str]:
-    from medcae.data import IMAGE_SUFFIXES
-
-    return set(IMAGE_SUFFIXES)
-
-
 def array_source(
     train: np.ndarray, val: np.ndarray, key: str, description: str, rows_per_block: int = 512
 ) -> ImageSource:
@@ -260,11 +256,15 @@ def array_source(
     return ImageSource(ray.data.from_arrow(blocks), key, n, description)
 
 
-def check_source(data: str, unlabeled: str | None = None, data_dir: str | None = None) -> str:
+def check_source(
+    data: str, unlabeled: str | None = None, data_dir: str | None = None
+) -> tuple[str, Dataset | None]:
     """Validate ``--data``/``--unlabeled`` without Ray (so bad input fails before it starts).
 
     Returns:
-        A one-line description of what will be read.
+        ``(description, dataset)``: a one-line description of what will be read, and the
+        loaded data set (``None`` for a folder, which is streamed) to pass to
+        :func:`open_source`.
 
     Raises:
         DataError: No images in the folder, a missing file, an unknown name, bad arrays.
@@ -272,12 +272,12 @@ def check_source(data: str, unlabeled: str | None = None, data_dir: str | None =
     if Path(data).is_dir() and unlabeled is None:
         n = len(_image_files(Path(data)))
         if n == 0:
-            raise DataError(f"{data}: no image files found (expected {sorted(_suffixes())})")
-        return f"{n} image files under {data}"
+            raise DataError(f"{data}: no image files found (expected {sorted(IMAGE_SUFFIXES)})")
+        return f"{n} image files under {data}", None
     ds = load_dataset(data, data_dir)
     if unlabeled is not None:
         load_unlabeled(unlabeled, data_dir=data_dir)
-    return ds.name
+    return ds.name, ds
 
 
 def open_source(
@@ -289,18 +289,20 @@ def open_source(
     color: str = "gray",
     val_fraction: float = 0.1,
     limit: dict[str, int] | None = None,
+    dataset: Dataset | None = None,
 ) -> ImageSource:
     """Resolve ``--data`` (and ``--unlabeled``) to an :class:`ImageSource`.
 
     A folder streams from disk; labels are not needed (the CAE is unsupervised). Anything
     else goes through :func:`medcae.data.load_dataset`: its ``train`` split (or the
     ``unlabeled`` images) trains the CAE and its ``val`` split measures reconstruction.
-    ``limit`` (``{"train": n, "val": m}``) keeps a seeded subset, for smoke tests.
+    ``limit`` (``{"train": n, "val": m}``) keeps a seeded subset, for smoke tests;
+    ``dataset`` is ``data`` already loaded (by :func:`check_source`).
     """
     if Path(data).is_dir() and unlabeled is None:
         n = None if limit is None else sum(limit.values())
         return folder_source(data, side, skipped_uri, color, val_fraction, limit=n)
-    ds = load_dataset(data, data_dir)
+    ds = dataset or load_dataset(data, data_dir)
     if limit is not None:
         from medcae.distributed.pipeline import subsample
 
@@ -357,21 +359,15 @@ def build_feature_store(
         fs.delete_dir_contents(path)
 
     t0 = time.perf_counter()
-    threads = threads or max(1, (os.cpu_count() or 1) // actors)
-    feats = source.dataset.map_batches(
-        BackboneStage,
-        fn_constructor_kwargs={
-            "backbone": _asdict(backbone),
-            "use_gpu": use_gpu,
-            "threads": threads,
-            "outputs": ("maps",),
-            "timestamps": False,
-        },
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1 if use_gpu else threads,
-        batch_format="numpy",
+    feats = backbone_stage(
+        source.dataset,
+        backbone,
+        batch_size,
+        actors,
+        use_gpu,
+        threads,
+        outputs=("maps",),
+        timestamps=False,
     )
     log.info("extracting %s with %s into %s", source.description, backbone.name, uri)
     feats.write_parquet(uri, partition_cols=["split"], min_rows_per_file=1024)

@@ -67,8 +67,7 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, history: list[d
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = _load_state(ckpt)
     _unwrap(model).load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
