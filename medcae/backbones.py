@@ -12,6 +12,8 @@ must be asked for explicitly with ``weights="random"`` (used by tests and benchm
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -302,3 +304,59 @@ _register_torchvision(
     "pool4",
     "pool5",
 )
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _torchvision_cache_file(arch: str) -> Path | None:
+    import torchvision
+
+    try:
+        url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    except (KeyError, ValueError):
+        return None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return path if path.is_file() else None
+
+
+def weights_sha256(name: str, weights: str | None = None) -> str:
+    """The sha256 of the weights file a backbone loads, for feature-store keys and bundles.
+
+    Args:
+        name: Registry name.
+        weights: As for :func:`build_backbone`.
+
+    Returns:
+        The file's hex digest; ``"random"`` for random weights; for torchvision weights that
+        are not cached yet, the torchvision weights tag (they are checked by hash on download).
+
+    Raises:
+        BackboneError: Unknown name, or a weights path that does not exist.
+    """
+    get_spec(name)
+    if weights == RANDOM_WEIGHTS:
+        return RANDOM_WEIGHTS
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(f"backbone weights file not found: {path}")
+        return _file_sha256(path)
+    if name == "efficientnet_lite0":
+        return _file_sha256(_lite0_weights_path())
+    cached = _torchvision_cache_file(name)
+    return _file_sha256(cached) if cached else f"torchvision:{name}:IMAGENET1K_V1"

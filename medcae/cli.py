@@ -1,11 +1,43 @@
-"""The ``medcae`` command: ``medcae predict`` (HTTP client) and ``medcae serve`` (Ray Serve)."""
+"""The ``medcae`` command: the Ray jobs, the model server and its HTTP client.
+
+    medcae run --data pneumoniamnist           # the whole method: features, CAE, classifier, bundle
+    medcae train --data /scans --num-workers 4  # the same job, at scale; resumable by --name
+    medcae tune --data pneumoniamnist           # Ray Tune + Optuna search
+    medcae evaluate --data pneumoniamnist       # the method against its baselines
+    medcae serve --bundle runs/demo/bundle      # Ray Serve over HTTP
+    medcae predict --url URL image.png ...      # classify files through a running server
+
+This module imports no Ray: each job's module (``medcae.jobs.<name>``) is imported only when
+that job runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from medcae import jobargs
+
+#: subcommand -> (flags, one-line help); the body is ``medcae.jobs.<subcommand>.main``.
+JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
+    "run": (
+        jobargs.add_run_args,
+        "the main job: frozen-backbone features, CAE, classifier, bundle",
+    ),
+    "train": (
+        jobargs.add_run_args,
+        "the same job as run (its scaling, checkpoint and failure flags): resumable by --name",
+    ),
+    "tune": (jobargs.add_tune_args, "hyperparameter search: Ray Tune + Optuna (TPE) + ASHA"),
+    "evaluate": (
+        jobargs.add_evaluate_args,
+        "the method against frozen features, pixels, fine-tuning",
+    ),
+}
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -47,23 +79,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(args: argparse.Namespace) -> int:
+    from medcae.jobs.logs import setup_console
+
+    setup_console()  # quiet console now; each job opens <out>/run.log once its input checks out
+    module = "run" if args.command == "train" else args.command  # one job, two names
+    return importlib.import_module(f"medcae.jobs.{module}").main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medcae", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    pr = sub.add_parser("predict", help="classify image files through a running server")
-    pr.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
-    pr.add_argument("--url", default="http://127.0.0.1:8000")
-    pr.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    pr.set_defaults(fn=_predict)
+    p = argparse.ArgumentParser(
+        prog="medcae",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="`medcae <command> --help` lists the flags of one command.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (add_args, help_) in JOBS.items():
+        jp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add_args(jp)
+        jp.set_defaults(fn=_job)
     sv = sub.add_parser("serve", help="serve a model bundle over HTTP with Ray Serve")
     sv.add_argument("--bundle", required=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.set_defaults(fn=_serve)
+    pr = sub.add_parser("predict", help="classify image files through a running server")
+    pr.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
+    pr.add_argument("--url", default="http://127.0.0.1:8000")
+    pr.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    pr.set_defaults(fn=_predict)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code."""
     from medcae.errors import run_cli
 
     args = build_parser().parse_args(argv)

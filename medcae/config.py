@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: Images kept per split by ``--smoke-test``, in every job.
+SMOKE_ROWS: dict[str, int] = {"train": 96, "val": 48, "test": 48, "unlabeled": 96}
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""

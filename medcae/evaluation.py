@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from medcae.backbones import get_spec
+from medcae.backbones import get_spec, weights_sha256
 from medcae.bundle import write_bundle
 from medcae.cae import ConvAutoEncoder
 from medcae.classifier import LinearHead, fit_classifier
 from medcae.config import ClassifierConfig, PipelineConfig
-from medcae.engine import errors_all
 from medcae.metrics import classification_report
+from medcae.preprocess import PREPARE_VERSION
 
 
 @dataclass
@@ -59,7 +59,7 @@ def save_model(
     label_names: Sequence[str],
     cae: ConvAutoEncoder,
     fitted: Evaluated,
-    val_maps: np.ndarray,
+    val_errors: np.ndarray,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model bundle, calibrating the out-of-distribution threshold on validation maps.
@@ -71,12 +71,12 @@ def save_model(
         label_names: Class names.
         cae: Trained auto-encoder.
         fitted: The fitted head with its selection and test report.
-        val_maps: Validation feature maps ``(M, C, h, w)``; the threshold is the
-            ``OOD_QUANTILE`` quantile of their reconstruction errors.
+        val_errors: The CAE's reconstruction errors ``(M,)`` of the validation maps; the
+            threshold is their ``OOD_QUANTILE`` quantile.
         metrics: Extra metrics stored next to the test report (baselines, history).
     """
     spec = get_spec(cfg.backbone.name)
-    errors = errors_all(cae, val_maps)
+    errors = np.asarray(val_errors, np.float64)
     meta = {
         "config": cfg.to_dict(),
         "data": data_name,
@@ -84,6 +84,9 @@ def save_model(
         "in_channels": cae.in_channels,
         "preprocessing": {
             "resolution": cfg.backbone.resolution,
+            "prepare": "medcae.preprocess.prepare_image",
+            "prepare_version": PREPARE_VERSION,
+            "weights_sha256": weights_sha256(cfg.backbone.name, cfg.backbone.weights),
             "grayscale_to_rgb": True,
             "mean": list(spec.mean),
             "std": list(spec.std),

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from medcae.cae import ConvAutoEncoder
 from medcae.classifier import sample_budget
 from medcae.config import PipelineConfig
-from medcae.engine import build_cae, channel_stats, embed_all, run_epoch, shuffled_batches
+from medcae.engine import build_cae, channel_stats, embed_all, shuffled_batches
 from medcae.evaluation import fit_and_test
 from medcae.metrics import classification_report
+from medcae.trainer import fit_cae
 
 METHODS = ("frozen_final", "frozen_tap", "cae", "cae_pixels", "finetune")
 SPLITS = ("train", "val", "test")
@@ -69,16 +70,17 @@ def _pool(maps: np.ndarray) -> np.ndarray:
 
 
 def train_cae(maps: np.ndarray, cfg: PipelineConfig, seed: int) -> ConvAutoEncoder:
-    """Train a CAE on unlabeled maps ``(N, C, h, w)`` with the core loop, seeded."""
+    """Train a CAE on unlabeled maps ``(N, C, h, w)`` with :func:`medcae.trainer.fit_cae`."""
     cae_cfg = replace(cfg.cae, seed=seed)
     model = build_cae(maps.shape[1], cae_cfg, *channel_stats(maps))
-    opt = torch.optim.AdamW(model.parameters(), lr=cae_cfg.lr, weight_decay=cae_cfg.weight_decay)
     x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(cae_cfg.epochs):
-        run_epoch(
-            model, shuffled_batches(x, cae_cfg.batch_size, gen), opt, "cpu", cae_cfg.noise_std
-        )
+    fit_cae(
+        model,
+        cae_cfg,
+        lambda epoch: shuffled_batches(x, cae_cfg.batch_size, gen),
+        in_channels=maps.shape[1],
+    )
     return model.eval()
 
 
@@ -136,7 +138,7 @@ def run_finetune(
     head sits on its globally pooled last layer; AdamW, cross-entropy, batch 32.
     """
     from medcae.backbones import build_backbone, get_spec
-    from medcae.preprocess import to_model_input
+    from medcae.preprocess import prepare_batch, to_model_input
 
     torch.manual_seed(seed)
     y = np.asarray(data["train"]["labels"])
@@ -151,7 +153,7 @@ def run_finetune(
     spec = get_spec(cfg.backbone.name)
 
     def logits(images: np.ndarray) -> torch.Tensor:
-        x = to_model_input(images, resolution, spec.mean, spec.std)
+        x = to_model_input(prepare_batch(images, resolution), spec.mean, spec.std)
         return head(bb(x)["final"].mean(dim=(2, 3)))
 
     images = data["train"]["images"]

@@ -7,13 +7,14 @@ the benchmark times, so all three compute exactly the same features.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from medcae.backbones import FrozenBackbone, build_backbone
 from medcae.config import BackboneConfig
-from medcae.preprocess import combine_taps, to_model_input
+from medcae.preprocess import combine_taps, prepare_batch, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,20 @@ class FeatureExtractor:
         """The tap names actually used (the config's, or the backbone default)."""
         return self.backbone.taps
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Extract features for one batch.
 
         Args:
-            images: uint8 ``(batch, H, W)`` or ``(batch, H, W, 3)``.
+            images: Decoded images of any size and mode (a list, or one array
+                ``(batch, H, W[, 3])``); :func:`~medcae.preprocess.prepare_batch` resizes each
+                once (a no-op for images the decode stage already prepared).
 
         Returns:
             ``{"maps": (batch, C, h, w) float32, "final": (batch, C_final) float32}``.
         """
         spec = self.backbone.spec
-        x = to_model_input(images, self.cfg.resolution, spec.mean, spec.std, self.channels_last)
+        prepared = prepare_batch(images, self.cfg.resolution)
+        x = to_model_input(prepared, spec.mean, spec.std, self.channels_last)
         feats = self.backbone(x.to(self.device))
         maps = combine_taps(feats, self.taps)
         return {

@@ -1,16 +1,27 @@
-"""Command-line flags shared by the ``ray_jobs`` entry points, and the config they build."""
+"""Every flag of the ``medcae`` jobs, defined once, and the config they build.
+
+Groups (``add_*_args``) are shared; ``add_<job>_args`` picks the groups of one job and adds the
+flags that only it has. Nothing here imports Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import fields
+from typing import Any
 
 from medcae.config import (
+    SMOKE_ROWS,
     BackboneConfig,
     CAEConfig,
     ClassifierConfig,
     PipelineConfig,
     TrainConfig,
 )
+
+#: Images per split kept by ``--smoke-test``, in every job (defined in the core config).
+SMOKE_SIZES = SMOKE_ROWS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -23,7 +34,17 @@ def _taps(text: str) -> tuple[str, ...]:
 
 def budget(text: str) -> float | int:
     """``0.1`` is a fraction of each class; ``20`` (no dot) is a count per class."""
-    return float(text) if "." in text else int(text)
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"label budget {text!r}: give a fraction with a dot (0.1) or a count per class (20)"
+        ) from None
+
+
+def budgets(text: str) -> list[float | int]:
+    """Comma-separated label budgets, each as for :func:`budget`."""
+    return [budget(t) for t in text.split(",") if t]
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -47,12 +68,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_args(p: argparse.ArgumentParser, epochs: int | None = 15) -> None:
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("backbone")
     b.add_argument("--backbone", default="efficientnet_lite0")
-    b.add_argument("--taps", default="", help="comma-separated tap layers (default per backbone)")
-    b.add_argument("--resolution", type=int, default=112)
+    b.add_argument(
+        "--taps", type=_taps, default=(), help="comma-separated tap layers (default per backbone)"
+    )
+    b.add_argument("--resolution", type=int, default=112, help="backbone input side, pixels")
     b.add_argument("--backbone-weights", default=None, help="state-dict file of the backbone")
+
+
+def add_cae_args(p: argparse.ArgumentParser, epochs: int | None = 15) -> None:
     c = p.add_argument_group("auto-encoder")
     c.add_argument("--cae-channels", type=_ints, default=(128, 64))
     c.add_argument("--latent-channels", type=int, default=32)
@@ -66,10 +92,26 @@ def add_model_args(p: argparse.ArgumentParser, epochs: int | None = 15) -> None:
     c.add_argument("--seed", type=int, default=0)
 
 
-def add_ray_args(p: argparse.ArgumentParser) -> None:
+def add_classifier_args(p: argparse.ArgumentParser, kind: bool = True) -> None:
+    k = p.add_argument_group("classifier")
+    if kind:
+        k.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm"])
+    k.add_argument(
+        "--budget",
+        type=budget,
+        default=1.0,
+        help="labels used: fraction of each class (0.1) or count per class (20)",
+    )
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("ray")
     r.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     r.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+
+
+def add_scaling_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("scaling")
     r.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
     r.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker and actor")
     r.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -81,6 +123,12 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="CPUs/torch threads per backbone actor (0: node cores / actors)",
     )
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """Cluster and scaling flags (the jobs that run Ray Train)."""
+    add_cluster_args(p)
+    add_scaling_args(p)
 
 
 def add_fault_args(p: argparse.ArgumentParser) -> None:
@@ -103,37 +151,124 @@ def add_fault_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def default_store_root() -> str:
+    """``$MEDCAE_CACHE_DIR``, else ``~/.cache/medcae/features``."""
+    return os.environ.get("MEDCAE_CACHE_DIR") or os.path.expanduser("~/.cache/medcae/features")
+
+
+def add_output_args(p: argparse.ArgumentParser, out: str | None, out_help: str) -> None:
+    o = p.add_argument_group("output and storage")
+    o.add_argument("--out", default=out, help=out_help)
+    o.add_argument(
+        "--feature-store",
+        "--cache-dir",
+        dest="feature_store",
+        default=None,
+        help="feature-store root shared by runs; entries are keyed by image content and "
+        "backbone (default $MEDCAE_CACHE_DIR or ~/.cache/medcae/features); a local path, NFS "
+        "or a pyarrow URI (s3://...)",
+    )
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("checkpoints")
+    o.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train checkpoints: local path, NFS, or a pyarrow URI (default <out>/checkpoints)",
+    )
+    o.add_argument(
+        "--name", default="cae", help="run name; the same name and storage path resume a run"
+    )
+    o.add_argument(
+        "--materialize",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="hold the feature maps in the object store during training (auto: if they take "
+        "under a quarter of it) or stream them from storage every epoch",
+    )
+
+
+def add_smoke_arg(p: argparse.ArgumentParser, what: str = "tiny subset, tiny model") -> None:
+    sizes = ", ".join(f"{k} {v}" for k, v in SMOKE_SIZES.items())
+    p.add_argument("--smoke-test", action="store_true", help=f"{what} ({sizes} images): seconds")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``medcae run`` (and ``medcae train``, the same job): the whole method, one bundle."""
+    add_data_args(p)
+    add_backbone_args(p)
+    add_cae_args(p, epochs=None)
+    add_classifier_args(p)
+    add_ray_args(p)
+    add_fault_args(p)
+    add_output_args(p, None, "output folder (default runs/<time>): bundle/, results.json, run.log")
+    add_storage_args(p)
+    add_smoke_arg(p)
+
+
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    """``medcae tune``: Ray Tune + Optuna over the CAE and the classifier."""
+    add_data_args(p)
+    add_backbone_args(p)
+    s = p.add_argument_group("search")
+    s.add_argument("--space", default=None, help="YAML overriding the default search space")
+    s.add_argument("--num-samples", type=int, default=16)
+    s.add_argument("--max-concurrent", type=int, default=2)
+    s.add_argument("--cpus-per-trial", type=float, default=1.0)
+    s.add_argument("--gpus-per-trial", type=float, default=0.0)
+    s.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before stopping")
+    s.add_argument("--reduction-factor", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default="search", help="experiment name under --out")
+    s.add_argument("--resume", action="store_true", help="restore the search at --out/--name")
+    add_classifier_args(p, kind=False)
+    add_cluster_args(p)
+    add_output_args(p, "runs/tune", "output folder (trials.csv, bundle/, run.log, ...)")
+    add_smoke_arg(p, "tiny data, tiny space")
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    """``medcae evaluate``: the paper's method against the baselines, over budgets and seeds."""
+    add_data_args(p)
+    add_backbone_args(p)
+    e = p.add_argument_group("evaluation")
+    e.add_argument(
+        "--budgets",
+        type=budgets,
+        default=[0.01, 0.1, 1.0, 20],
+        help="fractions (with a dot) and counts per class",
+    )
+    e.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
+    e.add_argument("--methods", default="frozen_final,frozen_tap,cae,cae_pixels,finetune")
+    e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
+    e.add_argument("--finetune-epochs", type=int, default=3)
+    e.add_argument("--finetune-resolution", type=int, default=64)
+    add_cluster_args(p)
+    add_output_args(p, "runs/evaluate", "output folder (report.md, results.csv, run.log, ...)")
+    add_smoke_arg(p, "tiny subset, one seed")
+
+
+def _pick(cls: type, g: dict[str, Any], **flag_of: str) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that were given as flags (``field=flag`` renames)."""
+    out = {}
+    for f in fields(cls):
+        flag = flag_of.get(f.name, f.name)
+        if g.get(flag) is not None:
+            out[f.name] = g[flag]
+    return out
+
+
 def config_from_args(a: argparse.Namespace) -> PipelineConfig:
-    """Build the pipeline config from parsed flags (fields absent from ``a`` keep defaults)."""
+    """Build the pipeline config from parsed flags; flags a job lacks keep the defaults."""
     g = vars(a)
-    train_fields = ("max_failures", "num_to_keep", "checkpoint_score_attribute")
     return PipelineConfig(
         data=a.data,
         unlabeled=a.unlabeled,
-        backbone=BackboneConfig(a.backbone, _taps(a.taps), a.resolution, a.backbone_weights),
-        cae=CAEConfig(
-            a.cae_channels,
-            a.latent_channels,
-            a.downsample,
-            a.noise_std,
-            a.pool,
-            a.epochs if a.epochs is not None else CAEConfig.epochs,
-            a.batch_size,
-            a.lr,
-            a.weight_decay,
-            a.seed,
+        backbone=BackboneConfig(
+            **_pick(BackboneConfig, g, name="backbone", weights="backbone_weights")
         ),
-        classifier=ClassifierConfig(
-            g.get("classifier", "logreg"), g.get("budget", 1.0), seed=a.seed
-        ),
-        train=TrainConfig(
-            a.num_workers,
-            a.use_gpu,
-            a.cpus_per_worker,
-            a.extract_batch_size,
-            a.extract_actors,
-            a.extract_threads,
-            **{k: g[k] for k in train_fields if k in g},
-            placement_strategy=g.get("placement_strategy", "PACK"),
-        ),
+        cae=CAEConfig(**_pick(CAEConfig, g, channels="cae_channels")),
+        classifier=ClassifierConfig(**_pick(ClassifierConfig, g, kind="classifier")),
+        train=TrainConfig(**_pick(TrainConfig, g)),
     )

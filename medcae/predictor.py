@@ -66,30 +66,20 @@ class Predictor:
         return cls(FeatureExtractor(cfg.backbone, device), cae, head, meta["label_names"], meta)
 
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
-        """Backbone feature maps ``(N, C, h, w)`` (float32, as cached).
+        """Backbone feature maps ``(N, C, h, w)`` (float32, as in the feature store).
 
-        Every image takes the same path as in training: native pixels, resized to the
-        backbone resolution by :func:`medcae.preprocess.to_model_input`. A list of images of
-        different sizes or colour modes is processed in groups of equal shape.
+        Encoded bytes are decoded to native pixels; every image is then prepared exactly as
+        the extraction stage prepares it (:func:`medcae.preprocess.prepare_image`: one
+        resize from native pixels), whatever its size or colour mode.
         """
-        if isinstance(images, np.ndarray):
-            return self.extractor(images)["maps"]
         from medcae.data import decode_image
 
+        if isinstance(images, np.ndarray):
+            return self.extractor(images)["maps"]
         arrays = [decode_image(im) if isinstance(im, bytes) else np.asarray(im) for im in images]
         if not arrays:
             raise ValueError("no images to predict")
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, a in enumerate(arrays):
-            groups.setdefault(a.shape, []).append(i)
-        out: np.ndarray | None = None
-        for idx in groups.values():
-            part = self.extractor(np.stack([arrays[i] for i in idx]))["maps"]
-            if out is None:
-                out = np.empty((len(arrays), *part.shape[1:]), part.dtype)
-            out[idx] = part
-        assert out is not None
-        return out
+        return self.extractor(arrays)["maps"]
 
     @torch.no_grad()
     def predict_arrays(self, images: np.ndarray | Sequence[ImageLike]) -> dict[str, np.ndarray]:

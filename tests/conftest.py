@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +77,10 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
 
     from medcae.config import CAEConfig, ClassifierConfig, PipelineConfig
     from medcae.data import load_dataset
-    from medcae.engine import build_cae, channel_stats, embed_all, run_epoch
+    from medcae.engine import build_cae, channel_stats, embed_all, errors_all
     from medcae.evaluation import fit_and_test, save_model
     from medcae.features import FeatureExtractor
+    from medcae.trainer import fit_cae
 
     cfg = PipelineConfig(
         data=str(demo_npz),
@@ -92,11 +93,11 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
     ext = FeatureExtractor(cfg.backbone)
     maps = {s: ext(ds.splits[s].images[:k])["maps"] for s, k in n.items()}
     labels = {s: ds.splits[s].labels[:k] for s, k in n.items()}
-    cae = build_cae(maps["train"].shape[1], cfg.cae, *channel_stats(maps["train"]))
-    opt = torch.optim.AdamW(cae.parameters(), lr=3e-3)
+    cae_cfg = replace(cfg.cae, epochs=6, lr=3e-3, batch_size=32)
+    cae = build_cae(maps["train"].shape[1], cae_cfg, *channel_stats(maps["train"]))
     x = torch.from_numpy(maps["train"]).float()
-    for _ in range(6):
-        run_epoch(cae, [{"maps": x[i : i + 32]} for i in range(0, len(x), 32)], opt, noise_std=0.1)
+    batches = [{"maps": x[i : i + 32]} for i in range(0, len(x), 32)]
+    fit_cae(cae, cae_cfg, lambda epoch: batches, in_channels=x.shape[1])
     codes = {s: embed_all(cae, m) for s, m in maps.items()}
     fitted = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
     path = save_model(
@@ -106,7 +107,7 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
         ds.label_names,
         cae,
         fitted,
-        maps["val"],
+        errors_all(cae, maps["val"]),
     )
     return BundleCase(
         path,

@@ -33,7 +33,7 @@ def test_unknown_or_bad_fields_are_named(bad, match):
 def test_core_imports_without_ray():
     code = (
         "import sys, medcae.backbones, medcae.cae, medcae.engine, medcae.classifier, "
-        "medcae.features, medcae.bundle, medcae.predictor, medcae.cache, medcae.data, "
+        "medcae.features, medcae.bundle, medcae.predictor, medcae.data, "
         "medcae.evaluation, medcae.metrics, medcae.errors, medcae.search, medcae.report, "
         "medcae.service, medcae.client, medcae.cli, medcae.evidence; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from medcae import data
-from medcae.data import DataError, ImageDecodeError
+from medcae.data import DataError, ImageDecodeError, decode, medmnist
+from medcae.data.splits import _split_counts, _stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +186,7 @@ def test_load_by_name_downloads_when_missing(tmp_path, monkeypatch):
     server = tmp_path / "server"
     server.mkdir()
     write_npz(server / "breastmnist.npz")
-    monkeypatch.setattr(data, "MEDMNIST_URL", server.as_uri() + "/{name}.npz")
+    monkeypatch.setattr(medmnist, "MEDMNIST_URL", server.as_uri() + "/{name}.npz")
     cache = tmp_path / "cache"
     ds = data.load_dataset("breastmnist", str(cache))
     assert (cache / "breastmnist.npz").exists()
@@ -193,7 +194,7 @@ def test_load_by_name_downloads_when_missing(tmp_path, monkeypatch):
 
 
 def test_failed_download_explains(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MEDMNIST_URL", (tmp_path / "gone").as_uri() + "/{name}.npz")
+    monkeypatch.setattr(medmnist, "MEDMNIST_URL", (tmp_path / "gone").as_uri() + "/{name}.npz")
     with pytest.raises(DataError, match="not found at .*download from .* failed") as info:
         data.load_dataset("dermamnist", str(tmp_path / "cache"))
     assert "pass a path" in str(info.value)
@@ -214,9 +215,14 @@ def test_class_folder_skips_corrupt_files(tmp_path):
     assert ds.label_names == ["normal", "pneumonia"] and ds.name == "xray"
     labels = np.concatenate([ds.splits[s].labels for s in data.SPLITS])
     assert np.bincount(labels).tolist() == [4, 5]
+    rows = data.list_rows(root)  # one split answer: assigned before undecodable files drop
+    listed = dict(zip(rows.table.column("id").to_pylist(), rows.table.column("split").to_pylist()))
     for split in data.SPLITS:
-        assert set(ds.splits[split].labels) == {0, 1}
+        assert set(ds.splits[split].labels) <= {0, 1}
         assert ds.splits[split].images.shape[1:] == (16, 16)
+        assert len(ds.splits[split]) == sum(
+            1 for p, s in listed.items() if s == split and p not in (str(corrupt), str(truncated))
+        )
 
 
 def test_split_folder_layout(tmp_path):
@@ -259,14 +265,14 @@ def test_flat_folder_is_unlabeled(tmp_path):
     ],
 )
 def test_split_counts(n, expected):
-    assert data._split_counts(n) == expected
+    assert _split_counts(n) == expected
 
 
 def test_stratified_split_is_seeded_and_covers_classes():
     labels = np.repeat(np.arange(3), 10)
-    first = data._stratified_split(labels, seed=1)
-    np.testing.assert_array_equal(first, data._stratified_split(labels, seed=1))
-    assert not np.array_equal(first, data._stratified_split(labels, seed=2))
+    first = _stratified_split(labels, seed=1)
+    np.testing.assert_array_equal(first, _stratified_split(labels, seed=1))
+    assert not np.array_equal(first, _stratified_split(labels, seed=2))
     for split in range(3):
         assert set(labels[first == split]) == {0, 1, 2}
 
@@ -382,7 +388,7 @@ def test_decompression_bomb_header(width, height):
 
 
 def test_max_pixels_guard(monkeypatch):
-    monkeypatch.setattr(data, "MAX_PIXELS", 100)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 100)
     with pytest.raises(ImageDecodeError, match="MAX_PIXELS=100"):
         data.decode_image(noise_png(1))
     with pytest.raises(ImageDecodeError, match="MAX_PIXELS=100"):

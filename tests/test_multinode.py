@@ -19,7 +19,7 @@ from cluster_utils import REPO, alive_node_ids, dashboard_get, local_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-RESULT_TAG = "MEDCAE_TRAIN_RESULT"
+RESULT_TAG = "MEDCAE_RESULT"
 EXCLUDES = [".git", ".venv", "runs", "data", ".cache", "*.npz", "*.pt", "*.pth", "__pycache__"]
 EXCLUDES += [".pytest_cache", ".ruff_cache", ".mypy_cache", "*.egg-info", "docs/results"]
 

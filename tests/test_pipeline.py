@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from medcae.config import PipelineConfig
-from medcae.data import load_dataset
 from medcae.metrics import classification_report
 from medcae.predictor import Predictor
 
@@ -53,30 +53,67 @@ def test_bad_input_is_one_clear_line_before_ray_starts(args, match, demo_npz):
     assert "Traceback" not in out.stderr
 
 
+def _mixed_image(i: int, rng: np.random.Generator) -> Image.Image:
+    """Grayscale, RGB, 16-bit and palette images of several sizes and aspect ratios."""
+    h, w = [(40, 40), (56, 36), (30, 72), (96, 64)][i % 4]
+    gray = rng.integers(0, 255, (h, w), dtype=np.uint8)
+    mode = i % 4
+    if mode == 0:
+        return Image.fromarray(gray)
+    if mode == 1:
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    if mode == 2:
+        return Image.fromarray(gray.astype(np.uint16) * 200)  # 16-bit
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).quantize(16)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(1)
+    for i in range(48):
+        cls = root / ("a" if i % 2 else "b")
+        cls.mkdir(exist_ok=True)
+        _mixed_image(i, rng).save(cls / f"{i:02d}.png")
+    return root
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pipeline_smoke_cache_hit_and_bundle_predictions(ray_session, demo_npz, tmp_path):
-    from medcae.distributed.pipeline import run_pipeline, subsample
+def test_mixed_folder_run_ends_in_a_bundle_that_serves_the_same_answers(
+    ray_session, mixed_folder, tmp_path
+):
+    import pyarrow.parquet as pq
 
-    cfg = PipelineConfig(data=str(demo_npz))
-    cache = tmp_path / "cache"
-    first = run_pipeline(cfg, tmp_path / "run1", cache, smoke_test=True)
-    second = run_pipeline(cfg, tmp_path / "run2", cache, smoke_test=True)
-    assert first.cache_hits == {"labeled": False} and second.cache_hits == {"labeled": True}
-    assert second.timings["features_s"] < 0.5 * first.timings["features_s"]
+    from medcae.config import BackboneConfig, CAEConfig
+    from medcae.distributed.pipeline import RunPaths, list_sources, run_pipeline
+
+    cfg = PipelineConfig(
+        data=str(mixed_folder),
+        backbone=BackboneConfig(taps=("stage4",), resolution=48),
+        cae=CAEConfig(channels=(16,), latent_channels=4, epochs=2),
+    )
+    runs = []
+    for name in ("one", "two"):
+        paths = RunPaths(tmp_path / name, str(tmp_path / "store"), str(tmp_path / "ckpt"), name)
+        runs.append(run_pipeline(cfg, paths, list_sources(cfg, None, smoke_test=False)))
+    first, second = runs
+    assert not first.store.reused and second.store.reused and first.store.key == second.store.key
     assert [h["epoch"] for h in first.history] == [1, 2]
+    assert (first.bundle / "bundle.json").is_file()
 
-    # The bundle alone reproduces the pipeline's test metrics from raw images.
-    ds = subsample(load_dataset(str(demo_npz)), {"train": 96, "val": 48, "test": 48})
-    pred = Predictor.from_bundle(first.bundle)
-    test = ds.splits["test"]
-    report = classification_report(test.labels, pred.predict_proba(test.images), ds.label_names)
+    # The bundle alone, on the original files, gives the run's own test predictions.
+    preds = pq.read_table(tmp_path / "one" / "test_predictions.parquet").to_pydict()
+    assert len(preds["id"]) == first.store.rows["test"] > 0
+    predictor = Predictor.from_bundle(first.bundle)
+    online = predictor.predict_proba([Path(p).read_bytes() for p in preds["id"]])
+    offline = np.stack([preds["p_a"], preds["p_b"]], axis=1)
+    np.testing.assert_allclose(online, offline, atol=1e-5)
+    saved = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert saved["feature_store"]["key"] == first.store.key
     cae_row = next(v for k, v in first.reports.items() if k.startswith("CAE"))
-    assert report["acc"] == cae_row["acc"]
-    assert report["auc"] == pytest.approx(cae_row["auc"], abs=1e-9)
-    saved = json.loads((tmp_path / "run1" / "results.json").read_text())
-    assert saved["cache_hits"] == {"labeled": False}
-    assert np.isfinite(pred.ood_threshold)
+    labels = np.asarray(preds["label"])
+    assert classification_report(labels, online, ["a", "b"])["acc"] == cae_row["acc"]
 
 
 @pytest.mark.ray

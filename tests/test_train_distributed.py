@@ -22,7 +22,7 @@ from medcae.distributed.train import registered_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "train.py"
-TAG = "MEDCAE_TRAIN_RESULT"
+TAG = "MEDCAE_RESULT"
 EPOCHS = 12
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -80,6 +80,8 @@ def _job(storage: Path, name: str, *extra: str) -> list[str]:
         name,
         "--feature-store",
         str(storage.parent / "features"),
+        "--out",
+        str(storage / f"out-{name}"),
         *extra,
     ]
 

@@ -1,15 +1,14 @@
-"""Backbone feature extraction as a Ray Data ``map_batches`` stage on an actor pool."""
+"""The frozen backbone as a Ray Data ``map_batches`` stage on an actor pool."""
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 
 import numpy as np
 import ray
 
 from medcae.config import BackboneConfig
+from medcae.distributed.runtime import require_placeable, stage_threads
 from medcae.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -19,74 +18,36 @@ class BackboneStage:
     """Ray Data callable class: one frozen backbone per actor, reused across batches.
 
     Args:
-        backbone: ``BackboneConfig`` as a dict.
+        backbone: :func:`backbone_dict` of the config.
         use_gpu: Run on the actor's GPU.
         threads: Torch intra-op threads in the actor (0 = leave torch's default).
-        outputs: Which features to emit (``maps``, ``final``).
-        timestamps: Add a ``done_at`` column (wall clock when the batch finished).
 
-    Columns other than ``image`` pass through unchanged (``idx``, ``split``...).
+    Input column ``image`` (prepared uint8 ``(B, side, side, 3)``) becomes ``maps``
+    ``(B, C, h, w)`` and ``final`` ``(B, C_final)``; other columns pass through.
     """
 
-    def __init__(
-        self,
-        backbone: dict,
-        use_gpu: bool = False,
-        threads: int = 0,
-        outputs: tuple[str, ...] = ("maps", "final"),
-        timestamps: bool = True,
-    ):
+    def __init__(self, backbone: dict, use_gpu: bool = False, threads: int = 0):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.extractor = FeatureExtractor(BackboneConfig(**backbone), device)
-        self.outputs = tuple(outputs)
-        self.timestamps = timestamps
+        self.shapes: dict[str, tuple[int, ...]] | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["image"])
         out = {k: v for k, v in batch.items() if k != "image"}
-        if n == 0:  # a batch whose files were all undecodable
-            return out | {k: np.zeros((0,), np.float32) for k in self.outputs}
+        if len(batch["image"]) == 0:  # every file of the batch was undecodable
+            return out | self._empty()
         feats = self.extractor(batch["image"])
-        out |= {k: feats[k] for k in self.outputs}
-        if self.timestamps:
-            out["done_at"] = np.full(n, time.time())
-        return out
+        self.shapes = {k: v.shape[1:] for k, v in feats.items()}
+        return out | feats
 
-
-def extract_with_ray(
-    images: np.ndarray,
-    backbone: BackboneConfig,
-    batch_size: int = 64,
-    actors: int = 1,
-    use_gpu: bool = False,
-    threads: int = 0,
-    label: str = "",
-    stats: dict[str, float] | None = None,
-) -> dict[str, np.ndarray]:
-    """Extract backbone features of ``images`` through Ray Data, in input order.
-
-    Args:
-        images: uint8 ``(N, H, W)`` or ``(N, H, W, 3)``.
-        backbone: Backbone configuration.
-        batch_size: Images per ``map_batches`` batch.
-        actors: Size of the actor pool.
-        use_gpu: One GPU per actor.
-        threads: CPUs each actor reserves and uses as torch threads; 0 means all cores of
-            the node split over the actors (Ray would otherwise give each actor one thread).
-        label: Prefix for progress log lines.
-        stats: If given, filled with ``wall_s``, ``steady_images_per_s`` (actor throughput
-            after its first batch) and ``first_batch_s`` (the rest of the wall time: start-up,
-            first batch, moving results).
-
-    Returns:
-        ``{"maps": (N, C, h, w) float32, "final": (N, C_final) float32}``.
-    """
-    ds = backbone_stage(image_dataset(images), backbone, batch_size, actors, use_gpu, threads)
-    return _collect(ds, len(images), label, stats if stats is not None else {})
+    def _empty(self) -> dict[str, np.ndarray]:
+        if self.shapes is None:
+            probe = np.zeros((1, *([self.extractor.cfg.resolution] * 2), 3), np.uint8)
+            self.shapes = {k: v.shape[1:] for k, v in self.extractor(probe).items()}
+        return {k: np.zeros((0, *s), np.float32) for k, s in self.shapes.items()}
 
 
 def backbone_stage(
@@ -96,94 +57,37 @@ def backbone_stage(
     actors: int = 1,
     use_gpu: bool = False,
     threads: int = 0,
-    **stage_kwargs,
 ) -> ray.data.Dataset:
     """``ds`` (column ``image``) through :class:`BackboneStage` on an actor pool.
 
-    Args:
-        ds: Dataset with an ``image`` column; other columns pass through.
-        backbone: Backbone configuration.
-        batch_size: Images per batch.
-        actors: Size of the actor pool.
-        use_gpu: One GPU per actor.
-        threads: CPUs each actor reserves and uses as torch threads; 0 means the node's
-            cores split over the actors (Ray would otherwise give each actor one thread).
-        **stage_kwargs: ``outputs`` / ``timestamps`` of :class:`BackboneStage`.
+    Each actor asks for one GPU (``use_gpu``) or for ``threads`` CPUs; 0 sizes that from the
+    cluster's largest node (its CPUs, at most the cores of this machine, over the actors). A
+    request no node can hold fails at once, or after the placement wait (see
+    :func:`~medcae.distributed.runtime.require_placeable`), naming the resource.
     """
-    threads = threads or max(1, (os.cpu_count() or 1) // actors)
+    threads = threads or stage_threads(actors)
+    request = {"GPU": 1.0, "CPU": 1.0} if use_gpu else {"CPU": float(threads)}
+    require_placeable(request, "backbone actor (--extract-threads / --use-gpu)")
     return ds.map_batches(
         BackboneStage,
         fn_constructor_kwargs={
-            "backbone": _asdict(backbone),
+            "backbone": backbone_dict(backbone),
             "use_gpu": use_gpu,
             "threads": threads,
-            **stage_kwargs,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1 if use_gpu else threads,
+        num_gpus=request.get("GPU", 0),
+        num_cpus=request["CPU"],
         batch_format="numpy",
     )
 
 
-def image_dataset(images: np.ndarray, rows_per_block: int = 1024) -> ray.data.Dataset:
-    """A Ray Dataset with columns ``idx`` (row position) and ``image`` (uint8 tensor).
-
-    The pool may finish batches out of order; ``idx`` puts results back in input order.
-    """
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
-    blocks = [
-        pa.table(
-            {
-                "idx": np.arange(i, min(i + rows_per_block, len(images))),
-                "image": ArrowTensorArray.from_numpy(images[i : i + rows_per_block]),
-            }
-        )
-        for i in range(0, len(images), rows_per_block)
-    ]
-    return ray.data.from_arrow(blocks)
-
-
-def _asdict(cfg: BackboneConfig) -> dict:
+def backbone_dict(cfg: BackboneConfig) -> dict:
+    """The config as constructor keyword arguments (JSON-ready)."""
     return {
         "name": cfg.name,
         "taps": list(cfg.taps),
         "resolution": cfg.resolution,
         "weights": cfg.weights,
     }
-
-
-def _collect(ds: ray.data.Dataset, n: int, label: str, stats: dict) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    done, start, last = 0, time.perf_counter(), 0.0
-    stamps = np.empty(n)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        idx = batch["idx"]
-        for key in ("maps", "final"):
-            if key not in out:
-                out[key] = np.empty((n, *batch[key].shape[1:]), batch[key].dtype)
-            out[key][idx] = batch[key]
-        stamps[idx] = batch["done_at"]
-        done += len(idx)
-        now = time.perf_counter() - start
-        if now - last > 10 or done == n:
-            rate = done / now
-            log.info(
-                "%s extracted %d/%d images, %.1f img/s, ETA %.0fs",
-                label,
-                done,
-                n,
-                rate,
-                (n - done) / max(rate, 1e-9),
-            )
-            last = now
-    if done != n:
-        raise RuntimeError(f"extraction returned {done} rows for {n} images")
-    # Actor-side throughput: rows finished after the first batch over the time they took.
-    first, span = stamps.min(), stamps.max() - stamps.min()
-    steady = (stamps > first).sum() / span if span > 0 else float("nan")
-    stats.update(wall_s=now, steady_images_per_s=steady, first_batch_s=now - span)
-    return out

@@ -1,8 +1,11 @@
-"""The main job: data -> Ray Data backbone stage (cached) -> Ray Train CAE -> classifier."""
+"""The main job, one road at every scale.
+
+rows (names only) -> feature store (Ray Data decode + backbone actor pool -> Parquet)
+-> Ray Train CAE (streamed or held shards) -> Ray Data embed stage -> classifier -> bundle.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -11,19 +14,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
 
 from medcae.backbones import get_spec
-from medcae.cache import FeatureCache, cache_key
-from medcae.config import PipelineConfig
-from medcae.data import SPLITS, Dataset, ImageSet, load_dataset, load_unlabeled
-from medcae.distributed.extract import extract_with_ray
-from medcae.distributed.train import train_cae
-from medcae.engine import build_cae, channel_stats, embed_all
+from medcae.cae import ConvAutoEncoder
+from medcae.config import SMOKE_ROWS, CAEConfig, PipelineConfig
+from medcae.data import Rows, list_rows, list_unlabeled_rows
+from medcae.distributed.runtime import progress_log
+from medcae.distributed.store import ExtractOptions, FeatureStore, build_store
+from medcae.distributed.train import TrainOutcome, train_cae
 from medcae.evaluation import fit_and_test, save_model
-from medcae.features import FeatureExtractor
 from medcae.metrics import format_results
 
 log = logging.getLogger(__name__)
+
+LABELED = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run reads and writes.
+
+    Attributes:
+        out: Run folder: ``bundle/``, ``results.json``, ``test_predictions.parquet``, the log.
+        store_root: Feature-store root shared by runs (entries are keyed by content).
+        storage_path: Ray Train storage (local, NFS or pyarrow URI); checkpoints go to
+            ``<storage_path>/<name>``, and the same pair resumes a run.
+        name: Run name under ``storage_path``.
+        materialize: ``auto``/``always``/``never``: hold the maps in the object store.
+    """
+
+    out: Path
+    store_root: str
+    storage_path: str
+    name: str
+    materialize: str = "auto"
 
 
 @dataclass
@@ -33,10 +61,19 @@ class PipelineResult:
     bundle: Path
     reports: dict[str, dict[str, Any]]
     table: str
-    cache_hits: dict[str, bool]
+    store: FeatureStore
+    training: TrainOutcome
     timings: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per-epoch CAE metrics."""
+        return self.training.history
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Files that could not be read or decoded."""
+        return self.store.skipped
 
 
 def smoke_config(cfg: PipelineConfig) -> PipelineConfig:
@@ -48,22 +85,6 @@ def smoke_config(cfg: PipelineConfig) -> PipelineConfig:
     )
 
 
-def subsample(ds: Dataset, per_split: dict[str, int], seed: int = 0) -> Dataset:
-    """Keep the first ``per_split[s]`` images of each split (after a seeded shuffle)."""
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for s, part in ds.splits.items():
-        idx = np.sort(rng.permutation(len(part))[: per_split.get(s, len(part))])
-        splits[s] = ImageSet(part.images[idx], None if part.labels is None else part.labels[idx])
-    return Dataset(ds.name, splits, ds.label_names, ds.skipped)
-
-
-def _fingerprint(images: np.ndarray) -> str:
-    h = hashlib.sha1(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
-    return h.hexdigest()
-
-
 def resolved_backbone(cfg: PipelineConfig) -> PipelineConfig:
     """Fill in the backbone's default tap so the config names exactly what was used."""
     if cfg.backbone.taps:
@@ -73,148 +94,232 @@ def resolved_backbone(cfg: PipelineConfig) -> PipelineConfig:
     )
 
 
-def features_key(fingerprint: str, cfg: PipelineConfig) -> str:
-    """Cache key of the backbone features of one image set under ``cfg.backbone``."""
-    return cache_key({"images": fingerprint}, cfg.to_dict()["backbone"])
+def subsample_rows(rows: Rows, per_split: dict[str, int], seed: int = 0) -> Rows:
+    """Keep at most ``per_split[s]`` rows of each split (a seeded choice, in listing order)."""
+    rng = np.random.default_rng(seed)
+    splits = np.asarray(rows.table.column("split").to_pylist())
+    keep = []
+    for s in np.unique(splits):
+        idx = np.flatnonzero(splits == s)
+        keep += sorted(rng.permutation(idx)[: per_split.get(str(s), len(idx))].tolist())
+    return replace(rows, table=rows.table.take(pa.array(sorted(keep), pa.int64())))
 
 
-def cached_features(
-    parts: dict[str, ImageSet], fingerprint: str, cfg: PipelineConfig, cache: FeatureCache
-) -> tuple[dict[str, dict[str, np.ndarray]], bool]:
-    """Backbone features of ``parts``, from the cache or extracted through Ray Data.
+def list_sources(cfg: PipelineConfig, data_dir: str | None, smoke_test: bool) -> list[Rows]:
+    """The labeled listing (and the unlabeled pool's), without Ray: bad input fails here."""
+    sources = [list_rows(cfg.data, data_dir, seed=cfg.classifier.seed)]
+    if cfg.unlabeled:
+        sources.append(list_unlabeled_rows(cfg.unlabeled, data_dir))
+    if smoke_test:
+        sources = [subsample_rows(r, SMOKE_ROWS) for r in sources]
+    return sources
+
+
+# --------------------------------------------------------------------------- embed stage
+
+
+class CAEStage:
+    """Ray Data callable class: the trained CAE's codes and reconstruction error per map.
+
+    Args:
+        state: The CAE ``state_dict``.
+        cae: ``CAEConfig`` as a dict.
+        in_channels: ``C`` of the maps.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], cae: dict, in_channels: int):
+        cfg = CAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cae.items()})
+        self.model = ConvAutoEncoder(in_channels, cfg)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(batch["maps"], dtype=np.float32))
+        out = {k: v for k, v in batch.items() if k != "maps"}
+        out["codes"] = self.model.embed(x).numpy()
+        out["error"] = self.model.reconstruction_error(x).numpy()
+        return out
+
+
+def embed_splits(
+    store: FeatureStore,
+    state: dict[str, torch.Tensor],
+    cae: CAEConfig,
+    splits: tuple[str, ...] = LABELED,
+    actors: int = 1,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Codes, errors, pooled final features and labels of ``splits``, each sorted by ``id``.
 
     Returns:
-        ``({part: {"maps", "final", "labels"?}}, cache_hit)``.
+        ``{split: {"id", "label", "codes" (N, D), "error" (N,), "final" (N, C_final)}}``.
     """
-    key = features_key(fingerprint, cfg)
-    hit = cache.load(key)
-    if hit is not None and set(hit) >= set(parts):
-        log.info("feature cache hit: %s", cache.path(key))
-        return hit, True
-    log.info("feature cache miss: extracting %s with %s", list(parts), cfg.backbone.name)
-    FeatureExtractor(cfg.backbone)  # fail here, with a clear message, not inside an actor
-    names = list(parts)
-    images = np.concatenate([parts[p].images for p in names])  # one pass, one actor pool
-    feats = extract_with_ray(
-        images,
-        cfg.backbone,
-        cfg.train.extract_batch_size,
-        cfg.train.extract_actors,
-        cfg.train.use_gpu,
-        cfg.train.extract_threads,
-        label="+".join(names),
+    ds = store.split(*splits, columns=("id", "split", "label", "maps", "final"))
+    ds = ds.map_batches(
+        CAEStage,
+        fn_constructor_kwargs={
+            "state": state,
+            "cae": json.loads(json.dumps(cae.__dict__, default=list)),
+            "in_channels": store.shape[0],
+        },
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        batch_format="numpy",
     )
-    bounds = np.cumsum([0] + [len(parts[p]) for p in names])
+    parts: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in splits}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        names = batch.pop("split").astype(str)
+        for s in np.unique(names):
+            parts[str(s)].append({k: v[names == s] for k, v in batch.items()})
     out = {}
-    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
-        labels = parts[name].labels
-        out[name] = {k: v[lo:hi] for k, v in feats.items()}
-        out[name] |= {"labels": labels} if labels is not None else {}
-    cache.save(key, out, {"backbone": cfg.to_dict()["backbone"], "fingerprint": fingerprint})
-    return cache.load(key), False  # type: ignore[return-value]
+    for s, chunks in parts.items():
+        if not chunks:
+            out[s] = {}
+            continue
+        joined = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        order = np.argsort(joined["id"].astype(str), kind="stable")
+        out[s] = {k: v[order] for k, v in joined.items()}
+    return out
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def run_pipeline(
     cfg: PipelineConfig,
-    out_dir: str | Path,
-    cache_dir: str | Path | None = None,
-    smoke_test: bool = False,
-    data_dir: str | None = None,
-    dataset: Dataset | None = None,
-    run_name: str | None = None,
+    paths: RunPaths,
+    sources: list[Rows],
+    extract: ExtractOptions | None = None,
 ) -> PipelineResult:
-    """Run the whole method once and write a bundle under ``out_dir``.
+    """Run the whole method once; every run ends in a bundle under ``paths.out``.
 
     Args:
-        cfg: Pipeline configuration.
-        out_dir: Output folder (bundle, checkpoints, results.json).
-        cache_dir: Feature cache folder (default ``~/.cache/medcae/features``).
-        smoke_test: Subsample the data and shrink the model so the run takes seconds.
-        data_dir: Where named data sets are looked up.
-        dataset: ``cfg.data`` already loaded (the CLI loads it before starting Ray, so bad
-            input fails fast).
-        run_name: Ray Train run name under ``out_dir/checkpoints``; the same name resumes.
+        cfg: Pipeline configuration (backbone taps resolved).
+        paths: Output folder, store root, Train storage and run name.
+        sources: From :func:`list_sources` (validated before Ray started).
+        extract: Backbone stage options.
     """
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    cfg = resolved_backbone(smoke_config(cfg) if smoke_test else cfg)
-    ds = dataset or load_dataset(cfg.data, data_dir)
-    if smoke_test:
-        ds = subsample(ds, {"train": 96, "val": 48, "test": 48})
-    cache = FeatureCache(cache_dir)
-    feats, hit = cached_features(ds.splits, ds.fingerprint(), cfg, cache)
-    hits = {"labeled": hit}
-    unl_maps = feats["train"]["maps"]
-    skipped = list(ds.skipped)
-    if cfg.unlabeled:
-        unl, unl_skipped = load_unlabeled(cfg.unlabeled, data_dir=data_dir)
-        skipped += unl_skipped
-        unl_feats, hits["unlabeled"] = cached_features(
-            {"unlabeled": unl}, _fingerprint(unl.images), cfg, cache
-        )
-        unl_maps = unl_feats["unlabeled"]["maps"]
+    store = build_store(sources, cfg.backbone, paths.store_root, extract)
     t["features_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    mean, std = channel_stats(unl_maps)
-    outcome = train_cae(
-        unl_maps,
-        feats["val"]["maps"],
+    hold = store.should_materialize(paths.materialize)
+    progress_log.info(
+        "CAE: %d maps %s, %d epochs, %d worker(s)",
+        store.count("train", "unlabeled"),
+        "held in the object store" if hold else "streamed from storage",
+        cfg.cae.epochs,
+        cfg.train.num_workers,
+    )
+    training = train_cae(
+        store.split("train", "unlabeled", materialize=hold),
+        store.split("val", materialize=hold),
         cfg.cae,
         cfg.train,
-        mean,
-        std,
-        out_dir / "checkpoints",
-        name=run_name or f"cae-{int(time.time())}",
+        store.mean,
+        store.std,
+        paths.storage_path,
+        paths.name,
+        in_channels=store.shape[0],
+        fingerprint=store.key,
     )
-    state, history = outcome.state, outcome.history
     t["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    cae = build_cae(unl_maps.shape[1], cfg.cae, mean, std)
-    cae.load_state_dict(state)
-    labels = {s: np.asarray(feats[s]["labels"]) for s in SPLITS}
-    codes = {s: embed_all(cae, feats[s]["maps"]) for s in SPLITS}
-    finals = {s: np.asarray(feats[s]["final"]) for s in SPLITS}
-    frozen = fit_and_test(cfg.classifier, finals, labels, ds.label_names)
-    ours = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
+    emb = embed_splits(store, training.state, cfg.cae)
+    _require_labeled(emb, store)
+    labels = {s: emb[s]["label"] for s in LABELED}
+    frozen = fit_and_test(
+        cfg.classifier, {s: emb[s]["final"] for s in LABELED}, labels, store.label_names
+    )
+    ours = fit_and_test(
+        cfg.classifier, {s: emb[s]["codes"] for s in LABELED}, labels, store.label_names
+    )
     reports = {
         f"frozen {cfg.backbone.name} final + {cfg.classifier.kind}": frozen.test,
         f"CAE on {'+'.join(cfg.backbone.taps)} + {cfg.classifier.kind}": ours.test,
     }
     t["classifier_s"] = time.perf_counter() - t2
+    progress_log.info("classifier: %s, %.1fs", ours.selection, t["classifier_s"])
 
+    model = ConvAutoEncoder(store.shape[0], cfg.cae)
+    model.load_state_dict(training.state)
     extra = {
         "baseline_frozen_test": frozen.test,
-        "cae_history": history,
-        "num_train_unlabeled": int(len(unl_maps)),
+        "cae_history": training.history,
+        "num_train_unlabeled": store.count("train", "unlabeled"),
+        "feature_store": {"uri": store.uri, "key": store.key, "rows": store.rows},
     }
     bundle = save_model(
-        out_dir / "bundle",
+        paths.out / "bundle",
         cfg,
-        ds.name,
-        ds.label_names,
-        cae,
+        sources[0].name,
+        store.label_names,
+        model,
         ours,
-        np.asarray(feats["val"]["maps"]),
+        emb["val"]["error"],
         extra,
     )
-    t["total_s"] = time.perf_counter() - t0
-    table = format_results(reports, ds.label_names)
-    result = PipelineResult(bundle, reports, table, hits, t, history, skipped)
-    (out_dir / "results.json").write_text(
-        json.dumps(
-            {
-                "reports": reports,
-                "cache_hits": hits,
-                "timings": t,
-                "bundle": str(bundle),
-                "skipped": skipped,
-                "config": cfg.to_dict(),
-            },
-            indent=2,
-            default=float,
-        )
+    progress_log.info("bundle: %s", bundle)
+    _write_predictions(
+        paths.out / "test_predictions.parquet",
+        emb["test"],
+        ours.head.predict_proba(emb["test"]["codes"]),
+        store.label_names,
     )
+    t["total_s"] = time.perf_counter() - t0
+    table = format_results(reports, store.label_names)
+    result = PipelineResult(bundle, reports, table, store, training, t)
+    _write_results(paths.out / "results.json", result, cfg)
     return result
+
+
+def _require_labeled(emb: dict[str, dict[str, np.ndarray]], store: FeatureStore) -> None:
+    from medcae.data import DataError
+
+    empty = [s for s in LABELED if not len(emb[s].get("id", []))]
+    if empty:
+        raise DataError(
+            f"no decodable labeled images in split(s) {empty} of the feature store "
+            f"{store.uri} (rows: {store.rows}); every split needs at least one image"
+        )
+
+
+def _write_predictions(
+    path: Path, test: dict[str, np.ndarray], proba: np.ndarray, names: list[str]
+) -> None:
+    """The run's own test-set predictions: id, label, one probability column per class."""
+    cols = {
+        "id": test["id"].astype(str),
+        "label": test["label"],
+        **{f"p_{n}": proba[:, i] for i, n in enumerate(names)},
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(path)
+
+
+def _write_results(path: Path, res: PipelineResult, cfg: PipelineConfig) -> None:
+    body = {
+        "reports": res.reports,
+        "timings": res.timings,
+        "bundle": str(res.bundle),
+        "feature_store": {
+            "uri": res.store.uri,
+            "key": res.store.key,
+            "reused": res.store.reused,
+            "rows": res.store.rows,
+        },
+        "checkpoint": res.training.checkpoint,
+        "restored_from_epoch": res.training.restored_from,
+        "worker_nodes": res.training.worker_nodes,
+        "history": res.training.history,
+        "skipped": res.store.skipped,
+        "config": cfg.to_dict(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2, default=float))
+    tmp.replace(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 
@@ -58,3 +59,147 @@ def local_train_worker_pids(root_pid: int | None = None) -> list[int]:
         except psutil.Error:
             continue
     return sorted(pids)
+
+
+# --------------------------------------------------------------------------- resources
+
+PLACEMENT_TIMEOUT_ENV = "MEDCAE_PLACEMENT_TIMEOUT_S"
+
+
+class PlacementError(RuntimeError):
+    """A stage asks for more of a resource than any node of the cluster offers."""
+
+
+def _node_resources() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def stage_threads(actors: int) -> int:
+    """CPUs per backbone actor: the largest node's CPUs (at most this machine's cores)
+    shared by the actors, at least one."""
+    largest = max((r.get("CPU", 0.0) for r in _node_resources()), default=1.0)
+    return max(1, int(min(largest, os.cpu_count() or 1)) // max(1, actors))
+
+
+def require_placeable(
+    request: dict[str, float], what: str, timeout_s: float | None = None, count: int = 1
+) -> None:
+    """Wait until ``count`` bundles of ``request`` fit the cluster's nodes, or fail clearly.
+
+    An autoscaling cluster may add the nodes while this waits; a fixed one fails after
+    ``timeout_s`` (default ``$MEDCAE_PLACEMENT_TIMEOUT_S`` or 300 s; 0 when the cluster
+    cannot autoscale, i.e. a local Ray).
+
+    Raises:
+        PlacementError: Naming the resource, what was asked, and the largest node's offer.
+    """
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(PLACEMENT_TIMEOUT_ENV, 300 if _autoscaling() else 0))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = _node_resources()
+        short = _shortfall(request, nodes, count)
+        if short is None:
+            return
+        if time.monotonic() >= deadline:
+            name, need, best = short
+            raise PlacementError(
+                f"{what} needs {need:g} {name} on one node (x{count}), but the cluster's largest "
+                f"node offers {best:g} {name} (nodes: "
+                f"{[{k: v for k, v in r.items() if k in ('CPU', 'GPU')} for r in nodes]}); "
+                "lower the request or add nodes"
+            )
+        time.sleep(2.0)
+
+
+def _shortfall(
+    request: dict[str, float], nodes: list[dict[str, float]], count: int
+) -> tuple[str, float, float] | None:
+    """The first resource that ``count`` bundles cannot get, or None if they all fit."""
+    fits = sum(
+        min(int(r.get(k, 0.0) // v) if v > 0 else count for k, v in request.items()) for r in nodes
+    )
+    if fits >= count:
+        return None
+    for name, need in request.items():
+        best = max((r.get(name, 0.0) for r in nodes), default=0.0)
+        if best < need or sum(r.get(name, 0.0) for r in nodes) < need * count:
+            return name, need, best
+    name, need = next(iter(request.items()))
+    return name, need, max((r.get(name, 0.0) for r in nodes), default=0.0)
+
+
+def _autoscaling() -> bool:
+    """Whether the cluster runs an autoscaler (a launcher, KubeRay or Slurm-less cloud)."""
+    return bool(os.environ.get("RAY_AUTOSCALER") or os.environ.get("KUBERAY_GEN_RAY_START_CMD"))
+
+
+# --------------------------------------------------------------------------- progress
+
+progress_log = logging.getLogger("medcae.progress")
+
+
+@ray.remote(num_cpus=0)
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, k: int) -> None:
+        self.n += k
+
+    def get(self) -> int:
+        return self.n
+
+
+class Progress:
+    """One console line per stage every ``every`` seconds: done/total, rate, ETA.
+
+    Stages running in Ray tasks count through :meth:`counter` (a pass-through
+    ``map_batches`` function); the driver thread reads the count and logs.
+    """
+
+    def __init__(self, stage: str, total: int, unit: str = "rows", every: float = 10.0):
+        import threading
+
+        self.stage, self.total, self.unit, self.every = stage, total, unit, every
+        self.start = time.perf_counter()
+        self._actor = _Counter.remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def counter(self):
+        """A ``map_batches`` function that counts rows and returns the batch unchanged."""
+        actor = self._actor
+
+        def count(batch: dict) -> dict:
+            actor.add.remote(len(next(iter(batch.values()))) if batch else 0)
+            return batch
+
+        return count
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                done = ray.get(self._actor.get.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress must never break the job
+                continue
+            secs = time.perf_counter() - self.start
+            rate = done / max(secs, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            progress_log.info(
+                "%s: %d/%d %s, %.1f %s/s, ETA %.0fs",
+                self.stage,
+                done,
+                self.total,
+                self.unit,
+                rate,
+                self.unit,
+                eta,
+            )
+
+    def done(self, message: str) -> None:
+        """Stop the ticker and log the stage's final line."""
+        self._stop.set()
+        ray.kill(self._actor)
+        progress_log.info("%s: %s", self.stage, message)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,20 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from medcae.config import CAEConfig, TrainConfig
-from medcae.distributed.ingest import storage_uri
-from medcae.engine import build_cae, run_epoch
+from medcae.distributed.runtime import require_placeable
+from medcae.distributed.store import storage_uri
+from medcae.engine import build_cae
+from medcae.trainer import (
+    CHECKPOINT_FILE,
+    TrainerState,
+    check_resumable,
+    fit_cae,
+    load_checkpoint,
+    resolved_cae_config,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
 
 
 @dataclass
@@ -59,20 +66,12 @@ def _batches(shard: Any, batch_size: int, shuffle_seed: int | None):
     return ({"maps": b["maps"]} for b in it)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, history: list[dict]) -> int:
+def _start_state() -> dict[str, Any] | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0
-    state = _load_state(ckpt)
-    _unwrap(model).load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    history.extend(json.loads(state["history"]))
-    return int(state["epoch"])
+        return None
+    with ckpt.as_directory() as d:
+        return load_checkpoint(d)
 
 
 def _global_mean(stats: dict[str, float]) -> float:
@@ -92,27 +91,30 @@ def _worker_nodes() -> list[str]:
     return nodes
 
 
-def _report(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    metrics: dict,
-    history: list[dict],
-    nodes: list[str],
-) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = None
-        if ray.train.get_context().get_world_rank() == 0:
-            state = {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": metrics["epoch"],
-                "rng": torch.get_rng_state(),
-                "history": json.dumps(history),
-                "worker_nodes": json.dumps(nodes),
-            }
-            torch.save(state, Path(d) / STATE_FILE)
-            ckpt = Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt)
+def _reporter(rank: int, epochs: int, nodes: list[str]):
+    """The per-epoch callback: rank 0 logs and checkpoints; every rank reports."""
+    wlog = _worker_log()
+
+    def on_epoch(state: TrainerState, metrics: dict[str, Any]) -> None:
+        if rank == 0:
+            wlog.info(
+                "epoch %d/%d train_loss %.4f val_loss %.4f %.0f samples/s ETA %.0fs",
+                metrics["epoch"],
+                epochs,
+                metrics["train_loss"],
+                metrics["val_loss"],
+                metrics["samples_per_s"],
+                metrics["epoch_s"] * (epochs - metrics["epoch"]),
+            )
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                state.extra["worker_nodes"] = json.dumps(nodes)
+                save_checkpoint(state.checkpoint(), d)
+                ckpt = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    return on_epoch
 
 
 def _worker_log() -> logging.Logger:
@@ -123,12 +125,12 @@ def _worker_log() -> logging.Logger:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function: DDP training of the CAE, one report + checkpoint per epoch.
+    """Ray Train worker: feeds :func:`medcae.trainer.fit_cae` with this worker's shards.
 
     Args:
-        config: ``{"cae": CAEConfig dict, "in_channels": C, "mean": [C], "std": [C]}``.
+        config: ``{"cae": CAEConfig dict, "in_channels": C, "mean": [C], "std": [C],
+            "fingerprint": data key}``.
     """
-    wlog = _worker_log()
     cfg = CAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["cae"].items()})
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -136,51 +138,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config["in_channels"], cfg, torch.tensor(config["mean"]), torch.tensor(config["std"])
     )
     model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[dict] = []
-    start = _restore(model, opt, history)
+    start = _start_state()
     nodes = _worker_nodes()
     if rank == 0:
-        how = f"resumed from checkpoint at epoch {start}" if start else "starting at epoch 0"
-        wlog.info("CAE training %s: %d workers on nodes %s", how, world, sorted(set(nodes)))
+        how = f"resumed from checkpoint at epoch {start['epoch']}" if start else "starting"
+        _worker_log().info(
+            "CAE training %s: %d workers on nodes %s", how, world, sorted(set(nodes))
+        )
     per_worker = max(1, cfg.batch_size // world)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        train_shard = ray.train.get_dataset_shard("train")
-        train = run_epoch(
-            model,
-            _batches(train_shard, per_worker, cfg.seed * 1000 + epoch * world + rank),
-            opt,
-            device,
-            cfg.noise_std,
-        )
-        val = run_epoch(
-            model, _batches(ray.train.get_dataset_shard("val"), 256, None), None, device
-        )
-        secs = time.perf_counter() - t0
-        samples = train["samples"] * world  # equal shards
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": _global_mean(train),
-            "val_loss": _global_mean(val),
-            "samples_per_s": samples / secs,
-            "epoch_s": secs,
-            "restored_from": start,
-            "time": time.time(),
-        }
-        if rank == 0:
-            wlog.info(
-                "epoch %d/%d train_loss %.4f val_loss %.4f %.0f samples/s ETA %.0fs",
-                epoch + 1,
-                cfg.epochs,
-                metrics["train_loss"],
-                metrics["val_loss"],
-                metrics["samples_per_s"],
-                secs * (cfg.epochs - epoch - 1),
-            )
-        history.append(metrics)
-        _report(model, opt, metrics, history, nodes)
+
+    def train_batches(epoch: int):
+        seed = cfg.seed * 1000 + epoch * world + rank
+        return _batches(ray.train.get_dataset_shard("train"), per_worker, seed)
+
+    fit_cae(
+        model,
+        cfg,
+        train_batches,
+        in_channels=config["in_channels"],
+        fingerprint=config["fingerprint"],
+        val_batches=lambda: _batches(ray.train.get_dataset_shard("val"), 256, None),
+        start=start,
+        on_epoch=_reporter(rank, cfg.epochs, nodes),
+        device=ray.train.torch.get_device(),
+        reduce=_global_mean,
+        world_size=world,
+    )
 
 
 def registered_epoch(run_dir: str | Path) -> int:
@@ -210,11 +193,12 @@ def train_cae(
     val_data: np.ndarray | ray.data.Dataset,
     cae: CAEConfig,
     train: TrainConfig,
-    mean: torch.Tensor,
-    std: torch.Tensor,
+    mean: torch.Tensor | list[float],
+    std: torch.Tensor | list[float],
     storage_path: str | Path,
     name: str = "cae",
     in_channels: int | None = None,
+    fingerprint: str = "",
 ) -> TrainOutcome:
     """Train the CAE on Ray Train and return the final weights and per-epoch metrics.
 
@@ -231,9 +215,17 @@ def train_cae(
         storage_path: Where Ray Train writes checkpoints (local path or pyarrow URI).
         name: Run name under ``storage_path``; re-using it resumes from its last checkpoint.
         in_channels: ``C``; needed when ``train_data`` is a Dataset.
+        fingerprint: The training data's key (the feature store's); resuming a run whose
+            checkpoint has another key or config stops with :class:`CheckpointMismatch`.
     """
     if in_channels is None:
         in_channels = int(np.asarray(train_data).shape[1])  # type: ignore[arg-type]
+    run_uri = f"{storage_uri(storage_path)}/{name}"
+    _check_resume(run_uri, resolved_cae_config(cae, in_channels), fingerprint)
+    worker = {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
+    require_placeable(
+        worker, "Ray Train worker (--cpus-per-worker / --use-gpu)", count=train.num_workers
+    )
     score = train.checkpoint_score_attribute or None
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -242,6 +234,7 @@ def train_cae(
             "in_channels": int(in_channels),
             "mean": [float(v) for v in mean],
             "std": [float(v) for v in std],
+            "fingerprint": fingerprint,
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
@@ -276,6 +269,25 @@ def train_cae(
     )
 
 
+def _check_resume(run_uri: str, config: dict[str, Any], fingerprint: str) -> None:
+    """Before any worker starts: a run folder's newest checkpoint must match this run."""
+    import pyarrow.fs as pafs
+
+    fs, path = (
+        pafs.FileSystem.from_uri(run_uri) if "://" in run_uri else (pafs.LocalFileSystem(), run_uri)
+    )
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    dirs = sorted(i.path for i in infos if i.base_name.startswith("checkpoint_"))
+    for d in reversed(dirs):
+        state_file = f"{d}/{CHECKPOINT_FILE}"
+        if fs.get_file_info(state_file).type != pafs.FileType.File:
+            continue
+        with fs.open_input_file(state_file) as fh:
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+        check_resumable(state, config, fingerprint, where=d)
+        return
+
+
 def _load_state(ckpt: Checkpoint) -> dict[str, Any]:
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        return load_checkpoint(d)

@@ -1,9 +1,10 @@
 """Hyperparameter search with Ray Tune + Optuna (TPE) + ASHA over the CAE and the classifier.
 
-Backbone features for every (taps, resolution) the space can pick are extracted once through
-Ray Data and cached; each trial is a function trainable that reads them, trains a CAE epoch by
-epoch, fits the classifier on the label budget and reports the validation AUC after every epoch
-(ASHA stops bad trials on it). The test split is never read during the search.
+The feature store of every (taps, resolution) the space can pick is built once (or reused)
+through the same Ray Data stages as the main job; each trial is a function trainable that
+reads it, trains a CAE epoch by epoch, fits the classifier on the label budget and reports
+the validation AUC after every epoch (ASHA stops bad trials on it). The test split is never
+read during the search.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from medcae.cache import FeatureCache
 from medcae.classifier import fit_classifier
 from medcae.config import PipelineConfig
-from medcae.data import Dataset
-from medcae.distributed.pipeline import cached_features, features_key
-from medcae.engine import build_cae, channel_stats, embed_all, run_epoch, shuffled_batches
+from medcae.data import Rows
+from medcae.distributed.store import ExtractOptions, FeatureStore, build_store, load_store
+from medcae.engine import build_cae, embed_all, errors_all, shuffled_batches
 from medcae.search import apply_params, backbone_variants
+from medcae.trainer import TrainerState, fit_cae, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 METRIC = "val_auc"
-STATE_FILE = "trial.pt"
 
 
 def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
@@ -49,87 +49,97 @@ def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return {k: make[kind](args) for k, d in space.items() for kind, args in d.items()}
 
 
-def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+def _start_state() -> dict[str, Any] | None:
     ckpt = tune.get_checkpoint()
     if ckpt is None:
-        return 0
+        return None
     with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return int(state["epoch"])
+        return load_checkpoint(d)
 
 
-def trial(params: dict[str, Any], base: dict, cache_dir: str, keys: dict[str, str]) -> None:
-    """One Tune trial: CAE epochs on cached unlabeled maps, validation AUC after each."""
+def cae_maps(store: FeatureStore) -> np.ndarray:
+    """The CAE's training maps: the labeled training split and the unlabeled pool."""
+    parts = [store.arrays(s, ("maps",))["maps"] for s in ("train", "unlabeled")]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def trial(params: dict[str, Any], base: dict, stores: dict[str, str]) -> None:
+    """One Tune trial: :func:`~medcae.trainer.fit_cae` on the store's maps; after each epoch
+    the classifier is fitted on the budget and scored on validation (ASHA reads it)."""
     torch.set_num_threads(
         max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
     )
     cfg = apply_params(PipelineConfig.from_dict(base), params)
-    feats = FeatureCache(cache_dir).load(keys[_variant(cfg)])
-    x = torch.from_numpy(np.ascontiguousarray(feats["train"]["maps"], dtype=np.float32))
-    y = {s: np.asarray(feats[s]["labels"]) for s in ("train", "val")}
-    model = build_cae(x.shape[1], cfg.cae, *channel_stats(feats["train"]["maps"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.cae.lr, weight_decay=cfg.cae.weight_decay)
+    store = load_store(stores[_variant(cfg)])
+    x = torch.from_numpy(cae_maps(store))
+    labeled = {s: store.arrays(s, ("label", "maps")) for s in ("train", "val")}
+    model = build_cae(x.shape[1], cfg.cae, torch.tensor(store.mean), torch.tensor(store.std))
     gen = torch.Generator().manual_seed(cfg.cae.seed)
-    for epoch in range(_restore(model, opt), cfg.cae.epochs):
-        loss = run_epoch(
-            model, shuffled_batches(x, cfg.cae.batch_size, gen), opt, "cpu", cfg.cae.noise_std
-        )["loss"]
-        codes = {s: embed_all(model, feats[s]["maps"]) for s in ("train", "val")}
+
+    def on_epoch(state: TrainerState, metrics: dict[str, Any]) -> None:
+        codes = {s: embed_all(model, labeled[s]["maps"]) for s in labeled}
         _, sel = fit_classifier(
             cfg.classifier,
             codes["train"],
-            y["train"],
+            labeled["train"]["label"],
             codes["val"],
-            y["val"],
-            len(np.unique(y["train"])),
+            labeled["val"]["label"],
+            len(store.label_names),
         )
         with tempfile.TemporaryDirectory() as d:
-            torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
-                Path(d) / STATE_FILE,
-            )
+            save_checkpoint(state.checkpoint(), d)
             tune.report(
-                {METRIC: sel["val_auc"], "train_loss": loss, "epoch": epoch + 1},
+                {
+                    METRIC: sel["val_auc"],
+                    "train_loss": metrics["train_loss"],
+                    "epoch": metrics["epoch"],
+                },
                 checkpoint=Checkpoint.from_directory(d),
             )
+
+    fit_cae(
+        model,
+        cfg.cae,
+        lambda epoch: shuffled_batches(x, cfg.cae.batch_size, gen),
+        in_channels=x.shape[1],
+        fingerprint=store.key,
+        start=_start_state(),
+        on_epoch=on_epoch,
+    )
 
 
 def _variant(cfg: PipelineConfig) -> str:
     return f"{'+'.join(cfg.backbone.taps)}@{cfg.backbone.resolution}"
 
 
-def prepare_features(
-    ds: Dataset, space: dict, base: PipelineConfig, cache: FeatureCache
+def prepare_stores(
+    sources: list[Rows], space: dict, base: PipelineConfig, root: str, extract: ExtractOptions
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Extract (or find cached) features for every backbone variant the space can pick.
+    """Build (or reuse) the feature store of every backbone variant the space can pick.
 
     Returns:
-        ``({variant: cache key}, {variant: seconds spent})``.
+        ``({variant: store uri}, {variant: seconds spent})``.
     """
-    keys, secs = {}, {}
+    uris, secs = {}, {}
     for bb in backbone_variants(space, base):
         cfg = replace(base, backbone=bb)
         t = time.perf_counter()
-        cached_features(ds.splits, ds.fingerprint(), cfg, cache)
-        keys[_variant(cfg)] = features_key(ds.fingerprint(), cfg)
+        uris[_variant(cfg)] = build_store(sources, cfg.backbone, root, extract).uri
         secs[_variant(cfg)] = time.perf_counter() - t
-    return keys, secs
+    return uris, secs
 
 
 def make_tuner(
     space: dict,
     base: PipelineConfig,
-    cache: FeatureCache,
-    keys: dict[str, str],
+    stores: dict[str, str],
     opts: dict[str, Any],
     storage: Path,
     name: str,
 ) -> tune.Tuner:
     """A Tuner: OptunaSearch (TPE, seeded) limited to ``max_concurrent``, ASHA on val AUC."""
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base.to_dict(), cache_dir=str(cache.root), keys=keys),
+        tune.with_parameters(trial, base=base.to_dict(), stores=stores),
         {"cpu": opts["cpus_per_trial"], "gpu": opts["gpus_per_trial"]},
     )
     path = storage / name
@@ -215,12 +225,11 @@ SMOKE_SPACE = {
 
 def finalize(
     results: tune.ResultGrid,
-    ds: Dataset,
     space: dict,
     base: PipelineConfig,
-    cache: FeatureCache,
-    keys: dict[str, str],
+    stores: dict[str, str],
     out: Path,
+    data_name: str,
 ) -> dict[str, Any]:
     """Best trial -> bundle (its checkpoint reused), test split touched once; tables and plots."""
     from medcae.evaluation import fit_and_test, save_model
@@ -230,27 +239,26 @@ def finalize(
     write_csv(rows, out / "trials.csv")
     best = best_of(results)
     cfg = apply_params(base, best.config)
-    feats = cache.load(keys[_variant(cfg)])
+    store = load_store(stores[_variant(cfg)])
     with best.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    model = build_cae(
-        feats["train"]["maps"].shape[1], cfg.cae, *channel_stats(feats["train"]["maps"])
-    )
+        state = load_checkpoint(d)
+    model = build_cae(store.shape[0], cfg.cae, torch.tensor(store.mean), torch.tensor(store.std))
     model.load_state_dict(state["model"])
     splits = ("train", "val", "test")
+    feats = {s: store.arrays(s, ("label", "maps")) for s in splits}
     codes = {s: embed_all(model, feats[s]["maps"]) for s in splits}
     fitted = fit_and_test(
-        cfg.classifier, codes, {s: np.asarray(feats[s]["labels"]) for s in splits}, ds.label_names
+        cfg.classifier, codes, {s: feats[s]["label"] for s in splits}, store.label_names
     )
     bundle = save_model(
         out / "bundle",
         cfg,
-        ds.name,
-        ds.label_names,
+        data_name,
+        store.label_names,
         model,
         fitted,
-        np.asarray(feats["val"]["maps"]),
-        {"search_best_trial": best.config},
+        errors_all(model, feats["val"]["maps"]),
+        {"search_best_trial": best.config, "feature_store": {"uri": store.uri, "key": store.key}},
     )
     imp = importances(rows, space, METRIC)
     plot_history(rows, METRIC, out / "history.png")

@@ -1,0 +1,563 @@
+"""The feature store: rows of files -> Ray Data decode -> backbone actor pool -> Parquet.
+
+One road for every source and every scale. The driver holds only the listing (names, labels,
+splits, and the encoded bytes of small in-memory sets). Ray Data tasks read and decode files
+and prepare each image once (:func:`medcae.preprocess.prepare_image`); the frozen backbone
+runs as an actor-pool ``map_batches`` stage; the maps are written as Parquet, partitioned by
+split, under ``<root>/<key>/``.
+
+The key covers the image content (a hash of every file's bytes, with its label and split),
+the whole backbone config including the sha256 of its weights, and the preprocessing version.
+An entry is written to a private temporary folder and renamed into place with its manifest,
+so a reader never sees half a store; on a local or NFS path a lock file makes a second run
+that wants the same entry wait, then reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from medcae.backbones import get_spec, weights_sha256
+from medcae.config import BackboneConfig
+from medcae.data import DataError, ImageDecodeError, Rows, decode_image
+from medcae.distributed.extract import backbone_dict, backbone_stage
+from medcae.distributed.runtime import Progress
+from medcae.preprocess import PREPARE_VERSION, prepare_image
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+SKIPPED_DIR = "_skipped"
+FORMAT_VERSION = 2
+ROW_COLUMNS = ("id", "split", "label", "path", "data")
+BLOCK_BYTES = 8 * 2**20
+
+
+class StoreBusy(DataError):
+    """Another run holds the lock of the entry this run needs for longer than allowed."""
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """One complete store entry and what it holds.
+
+    Attributes:
+        uri: The entry folder (local path or pyarrow URI), with ``split=<name>/`` inside.
+        key: Its key (content, backbone, preprocessing).
+        rows: Rows per split (``train``, ``val``, ``test``, ``unlabeled``; absent when empty).
+        shape: ``(C, h, w)`` of one feature map.
+        mean: Per-channel mean of the CAE's training maps (``train`` and ``unlabeled``).
+        std: Per-channel std of the same maps.
+        label_names: Class names of the labeled rows.
+        skipped: ``(file, reason)`` for every image that could not be read or decoded.
+        reused: True when the entry existed (or another run finished it) before this run.
+    """
+
+    uri: str
+    key: str
+    rows: dict[str, int]
+    shape: tuple[int, int, int]
+    mean: list[float]
+    std: list[float]
+    label_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    reused: bool = False
+
+    def split(
+        self, *names: str, columns: Sequence[str] = ("maps",), materialize: bool = False
+    ) -> ray.data.Dataset:
+        """A lazy dataset of the named splits (those that hold rows), with ``columns``
+        (any of ``id``, ``split``, ``label``, ``maps``, ``final``).
+
+        ``materialize`` reads it once into the object store (fast epochs for stores that fit).
+        """
+        paths = [f"{self.uri}/split={n}" for n in names if self.rows.get(n)]
+        if not paths:
+            raise DataError(f"feature store {self.uri} holds no rows of split(s) {list(names)}")
+        ds = ray.data.read_parquet(paths, file_extensions=["parquet"])
+        ds = ds.select_columns(list(columns))
+        return ds.materialize() if materialize else ds
+
+    def arrays(
+        self, name: str, columns: Sequence[str] = ("id", "label", "maps", "final")
+    ) -> dict[str, np.ndarray]:
+        """One split read into memory (for sets that fit), rows sorted by ``id``.
+
+        Returns:
+            ``{column: array}``; ``maps`` is ``(N, C, h, w)`` float32, ``final`` ``(N, D)``.
+        """
+        cols = list(dict.fromkeys(["id", *columns]))
+        if not self.rows.get(name):
+            return {c: np.zeros((0, *self._shape_of(c)), self._dtype_of(c)) for c in columns}
+        fs, path = _fs(self.uri)
+        table = pq.read_table(f"{path}/split={name}", columns=cols, filesystem=fs)
+        table = table.sort_by("id")
+        return {c: _to_numpy(table.column(c)) for c in columns}
+
+    def _shape_of(self, column: str) -> tuple[int, ...]:
+        return tuple(self.shape) if column == "maps" else ()
+
+    def _dtype_of(self, column: str) -> Any:
+        return {"maps": np.float32, "final": np.float32, "label": np.int64}.get(column, object)
+
+    def count(self, *names: str) -> int:
+        """Rows in the named splits."""
+        return sum(self.rows.get(n, 0) for n in names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all feature maps as float32."""
+        return sum(self.rows.values()) * int(np.prod(self.shape)) * 4
+
+    def should_materialize(self, policy: str = "auto", share: float = 0.25) -> bool:
+        """``always``/``never``, or ``auto``: when the maps take under ``share`` of the
+        cluster's object store."""
+        if policy in ("always", "never"):
+            return policy == "always"
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        return self.nbytes < share * store
+
+
+def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    arr = column.combine_chunks()
+    if isinstance(arr.type, pa.ExtensionType):  # Ray's tensor column
+        return np.asarray(arr.to_numpy())
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return np.asarray(arr.to_pylist(), dtype=object)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def load_store(uri: str) -> FeatureStore:
+    """Open a complete store entry by its folder.
+
+    Raises:
+        DataError: The folder holds no manifest (not a store, or not finished).
+    """
+    store = _load(storage_uri(uri), reused=True)
+    if store is None:
+        raise DataError(f"{uri}: not a complete feature store (no {MANIFEST})")
+    return store
+
+
+# --------------------------------------------------------------------------- storage helpers
+
+
+def storage_uri(path: str | os.PathLike) -> str:
+    """Absolute local path, or the URI unchanged (``s3://``, ``gs://``, ``file://``...)."""
+    text = str(path)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
+def read_text(uri: str) -> str | None:
+    """A small text file's content, or None if it does not exist."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as fh:
+        return fh.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small text file atomically where the filesystem allows (temp file + rename)."""
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as fh:
+        fh.write(text.encode())
+    fs.move(tmp, path)
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes, from a local path or any pyarrow URI."""
+    if "://" not in path:
+        with open(path, "rb") as fh:
+            return fh.read()
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as fh:
+        return fh.read()
+
+
+@contextlib.contextmanager
+def entry_lock(root: str, key: str, timeout_s: float) -> Iterator[None]:
+    """Hold ``<root>/.<key>.lock`` (local and NFS paths); other URIs rely on atomic renames.
+
+    Raises:
+        StoreBusy: The lock was not free within ``timeout_s`` (the message names the holder).
+    """
+    if "://" in root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f".{key}.lock")
+    with open(path, "a+") as fh:
+        deadline, said = time.monotonic() + timeout_s, False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said:
+                    fh.seek(0)
+                    log.info(
+                        "feature store %s/%s is being built by %s: waiting",
+                        root,
+                        key,
+                        fh.read().strip() or "another run",
+                    )
+                    said = True
+                if time.monotonic() > deadline:
+                    raise StoreBusy(
+                        f"feature store entry {root}/{key} stayed locked by another run for "
+                        f"{timeout_s:.0f}s ({path}); wait for it or use another --feature-store"
+                    ) from None
+                time.sleep(0.5)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def rows_table(rows: Sequence[Rows]) -> pa.Table:
+    """One table of every source's rows, with all of :data:`ROW_COLUMNS` (nulls filled)."""
+    tables = []
+    for r in rows:
+        t = r.table
+        for name, typ in (("path", pa.string()), ("data", pa.binary())):
+            if name not in t.column_names:
+                t = t.append_column(name, pa.nulls(len(t), typ))
+        tables.append(t.select(list(ROW_COLUMNS)))
+    return pa.concat_tables(tables)
+
+
+def hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: sha1 of each row's bytes (``data`` inline, else the file at ``path``)."""
+    out = []
+    for path, data in zip(batch["path"], batch["data"]):
+        try:
+            blob = data if data is not None else read_bytes(str(path))
+            out.append(hashlib.sha1(blob).hexdigest())
+        except OSError as exc:
+            out.append(f"unreadable:{type(exc).__name__}")
+    return {"sha1": np.array(out, dtype=object), "split": batch["split"], "label": batch["label"]}
+
+
+def content_key(table: pa.Table, blocks: int) -> str:
+    """Hash of every row's bytes with its split and label; order and file names do not count.
+
+    Inline bytes are hashed on the driver; files are hashed by Ray Data tasks, near the data.
+    """
+    if table.column("path").null_count == len(table):
+        digests = [
+            (hashlib.sha1(d).hexdigest(), s, int(lab))
+            for d, s, lab in zip(
+                table.column("data").to_pylist(),
+                table.column("split").to_pylist(),
+                table.column("label").to_pylist(),
+            )
+        ]
+    else:
+        ds = _rows_dataset(table.select(["path", "data", "split", "label"]), blocks)
+        ds = ds.map_batches(hash_batch, batch_format="numpy", batch_size=None)
+        digests = [
+            (str(r["sha1"]), str(r["split"]), int(r["label"]))
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+            for r in _records(b)
+        ]
+    h = hashlib.sha256()
+    for row in sorted(digests):
+        h.update(repr(row).encode())
+    return h.hexdigest()
+
+
+def _records(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {k: batch[k][i] for k in keys}
+
+
+def backbone_identity(backbone: BackboneConfig) -> dict[str, Any]:
+    """The backbone as a store key sees it: config, resolved taps, weights sha256."""
+    taps = list(backbone.taps) or [get_spec(backbone.name).default_tap]
+    return {
+        **backbone_dict(backbone),
+        "taps": taps,
+        "weights_sha256": weights_sha256(backbone.name, backbone.weights),
+        "prepare_version": PREPARE_VERSION,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def store_key(content: str, backbone: BackboneConfig) -> str:
+    """Key of a store entry: image content x backbone identity."""
+    blob = json.dumps({"content": content, "backbone": backbone_identity(backbone)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], resolution: int, skipped_uri: str
+) -> dict[str, np.ndarray]:
+    """Ray Data task: read, decode and prepare a batch of rows; skip undecodable ones.
+
+    Skipped rows are logged and recorded, one JSON file per batch, under ``skipped_uri``, so
+    the driver lists them all at the end.
+    """
+    keep, images, skipped = [], [], []
+    for i, (path, data, rid) in enumerate(zip(batch["path"], batch["data"], batch["id"])):
+        where = str(path) if path is not None else str(rid)
+        try:
+            blob = data if data is not None else read_bytes(where)
+            images.append(prepare_image(decode_image(blob, where), resolution))
+            keep.append(i)
+        except (ImageDecodeError, OSError, ValueError) as exc:
+            log.warning("skipping %s: %s", where, exc)
+            skipped.append((where, str(exc)))
+    if skipped:
+        write_text(f"{skipped_uri}/{uuid.uuid4().hex}.json", json.dumps(skipped))
+    idx = np.asarray(keep, dtype=np.int64)
+    return {
+        "id": np.asarray(batch["id"], dtype=object)[idx],
+        "split": np.asarray(batch["split"], dtype=object)[idx],
+        "label": np.asarray(batch["label"], dtype=np.int64)[idx],
+        "image": np.stack(images) if images else np.zeros((0, resolution, resolution, 3), np.uint8),
+    }
+
+
+def _rows_dataset(table: pa.Table, blocks: int) -> ray.data.Dataset:
+    step = max(1, -(-len(table) // max(1, blocks)))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
+
+
+def _block_count(table: pa.Table) -> int:
+    """Blocks of about :data:`BLOCK_BYTES` (inline bytes) or 32 files, at least one."""
+    inline = table.column("data").nbytes if "data" in table.column_names else 0
+    files = len(table) - table.column("path").null_count
+    return max(1, -(-inline // BLOCK_BYTES), -(-files // 32))
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How the backbone stage runs.
+
+    Attributes:
+        batch_size: Images per backbone batch.
+        actors: Size of the backbone actor pool.
+        use_gpu: One GPU per actor.
+        threads: CPUs (and torch threads) per actor; 0 sizes it from the cluster's nodes.
+        lock_timeout_s: How long to wait for another run building the same entry.
+    """
+
+    batch_size: int = 64
+    actors: int = 1
+    use_gpu: bool = False
+    threads: int = 0
+    lock_timeout_s: float = 3600.0
+
+
+def build_store(
+    rows: Sequence[Rows],
+    backbone: BackboneConfig,
+    root: str,
+    opts: ExtractOptions | None = None,
+) -> FeatureStore:
+    """The complete store entry for ``rows`` under ``backbone``: reused, or built now.
+
+    Args:
+        rows: Listings from :func:`medcae.data.list_rows` / ``list_unlabeled_rows``; the first
+            one's label names are the store's.
+        backbone: Backbone configuration.
+        root: Store root (local path, NFS, or a pyarrow URI); entries are ``<root>/<key>``.
+        opts: Backbone stage and locking options.
+    """
+    root = storage_uri(root)
+    opts = opts or ExtractOptions()
+    table = rows_table(rows)
+    t0 = time.perf_counter()
+    key = store_key(content_key(table, _block_count(table)), backbone)
+    log.info(
+        "feature store key %s (%d rows hashed in %.1fs)", key, len(table), time.perf_counter() - t0
+    )
+    entry = f"{root}/{key}"
+    found = _load(entry, reused=True)
+    if found is not None:
+        return found
+    with entry_lock(root, key, opts.lock_timeout_s):
+        found = _load(entry, reused=True)  # another run finished it while we waited
+        if found is not None:
+            return found
+        _remove_stale(root, key)
+        tmp = f"{root}/.tmp-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            meta = _extract(table, rows[0].label_names, backbone, tmp, opts)
+            meta |= {"key": key, "sources": [r.name for r in rows]}
+            write_text(f"{tmp}/{MANIFEST}", json.dumps(meta, indent=1))
+            return _publish(tmp, entry)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+def _extract(
+    table: pa.Table,
+    label_names: list[str],
+    backbone: BackboneConfig,
+    tmp: str,
+    opts: ExtractOptions,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ds = _rows_dataset(table, _block_count(table)).map_batches(
+        decode_batch,
+        fn_kwargs={"resolution": backbone.resolution, "skipped_uri": f"{tmp}/{SKIPPED_DIR}"},
+        batch_size=None,
+        batch_format="numpy",
+    )
+    feats = backbone_stage(ds, backbone, opts.batch_size, opts.actors, opts.use_gpu, opts.threads)
+    progress = Progress("features", len(table), "images")
+    feats = feats.map_batches(progress.counter(), batch_format="numpy", batch_size=None)
+    feats.write_parquet(tmp, partition_cols=["split"], min_rows_per_file=1024)
+    secs = time.perf_counter() - t0
+    rows, shape, mean, std = _scan(tmp)
+    skipped = _collect_skipped(f"{tmp}/{SKIPPED_DIR}")
+    total = sum(rows.values())
+    progress.done(
+        f"{total} images ({len(skipped)} skipped) in {secs:.1f}s, "
+        f"{total / max(secs, 1e-9):.1f} img/s"
+    )
+    return {
+        "version": FORMAT_VERSION,
+        "rows": rows,
+        "shape": list(shape),
+        "mean": mean,
+        "std": std,
+        "label_names": list(label_names),
+        "skipped": skipped,
+        "backbone": backbone_identity(backbone),
+        "extract_s": secs,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _load(entry: str, reused: bool) -> FeatureStore | None:
+    text = read_text(f"{entry}/{MANIFEST}")
+    if text is None:
+        return None
+    meta = json.loads(text)
+    if reused:
+        log.debug("feature store: using %s (%s rows)", entry, meta["rows"])
+    return FeatureStore(
+        entry,
+        meta["key"],
+        {k: int(v) for k, v in meta["rows"].items()},
+        tuple(meta["shape"]),  # type: ignore[arg-type]
+        meta["mean"],
+        meta["std"],
+        list(meta["label_names"]),
+        [tuple(s) for s in meta["skipped"]],  # type: ignore[misc]
+        reused,
+    )
+
+
+def _publish(tmp: str, entry: str) -> FeatureStore:
+    """Rename the finished folder into place; if another run won the race, use its entry."""
+    fs, src = _fs(tmp)
+    _, dst = _fs(entry)
+    try:
+        if "://" in tmp:
+            fs.move(src, dst)
+        else:
+            os.rename(src, dst)  # fails if dst exists and is not empty: never merged
+    except OSError:
+        found = _load(entry, reused=True)
+        if found is None:
+            raise
+        _remove(tmp)
+        return found
+    store = _load(entry, reused=False)
+    assert store is not None
+    return store
+
+
+def _remove(uri: str) -> None:
+    fs, path = _fs(uri)
+    with contextlib.suppress(OSError, FileNotFoundError):
+        fs.delete_dir(path)
+
+
+def _remove_stale(root: str, key: str) -> None:
+    """Drop half-written folders of this key left by killed runs (we hold the lock)."""
+    if "://" in root or not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith(f".tmp-{key}-"):
+            log.info("feature store: removing incomplete %s/%s", root, name)
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _scan(uri: str) -> tuple[dict[str, int], tuple[int, ...], list[float], list[float]]:
+    """Rows per split, and per-channel mean/std of the CAE's maps, in one streamed pass."""
+    rows: dict[str, int] = {}
+    s = ss = 0.0
+    n = 0
+    shape: tuple[int, ...] = ()
+    ds = ray.data.read_parquet(uri, file_extensions=["parquet"])
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=0):
+        splits = batch["split"].astype(str)
+        for name in np.unique(splits):
+            rows[str(name)] = rows.get(str(name), 0) + int((splits == name).sum())
+        shape = batch["maps"].shape[1:]
+        cae = np.isin(splits, ("train", "unlabeled"))
+        if cae.any():
+            m = batch["maps"][cae].astype(np.float64)
+            s = s + m.sum(axis=(0, 2, 3))
+            ss = ss + (m**2).sum(axis=(0, 2, 3))
+            n += m.shape[0] * m.shape[2] * m.shape[3]
+    if n == 0:
+        raise DataError(f"no training image could be decoded (feature store {uri})")
+    mean = np.asarray(s) / n
+    std = np.sqrt(np.maximum(np.asarray(ss) / n - mean**2, 0.0))
+    return rows, shape, mean.tolist(), std.tolist()
+
+
+def _collect_skipped(uri: str) -> list[tuple[str, str]]:
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    out: list[tuple[str, str]] = []
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as fh:
+                out += [tuple(x) for x in json.loads(fh.read().decode())]  # type: ignore[misc]
+    return sorted(out)

@@ -1,0 +1,104 @@
+"""``medcae run`` and ``medcae train``: one job, one road to a bundle (``ray_jobs/pipeline.py``,
+``ray_jobs/train.py``).
+
+Rows are listed (and bad input refused) before Ray starts; then the feature store is built or
+reused, Ray Train trains the CAE with checkpoints under ``--storage-path/--name`` (the same
+pair resumes a killed run), a Ray Data stage embeds every split, the classifier is fitted and
+the bundle written. The last stdout line is ``MEDCAE_RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from medcae.jobargs import config_from_args, default_store_root
+from medcae.jobs import check_budget
+from medcae.jobs.logs import route_ray_output, setup_run_logging, to_file
+
+RESULT_TAG = "MEDCAE_RESULT"
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from medcae.distributed.pipeline import (
+        RunPaths,
+        list_sources,
+        resolved_backbone,
+        run_pipeline,
+        smoke_config,
+    )
+    from medcae.distributed.runtime import init_ray
+    from medcae.distributed.store import ExtractOptions
+    from medcae.features import FeatureExtractor
+
+    cfg = config_from_args(args)
+    if args.smoke_test:
+        cfg = smoke_config(cfg)
+        if args.epochs is not None:  # an explicit --epochs wins over the smoke default
+            cfg = replace(cfg, cae=replace(cfg.cae, epochs=args.epochs))
+    cfg = resolved_backbone(cfg)
+    FeatureExtractor(cfg.backbone)  # missing weights: one clear error before Ray starts
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    sources = list_sources(cfg, args.data_dir, args.smoke_test)  # bad input fails before Ray
+    check_budget(sources[0], cfg.classifier.budget, cfg.classifier.seed)
+    paths = RunPaths(
+        out,
+        args.feature_store or default_store_root(),
+        args.storage_path or str(out / "checkpoints"),
+        args.name,
+        args.materialize,
+    )
+    extract = ExtractOptions(
+        cfg.train.extract_batch_size,
+        cfg.train.extract_actors,
+        cfg.train.use_gpu,
+        cfg.train.extract_threads,
+    )
+    log_file = setup_run_logging(out)
+    init_ray(args.address, args.num_cpus)
+    route_ray_output()
+    res = run_pipeline(cfg, paths, sources, extract)
+    ray.shutdown()  # flush worker logs before the summary, so it is the last thing printed
+    tr = res.training
+    summary = {
+        "bundle": str(res.bundle.resolve()),
+        "name": paths.name,
+        "checkpoint": tr.checkpoint,
+        "epochs": len(tr.history),
+        "final_train_loss": tr.history[-1]["train_loss"],
+        "final_val_loss": tr.history[-1]["val_loss"],
+        "restored_from_epoch": tr.restored_from,
+        "worker_nodes": tr.worker_nodes,
+        "history": tr.history,
+        "features_reused": res.store.reused,
+        "feature_store": res.store.uri,
+        "feature_rows": res.store.rows,
+        "skipped": res.store.skipped,
+        "timings": res.timings,
+        "reports": res.reports,
+        "config": cfg.to_dict(),
+        "log": str(log_file.resolve()),
+    }
+    lines = [
+        f"\nTest-set results ({cfg.data}, {len(tr.history)} CAE epochs"
+        + (f", resumed from epoch {tr.restored_from}" if tr.restored_from else "")
+        + f", labels: budget {cfg.classifier.budget}):\n",
+        res.table,
+        *(f"skipped unreadable image: {path}: {reason}" for path, reason in res.skipped),
+        f"\nfeature store: {'reused' if res.store.reused else 'built'} {res.store.uri} "
+        f"(features {res.timings['features_s']:.1f}s, CAE {res.timings['train_s']:.1f}s on "
+        f"{len(set(tr.worker_nodes))} node(s), {len(tr.worker_nodes)} worker(s), "
+        f"total {res.timings['total_s']:.1f}s)",
+        f"resume with: --storage-path {paths.storage_path} --name {paths.name}",
+        f"log: {log_file.resolve()}",
+        f"model bundle: {res.bundle.resolve()}",
+        f"{RESULT_TAG} {json.dumps(summary, default=float)}",
+    ]
+    print("\n".join(lines))
+    to_file("%s", "\n".join(lines))
+    return 0

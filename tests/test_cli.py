@@ -1,0 +1,247 @@
+"""The ``medcae`` command: subcommands, shared flags, shims, errors and the quiet console."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medcae import jobargs
+from medcae.cli import JOBS, build_parser, main
+from medcae.data import DataError
+from medcae.errors import run_cli, user_message
+from medcae.jobs.logs import console_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIMS = {"pipeline.py": "run", "train.py": "train", "tune.py": "tune", "evaluate.py": "evaluate"}
+#: flag -> (value given, Namespace attribute, parsed value); every job must accept all of them.
+SHARED_FLAGS = {
+    "--data": ("x.npz", "data", "x.npz"),
+    "--unlabeled": ("scans/", "unlabeled", "scans/"),
+    "--data-dir": ("/d", "data_dir", "/d"),
+    "--backbone": ("resnet18", "backbone", "resnet18"),
+    "--taps": ("layer2,layer3", "taps", ("layer2", "layer3")),
+    "--resolution": ("64", "resolution", 64),
+    "--backbone-weights": ("w.pt", "backbone_weights", "w.pt"),
+    "--address": ("auto", "address", "auto"),
+    "--num-cpus": ("4", "num_cpus", 4),
+    "--smoke-test": (None, "smoke_test", True),
+}
+
+
+def _run(*args: str, timeout: float = 60, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("command", [*JOBS, "serve", "predict"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as ex:
+        main([command, "--help"])
+    assert ex.value.code == 0
+    assert f"usage: medcae {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+@pytest.mark.parametrize("flag", list(SHARED_FLAGS))
+def test_shared_flags_are_accepted_by_every_job(job, flag):
+    given, attr, parsed = SHARED_FLAGS[flag]
+    args = build_parser().parse_args([job, flag] if given is None else [job, flag, given])
+    assert getattr(args, attr) == parsed
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_shared_flags_reach_the_config(job):
+    argv = [job, "--data", "d.npz", "--unlabeled", "u/", "--backbone", "resnet18"]
+    argv += ["--taps", "layer3", "--resolution", "64", "--backbone-weights", "w.pt"]
+    cfg = jobargs.config_from_args(build_parser().parse_args(argv))
+    assert (cfg.data, cfg.unlabeled) == ("d.npz", "u/")
+    assert (cfg.backbone.name, cfg.backbone.taps) == ("resnet18", ("layer3",))
+    assert (cfg.backbone.resolution, cfg.backbone.weights) == (64, "w.pt")
+
+
+def test_defaults_build_the_default_config():
+    from medcae.config import PipelineConfig
+
+    for job in JOBS:
+        cfg = jobargs.config_from_args(build_parser().parse_args([job]))
+        expected = PipelineConfig()
+        assert cfg.backbone == expected.backbone and cfg.train == expected.train, job
+
+
+@pytest.mark.parametrize("text, value", [("0.1", 0.1), ("20", 20), ("1.0", 1.0), ("1", 1)], ids=str)
+def test_one_budget_parser(text, value):
+    assert jobargs.budget(text) == value and type(jobargs.budget(text)) is type(value)
+    assert jobargs.budgets(f"{text},5") == [value, 5]
+
+
+def test_bad_budget_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ex:
+        build_parser().parse_args(["run", "--budget", "lots"])
+    assert ex.value.code == 2 and "label budget 'lots'" in capsys.readouterr().err
+
+
+def test_one_smoke_size_in_every_help(capsys):
+    sizes = ", ".join(f"{k} {v}" for k, v in jobargs.SMOKE_SIZES.items())
+    for job in JOBS:
+        with pytest.raises(SystemExit):
+            main([job, "--help"])
+        assert sizes in " ".join(capsys.readouterr().out.split()), job
+
+
+@pytest.mark.parametrize("shim", sorted(SHIMS))
+def test_ray_jobs_are_short_shims_with_help_and_smoke_flag(shim):
+    text = (ROOT / "ray_jobs" / shim).read_text()
+    code = [x for x in text.split('"""')[-1].splitlines() if x.strip()]
+    assert len(code) <= 8 and f'main(["{SHIMS[shim]}", *sys.argv[1:]])' in text
+    out = _run(f"ray_jobs/{shim}", "--help")
+    assert out.returncode == 0, out.stderr
+    assert f"usage: medcae {SHIMS[shim]}" in out.stdout and "--smoke-test" in out.stdout
+
+
+def test_cli_and_jobs_import_without_ray():
+    code = (
+        "import sys, medcae.cli, medcae.jobargs, medcae.jobs.logs, medcae.errors, medcae.jobs.run, "
+        "medcae.jobs.tune, medcae.jobs.evaluate; "
+        "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _raise(err: BaseException):
+    def fn() -> int:
+        raise err
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "err, match",
+    [
+        (DataError("no such file or folder: /x.npz"), "no such file or folder: /x.npz"),
+        (FileNotFoundError(2, "No such file or directory", "/data/x.npz"), "/data/x.npz"),
+    ],
+    ids=["DataError", "FileNotFoundError-with-path"],
+)
+def test_user_errors_are_one_line(err, match, capsys):
+    assert run_cli(_raise(err)) == 2
+    err_out = capsys.readouterr().err
+    assert err_out.count("\n") == 1 and err_out.startswith("error: ") and match in err_out
+
+
+@pytest.mark.parametrize(
+    "err",
+    [FileNotFoundError(2, "No such file or directory"), RuntimeError("bug"), KeyError("k")],
+    ids=["FileNotFoundError-without-path", "RuntimeError", "KeyError"],
+)
+def test_other_errors_keep_their_traceback(err, capsys):
+    assert user_message(err) is None
+    assert run_cli(_raise(err)) == 1
+    out = capsys.readouterr().err
+    assert out.startswith("Traceback (most recent call last)")
+    assert type(err).__name__ in out.splitlines()[-1]
+
+
+def test_lost_working_directory_keeps_traceback_in_console_and_run_log(tmp_path):
+    """The old behaviour printed only ``error: [Errno 2] No such file or directory``."""
+    code = (
+        "import os, sys, torch  # a job has torch loaded long before it fails\n"
+        "from medcae.errors import run_cli\n"
+        "from medcae.jobs.logs import setup_run_logging\n"
+        f"setup_run_logging({str(tmp_path / 'out')!r})\n"
+        f"os.makedirs({str(tmp_path / 'gone')!r}); os.chdir({str(tmp_path / 'gone')!r})\n"
+        f"os.rmdir({str(tmp_path / 'gone')!r})\n"
+        "sys.exit(run_cli(lambda: len(os.getcwd())))\n"
+    )
+    out = _run("-c", code, env={"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1
+    assert "Traceback (most recent call last)" in out.stderr and "in <lambda>" in out.stderr
+    assert not out.stderr.strip().splitlines()[-1].startswith("error:")
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "Traceback (most recent call last)" in log and "FileNotFoundError" in log
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def test_run_log_takes_ray_lines_and_console_keeps_medcae_progress(tmp_path):
+    code = (
+        "import logging\n"
+        "from medcae.jobs.logs import setup_console, setup_run_logging\n"
+        "setup_console()\n"
+        "logging.getLogger('medcae.data').info('EARLY-LOADED')\n"
+        f"setup_run_logging({str(tmp_path)!r})\n"
+        "logging.getLogger('ray.data').info('Execution plan of Dataset d_0: X -> Y')\n"
+        "logging.getLogger('ray.data._internal.logging').info('Registered dataset logger')\n"
+        "logging.getLogger('ray').info('Started a local Ray instance.')\n"
+        "logging.getLogger('ray.train').info('RAY-TRAIN-INFO')\n"
+        "logging.getLogger('ray.tune').info('RAY-TUNE-INFO')\n"
+        "logging.getLogger('ray.data').warning('RAY-DATA-WARNING')\n"
+        "logging.getLogger('ray.data').warning('Progress bars disabled. To enable, set ...')\n"
+        "logging.getLogger('medcae.progress').info('extract: 10/10 images, 5.0 images/s')\n"
+        "logging.getLogger('thirdparty').info('THIRD-PARTY-INFO')\n"
+    )
+    out = _run("-c", code, timeout=120, env={"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    console = out.stdout + out.stderr
+    log = (tmp_path / "run.log").read_text()
+    for line in ("Execution plan", "Started a local Ray", "RAY-TRAIN-INFO", "RAY-TUNE-INFO"):
+        assert line in log and line not in console, line
+    assert "Registered dataset logger" not in console and "THIRD-PARTY-INFO" in log
+    assert "THIRD-PARTY-INFO" not in console and "Progress bars disabled" not in console
+    assert "EARLY-LOADED" in console and "EARLY-LOADED" in log  # buffered until the file opened
+    assert "extract: 10/10 images" in console and "extract: 10/10 images" in log
+    assert "RAY-DATA-WARNING" in console and "RAY-DATA-WARNING" in log
+
+
+def test_forwarded_worker_lines_keep_progress_and_errors():
+    lines = [
+        "Starting execution of Dataset train_0. Full logs are in /tmp/ray/session/logs",
+        "Execution plan of Dataset train_0: InputDataBuffer[Input] -> OutputSplitter",
+        "Setting up process group for: env:// [rank=0, world_size=1]",
+        "epoch 1/2 train_loss 1.1568 val_loss 1.0204 21 samples/s ETA 4s",
+        "Reporting training result 1: TrainingReport(...)",
+        "medcae.progress: CAE: 96 maps",
+        "2026-01-01 12:00:00,000\tWARNING foo.py:1 -- disk almost full",
+        "x/execution_options.py:436: RayDeprecationWarning: `exclude_resources` is deprecated",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "ValueError: boom",
+    ]
+    assert console_lines(lines) == [lines[3], lines[5], lines[6], *lines[8:]]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
+    out_dir = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "medcae.cli", "run", "--data", "demo", "--smoke-test"]
+        + ["--out", str(out_dir), "--num-cpus", "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "MEDCAE_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    console = run.stdout + run.stderr
+    assert run.returncode == 0, console[-4000:]
+    assert "ACC" in run.stdout and "AUC" in run.stdout
+    bundle = next(x for x in run.stdout.splitlines() if x.startswith("model bundle: "))
+    assert (Path(bundle.split(": ", 1)[1]) / "bundle.json").is_file()
+    log = (out_dir / "run.log").read_text()
+    assert "ray" in log and "Execution plan" in log, log[-3000:]
+    for chatter in ("Execution plan", "Registered dataset logger", "Tip:", "Starting execution"):
+        assert chatter not in console, console[-4000:]

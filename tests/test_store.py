@@ -1,0 +1,137 @@
+"""The feature store: one road from files to Parquet maps, one key, safe to share."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medcae.config import BackboneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONE = BackboneConfig(taps=("stage4",), resolution=32)
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory) -> Path:
+    """Two classes of PNGs of mixed sizes and modes in nested folders, plus corrupt files."""
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    for i in range(36):
+        side = 40 + 8 * (i % 4)
+        shape = (side, side + 4, 3) if i % 5 == 0 else (side + 4, side)
+        sub = root / ("normal" if i % 2 else "lesion") / f"patient{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(sub / f"{i}.png")
+    (root / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "lesion" / "empty.dcm").write_bytes(b"")
+    return root
+
+
+def _build(source, root: Path, backbone: BackboneConfig = BACKBONE):
+    from medcae.data import list_rows
+    from medcae.distributed.store import ExtractOptions, build_store
+
+    return build_store([list_rows(str(source))], backbone, str(root), ExtractOptions(batch_size=8))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_folder_streams_into_store_and_reports_corrupt_files(ray_session, class_folder, tmp_path):
+    from medcae.distributed.store import MANIFEST
+
+    store = _build(class_folder, tmp_path / "fs")
+    assert sum(store.rows.values()) == 36 and not store.reused
+    assert set(store.rows) == {"train", "val", "test"}
+    skipped = {Path(p).name: reason for p, reason in store.skipped}
+    assert set(skipped) == {"broken.png", "empty.dcm"} and "empty" in skipped["empty.dcm"]
+    meta = json.loads((Path(store.uri) / MANIFEST).read_text())
+    assert meta["rows"] == store.rows and len(meta["mean"]) == store.shape[0]
+    assert meta["backbone"]["weights_sha256"] and meta["label_names"] == ["lesion", "normal"]
+    test = store.arrays("test")
+    assert test["maps"].shape == (store.rows["test"], *store.shape)
+    assert list(test["id"]) == sorted(test["id"]) and set(test["label"]) <= {0, 1}
+    batch = store.split("train").take_batch(4, batch_format="numpy")
+    assert batch["maps"].shape == (4, *store.shape) and batch["maps"].dtype == np.float32
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_key_follows_content_and_backbone_not_file_names(ray_session, class_folder, tmp_path):
+    first = _build(class_folder, tmp_path / "fs")
+    again = _build(class_folder, tmp_path / "fs")
+    assert again.reused and again.uri == first.uri
+    moved = tmp_path / "copy"
+    shutil.copytree(class_folder, moved)  # other paths, same bytes, same labels
+    assert _build(moved, tmp_path / "fs").key == first.key
+    victim = next((moved / "normal").rglob("1.png"))
+    st = victim.stat()
+    Image.fromarray(np.zeros((44, 40), np.uint8)).save(victim)  # new content, same name/mtime
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = _build(moved, tmp_path / "fs")
+    assert changed.key != first.key and not changed.reused
+    other = _build(class_folder, tmp_path / "fs", BackboneConfig(taps=("stage4",), resolution=40))
+    assert other.key not in (first.key, changed.key)
+    leftovers = [p.name for p in (tmp_path / "fs").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == []
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, ray
+    sys.path.insert(0, {root!r})
+    from medcae.config import BackboneConfig
+    from medcae.data import list_rows
+    from medcae.distributed.store import ExtractOptions, build_store
+    ray.init(address={address!r}, log_to_driver=False)
+    store = build_store([list_rows({data!r})], BackboneConfig(taps=("stage4",), resolution=32),
+                        {root_store!r}, ExtractOptions(batch_size=8))
+    print("RESULT", json.dumps({{"uri": store.uri, "reused": store.reused, "rows": store.rows}}))
+    """
+)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_processes_building_one_store_at_once(ray_session, class_folder, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    code = SCRIPT.format(
+        root=str(ROOT), address=address, data=str(class_folder), root_store=str(tmp_path / "fs")
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    results = [
+        json.loads(line.split(" ", 1)[1])
+        for out in outs
+        for line in out.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert len(results) == 2 and results[0]["uri"] == results[1]["uri"]
+    assert sorted(r["reused"] for r in results) == [False, True]  # one built, one waited
+    from medcae.distributed.store import load_store
+
+    store = load_store(results[0]["uri"])
+    assert sum(store.rows.values()) == 36  # not doubled, not half
+    ids = np.concatenate([store.arrays(s)["id"] for s in store.rows])
+    assert len(set(ids)) == 36
+    entries = [p.name for p in (tmp_path / "fs").iterdir() if not p.name.startswith(".")]
+    assert entries == [Path(store.uri).name]
+    assert not [p for p in (tmp_path / "fs").iterdir() if p.name.startswith(".tmp-")]
