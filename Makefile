@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python ray_jobs/pipeline.py --data demo --out runs/demo
+	$(BIN)/medcae run --data demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -42,10 +42,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 
 bench-scale: $(STAMP)
-	$(BIN)/python bench/scale.py --kill
+	$(BIN)/python bench/scale.py e2e
+	$(BIN)/python bench/scale.py stream
 
 evaluate: $(STAMP)
-	$(BIN)/python ray_jobs/evaluate.py --data pneumoniamnist --out docs/results
+	$(BIN)/medcae evaluate --data pneumoniamnist --out docs/results
 
 BUNDLE ?= runs/demo/bundle
 serve: $(STAMP)

@@ -1,220 +1,226 @@
-"""Scale benchmark: bounded memory on input larger than the object store, DDP throughput,
-and the time a worker failure costs.
+"""Scale benchmark of the one data path: memory that stays flat, and streamed training speed.
 
-1. Writes a folder of large grayscale PNGs (default 600 x 1024^2, about 5x a 128 MB object
-   store once decoded) unless it exists.
-2. Starts a local Ray with a small object store and streams the folder through
-   ``medcae.distributed.ingest`` (read -> decode+resize -> backbone actor pool -> Parquet)
-   while sampling the memory (PSS) of the driver and every Ray process, and object-store use,
-   for half and all of the images: the peak should not grow with the input.
-3. Trains the CAE on the stored features (streamed from storage) with 1 and 2 workers and
-   reports samples/s and the same peaks.
-4. With ``--kill``, trains again with 2 workers, SIGKILLs one worker after the first
-   checkpoint and reports the seconds from the kill to the next finished epoch.
+``e2e``: writes PNG class folders of large grayscale images (default 2,000 and 8,000 images of
+1024x1024) unless they exist, runs ``medcae run`` on each as its own process, and prints the
+wall time per stage, images/s, the driver's peak RSS and the whole run's peak PSS (driver plus
+every Ray process it started; PSS splits the object store's shared pages fairly).
 
-    python bench/scale.py [--work /tmp/medcae-scale] [--images 600] [--object-store-mb 128]
+``stream``: trains the CAE from one feature store (8,000 maps or more) with the object store
+capped (default 256 MB), once with the maps held in the object store and once streamed from
+storage, and prints samples/s of each (epochs after the first) and their ratio.
+
+    python bench/scale.py e2e [--sizes 2000,8000] [--side 1024] [--work /tmp/medcae-scale]
+    python bench/scale.py stream [--images 8000] [--object-store-mb 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
-import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-
-def memory_now() -> int:
-    """Summed PSS of this driver and every process under it (the local Ray: raylet, GCS,
-    workers, actors). PSS splits shared pages (the object store's mmap, libraries) between
-    the processes that map them, so the sum is not inflated the way summed RSS is."""
-    me = psutil.Process()
-    total = 0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            total += p.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
+RESULT_TAG = "MEDCAE_RESULT"
 
 
-class Sampler:
-    """Background sampling of memory (see :func:`memory_now`) and object-store use."""
+def write_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:
+    """``n`` grayscale PNGs of ``side`` x ``side`` in two class folders (skipped if present)."""
+    from PIL import Image
 
-    def __init__(self, every: float = 0.5):
-        self.every = every
-        self.mem_peak = 0
-        self.store_peak = 0
+    done = root / f".complete-{n}-{side}"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    coarse = np.linspace(0, 1, side, dtype=np.float32)
+    t0 = time.perf_counter()
+    for i in range(n):
+        cls = root / ("lesion" if i % 2 else "normal")
+        cls.mkdir(parents=True, exist_ok=True)
+        a, b = rng.uniform(2, 9, 2)
+        base = np.sin(a * coarse)[:, None] * np.cos(b * coarse)[None, :]
+        img = 90 + 60 * base + rng.normal(0, 6, (side, side)).astype(np.float32)
+        if i % 2:
+            cy, cx = rng.integers(side // 4, 3 * side // 4, 2)
+            img[cy - side // 16 : cy + side // 16, cx - side // 16 : cx + side // 16] += 40
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+            cls / f"{i:06d}.png", compress_level=1
+        )
+        if (i + 1) % 1000 == 0:
+            print(f"  wrote {i + 1}/{n} images ({time.perf_counter() - t0:.0f}s)", flush=True)
+    done.touch()
+    return root
+
+
+class Peaks:
+    """Samples a process tree every ``every`` seconds: the root's RSS, the tree's summed PSS."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        self.root = psutil.Process(pid)
+        self.every, self.rss, self.pss = every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Sampler:
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                self.rss = max(self.rss, self.root.memory_info().rss)
+            except psutil.Error:
+                continue
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            self.pss = max(self.pss, total)
+
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.mem_peak = max(self.mem_peak, memory_now())
-            self.store_peak = max(self.store_peak, _store_used())
-            self._stop.wait(self.every)
+
+def run_job(args: list[str], log: Path) -> tuple[dict, Peaks, float]:
+    """``medcae run ARGS`` as its own process; its result, memory peaks and wall time."""
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medcae.cli", "run", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        peaks = Peaks(proc.pid)
+        rc = proc.wait()
+        peaks.stop()
+    wall = time.perf_counter() - t0
+    text = log.read_text()
+    if rc != 0:
+        raise SystemExit(f"medcae run failed ({rc}):\n{text[-4000:]}")
+    line = next(x for x in reversed(text.splitlines()) if x.startswith(RESULT_TAG))
+    return json.loads(line[len(RESULT_TAG) + 1 :]), peaks, wall
 
 
-def _store_used() -> int:
-    """Bytes in the object store (plasma), from Ray's memory summary."""
-    from ray._private.internal_api import memory_summary
-
-    try:
-        text = memory_summary(stats_only=True)
-    except Exception:  # noqa: BLE001 (Ray not up yet / shutting down)
-        return 0
-    m = re.search(r"Plasma memory usage (\d+) MiB", text)
-    return int(m.group(1)) * 2**20 if m else 0
-
-
-def write_images(folder: Path, n: int, side: int) -> int:
-    """``n`` noisy grayscale PNGs of ``side``^2 px (incompressible-ish, like real scans)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    have = len(list(folder.glob("*.png")))
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    for i in range(have, n):
-        base = 128 + 60 * np.sin(6 * xx + i) * np.cos(4 * yy)
-        img = np.clip(base + rng.normal(0, 25, (side, side)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"img{i:05d}.png", compress_level=1)
-    return sum(f.stat().st_size for f in folder.glob("*.png"))
-
-
-def _mb(x: float) -> str:
-    return f"{x / 2**20:,.0f} MB"
-
-
-def _kill_after_checkpoint(run: Path, out: dict) -> None:
-    from medcae.distributed.runtime import local_train_worker_pids
-    from medcae.distributed.train import registered_epoch
-
-    while registered_epoch(run) < 1:
-        time.sleep(0.1)
-    os.kill(local_train_worker_pids()[-1], signal.SIGKILL)
-    out["killed_at"] = time.time()
+def e2e(a: argparse.Namespace) -> None:
+    work = Path(a.work)
+    rows = []
+    for n in a.sizes:
+        folder = write_folder(work / f"png-{n}-{a.side}", n, a.side)
+        out = work / f"run-{n}"
+        store = work / f"store-{n}-{time.time():.0f}"  # a fresh store: extraction is measured
+        res, peaks, wall = run_job(
+            [
+                "--data",
+                str(folder),
+                "--out",
+                str(out),
+                "--feature-store",
+                str(store),
+                "--epochs",
+                str(a.epochs),
+                "--num-cpus",
+                str(a.num_cpus),
+            ],
+            out.with_suffix(".log"),
+        )
+        t = res["timings"]
+        rows.append((n, wall, t, peaks))
+        print(
+            f"{n} images: wall {wall:.0f}s | features {t['features_s']:.0f}s "
+            f"({n / t['features_s']:.1f} img/s) | CAE {t['train_s']:.0f}s | classifier "
+            f"{t['classifier_s']:.0f}s | driver peak RSS {peaks.rss / 2**20:,.0f} MB | "
+            f"run peak PSS {peaks.pss / 2**20:,.0f} MB",
+            flush=True,
+        )
+    if len(rows) >= 2:
+        lo, hi = rows[0][3].rss, rows[-1][3].rss
+        print(
+            f"driver peak RSS {rows[-1][0]} vs {rows[0][0]} images: {hi / lo:.2f}x "
+            f"(goal: within 1.20x, under 2 GB)"
+        )
 
 
-def _train(store, cae, cfg, ckpt: Path, name: str, hold: bool):
-    """``train_cae`` on the store's maps, held in the object store or streamed."""
+def stream(a: argparse.Namespace) -> None:
+    import ray
+
+    from medcae.config import BackboneConfig, CAEConfig, TrainConfig
+    from medcae.data import list_rows
+    from medcae.distributed.runtime import quiet_data_progress
+    from medcae.distributed.store import ExtractOptions, build_store
     from medcae.distributed.train import train_cae
 
-    return train_cae(
-        store.split("train", hold),
-        store.split("val", hold),
-        cae,
-        cfg,
-        store.mean,
-        store.std,
-        ckpt,
-        name,
-        in_channels=store.shape[0],
+    work = Path(a.work)
+    folder = write_folder(work / f"png-{a.images}-{a.side}", a.images, a.side)
+    ray.init(
+        num_cpus=4,
+        object_store_memory=a.object_store_mb * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
     )
+    quiet_data_progress()
+    store = build_store(
+        [list_rows(str(folder))], BackboneConfig(), str(work / "stream-store"), ExtractOptions()
+    )
+    print(
+        f"store: {store.count('train')} train maps of {store.shape}, "
+        f"{store.nbytes / 2**20:.0f} MB; object store {a.object_store_mb} MB",
+        flush=True,
+    )
+    cae = CAEConfig(epochs=a.epochs)
+    rates = {}
+    for mode in ("held", "streamed"):
+        hold = mode == "held"
+        out = train_cae(
+            store.split("train", materialize=hold),
+            store.split("val", materialize=hold),
+            cae,
+            TrainConfig(),
+            store.mean,
+            store.std,
+            work / "stream-ckpt",
+            f"{mode}-{time.time():.0f}",
+            in_channels=store.shape[0],
+            fingerprint=store.key,
+        )
+        later = out.history[1:] or out.history
+        rates[mode] = float(np.mean([h["samples_per_s"] for h in later]))
+        secs = ", ".join(f"{h['epoch_s']:.1f}s" for h in later)
+        print(
+            f"{mode}: {rates[mode]:,.0f} samples/s (epochs 2..{len(out.history)}: {secs})",
+            flush=True,
+        )
+    print(f"streamed / held: {rates['streamed'] / rates['held']:.2f}x (goal: at least 0.5x)")
+    ray.shutdown()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default="/tmp/medcae-scale")
-    p.add_argument("--images", type=int, default=600)
-    p.add_argument("--side", type=int, default=1024)
-    p.add_argument("--object-store-mb", type=int, default=128)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--kill", action="store_true", help="also measure a worker failure")
+    sub = p.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("e2e")
+    e.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[2000, 8000])
+    e.add_argument("--side", type=int, default=1024)
+    e.add_argument("--epochs", type=int, default=3)
+    e.add_argument("--num-cpus", type=int, default=4)
+    s = sub.add_parser("stream")
+    s.add_argument("--images", type=int, default=8000)
+    s.add_argument("--side", type=int, default=64)
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--object-store-mb", type=int, default=256)
+    for q in (e, s):
+        q.add_argument("--work", default=os.environ.get("MEDCAE_BENCH_DIR", "/tmp/medcae-scale"))
     a = p.parse_args()
-
-    import ray
-
-    from medcae.config import BackboneConfig, CAEConfig, TrainConfig
-    from medcae.distributed.ingest import build_feature_store, folder_source
-    from medcae.distributed.runtime import quiet_data_progress
-
-    work = Path(a.work)
-    on_disk = write_images(work / "images", a.images, a.side)
-    decoded = a.images * a.side**2
-    ray.init(num_cpus=4, object_store_memory=a.object_store_mb * 2**20, include_dashboard=False)
-    quiet_data_progress()
-    store_cap = ray.cluster_resources()["object_store_memory"]
-    print(
-        f"input: {a.images} PNGs {a.side}x{a.side}, {_mb(on_disk)} on disk, {_mb(decoded)} "
-        f"decoded = {decoded / store_cap:.1f}x the object store ({_mb(store_cap)})"
-    )
-    backbone = BackboneConfig(taps=("stage5",), resolution=a.resolution)
-    base = memory_now()
-    print(f"memory (PSS, driver + all Ray processes) with Ray idle: {_mb(base)}")
-    print(f"{'images':>7s} {'decoded':>9s} {'img/s':>6s} {'peak memory':>12s} {'peak store':>10s}")
-    store = None
-    for n in sorted({a.images // 2, a.images}):
-        uri = str(work / f"store-{n}-{int(time.time())}")
-        src = folder_source(work / "images", a.resolution, f"{uri}/_skipped", limit=n)
-        with Sampler() as s:
-            t0 = time.perf_counter()
-            store = build_feature_store(src, backbone, uri, batch_size=32, threads=2)
-            secs = time.perf_counter() - t0
-        rows = sum(store.rows.values())
-        print(
-            f"{rows:7d} {_mb(rows * a.side**2):>9s} {rows / secs:6.1f} {_mb(s.mem_peak):>12s} "
-            f"{_mb(s.store_peak):>10s}"
-        )
-    assert store is not None
-
-    cae = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs, batch_size=64)
-    print(
-        f"CAE training on {store.rows['train']} feature maps {store.shape}, {a.epochs} epochs:\n"
-        f"{'workers':>7s} {'maps':>15s} {'samples/s':>10s} {'epoch s':>8s} {'peak memory':>12s} "
-        f"{'peak store':>10s}"
-    )
-    for hold in (False, True):
-        for workers in (1, 2):
-            cfg = TrainConfig(num_workers=workers, cpus_per_worker=1.0)
-            with Sampler() as s:
-                name = f"bench-{workers}w-{int(time.time())}"
-                out = _train(store, cae, cfg, work / "ckpt", name, hold)
-            rates = [h["samples_per_s"] for h in out.history[1:]] or [
-                out.history[0]["samples_per_s"]
-            ]
-            where = "object store" if hold else "streamed"
-            print(
-                f"{workers:7d} {where:>15s} {np.median(rates):10.0f} "
-                f"{np.median([h['epoch_s'] for h in out.history]):8.2f} {_mb(s.mem_peak):>12s} "
-                f"{_mb(s.store_peak):>10s}"
-            )
-
-    if a.kill:
-        name = f"bench-kill-{int(time.time())}"
-        info: dict = {}
-        threading.Thread(
-            target=_kill_after_checkpoint, args=(work / "ckpt" / name, info), daemon=True
-        ).start()
-        cfg = TrainConfig(num_workers=2, cpus_per_worker=1.0, max_failures=1)
-        cae_k = CAEConfig(channels=(64,), latent_channels=16, epochs=a.epochs + 6, batch_size=64)
-        out = _train(store, cae_k, cfg, work / "ckpt", name, hold=True)
-        after = [h for h in out.history if h["restored_from"] > 0]
-        first = after[0]
-        since = first["time"] - info["killed_at"]
-        print(
-            f"worker SIGKILLed after checkpoint {first['restored_from']}: next epoch finished "
-            f"{since:.1f}s after the kill (its own compute {first['epoch_s']:.1f}s), so "
-            f"{since - first['epoch_s']:.1f}s lost to detection, restart and restore"
-        )
-    ray.shutdown()
+    e2e(a) if a.what == "e2e" else stream(a)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from torch import nn
 from medcae.cae import ConvAutoEncoder
 
 
-def _unwrap(model: nn.Module) -> ConvAutoEncoder:
-    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+def unwrap(model: nn.Module) -> ConvAutoEncoder:
+    """The CAE inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)  # type: ignore[no-any-return, arg-type]
 
 
 def run_epoch(
@@ -103,7 +104,7 @@ def build_cae(in_channels: int, cfg, mean: torch.Tensor, std: torch.Tensor) -> C
 @torch.no_grad()
 def embed_all(model: ConvAutoEncoder, maps: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """CAE feature vectors for all maps, ``(N, C, h, w)`` -> ``(N, D)`` float32."""
-    model = _unwrap(model).eval()
+    model = unwrap(model).eval()
     out = [
         model.embed(torch.tensor(maps[i : i + batch_size], dtype=torch.float32))
         for i in range(0, len(maps), batch_size)
@@ -114,7 +115,7 @@ def embed_all(model: ConvAutoEncoder, maps: np.ndarray, batch_size: int = 256) -
 @torch.no_grad()
 def errors_all(model: ConvAutoEncoder, maps: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Per-image reconstruction errors, ``(N,)`` float32."""
-    model = _unwrap(model).eval()
+    model = unwrap(model).eval()
     out = [
         model.reconstruction_error(torch.tensor(maps[i : i + batch_size], dtype=torch.float32))
         for i in range(0, len(maps), batch_size)

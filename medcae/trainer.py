@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from medcae.config import CAEConfig
-from medcae.engine import run_epoch
+from medcae.engine import run_epoch, unwrap
 
 CHECKPOINT_FILE = "state.pt"
 #: Fields that may differ when resuming: more epochs continue a finished run.
@@ -69,9 +69,8 @@ class TrainerState:
 
     def checkpoint(self) -> dict[str, Any]:
         """This state as a checkpoint dict (see :func:`save_checkpoint`)."""
-        model = self.model.module if hasattr(self.model, "module") else self.model
         return {
-            "model": model.state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "rng": torch.get_rng_state(),
@@ -177,8 +176,7 @@ def fit_cae(
     state = TrainerState(model, optimizer, 0, [], config, fingerprint)
     if start is not None:
         check_resumable(start, config, fingerprint)
-        inner = model.module if hasattr(model, "module") else model
-        inner.load_state_dict(start["model"])
+        unwrap(model).load_state_dict(start["model"])
         optimizer.load_state_dict(start["optimizer"])
         torch.set_rng_state(start["rng"])
         state.history = json.loads(start["history"])

@@ -32,7 +32,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         cpus = num_cpus or 2 * (os.cpu_count() or 1)
         ray.init(num_cpus=cpus, log_to_driver=True)
     quiet_data_progress()
-    log.info("ray: %s", ray.cluster_resources())
+    res = ray.cluster_resources()
+    log.info(
+        "ray: %d node(s), %g CPUs, %g GPUs, object store %.1f GB",
+        len(_node_resources()),
+        res.get("CPU", 0),
+        res.get("GPU", 0),
+        res.get("object_store_memory", 0) / 1e9,
+    )
 
 
 def quiet_data_progress() -> None:
