@@ -62,6 +62,39 @@ def test_one_and_two_workers_are_equivalent(ray_session, tmp_path):
     print(f"2 workers: val_loss {b:.4f}, {two.history[-1]['samples_per_s']:.0f} samples/s")
 
 
+def test_two_workers_streaming_their_shards_from_storage_learn_the_same(ray_session, tmp_path):
+    """Stores larger than the object store: each worker reads its equal shard from Parquet."""
+    from helpers import write_maps_parquet
+
+    from medcae.distributed.train import StreamedSplits, train_cae
+    from medcae.engine import channel_stats
+    from medcae.shards import list_files
+
+    train, val = _maps(512, 0), _maps(128, 1)
+    write_maps_parquet(tmp_path / "store" / "split=train", train, files=5)
+    write_maps_parquet(tmp_path / "store" / "split=val", val, files=2)
+    files = {s: tuple(list_files(str(tmp_path / "store"), [s])) for s in ("train", "val")}
+    mean, std = channel_stats(train)
+    cae = CAEConfig(channels=(32,), latent_channels=4, epochs=5, batch_size=64, lr=3e-3)
+    held = train_cae(train, val, cae, TrainConfig(), mean, std, tmp_path, "held")
+    streamed = train_cae(
+        StreamedSplits(files["train"]),
+        StreamedSplits(files["val"]),
+        cae,
+        TrainConfig(num_workers=2, cpus_per_worker=1.0),
+        mean,
+        std,
+        tmp_path,
+        "streamed",
+        in_channels=16,
+    )
+    assert [h["epoch"] for h in streamed.history] == [1, 2, 3, 4, 5]
+    assert len(streamed.worker_nodes) == 2
+    a, b = held.history[-1]["val_loss"], streamed.history[-1]["val_loss"]
+    assert abs(a - b) / a < 0.15, (a, b)
+    print(f"\nheld 1 worker val_loss {a:.4f}; streamed shards 2 workers {b:.4f}")
+
+
 def _job(storage: Path, name: str, *extra: str) -> list[str]:
     """The smoke job; all runs share one feature store, so only the first one extracts."""
     return [

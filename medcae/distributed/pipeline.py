@@ -25,7 +25,7 @@ from medcae.config import SMOKE_ROWS, CAEConfig, PipelineConfig
 from medcae.data import Rows, list_rows, list_unlabeled_rows
 from medcae.distributed.runtime import progress_log
 from medcae.distributed.store import ExtractOptions, FeatureStore, build_store
-from medcae.distributed.train import TrainOutcome, train_cae
+from medcae.distributed.train import StreamedSplits, TrainOutcome, train_cae
 from medcae.evaluation import fit_and_test, save_model
 from medcae.metrics import format_results
 
@@ -214,9 +214,17 @@ def run_pipeline(
         cfg.cae.epochs,
         cfg.train.num_workers,
     )
+    if hold:
+        train_src, val_src = (
+            store.split("train", "unlabeled", materialize=True),
+            store.split("val", materialize=True),
+        )
+    else:
+        train_src = StreamedSplits(store.files("train", "unlabeled"))
+        val_src = StreamedSplits(store.files("val"))
     training = train_cae(
-        store.split("train", "unlabeled", materialize=hold),
-        store.split("val", materialize=hold),
+        train_src,
+        val_src,
         cfg.cae,
         cfg.train,
         store.mean,

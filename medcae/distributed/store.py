@@ -41,6 +41,7 @@ from medcae.data import DataError, ImageDecodeError, Rows, decode_image
 from medcae.distributed.extract import backbone_dict, backbone_stage
 from medcae.distributed.runtime import Progress
 from medcae.preprocess import PREPARE_VERSION, prepare_image
+from medcae.shards import ShardFile, list_files
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ class FeatureStore:
         ds = ray.data.read_parquet(paths, file_extensions=["parquet"])
         ds = ds.select_columns(list(columns))
         return ds.materialize() if materialize else ds
+
+    def files(self, *names: str) -> tuple[ShardFile, ...]:
+        """The Parquet files of the named splits with their row counts (for workers that
+        stream their shard straight from storage, :mod:`medcae.shards`)."""
+        return tuple(list_files(self.uri, [n for n in names if self.rows.get(n)]))
 
     def arrays(
         self, name: str, columns: Sequence[str] = ("id", "label", "maps", "final")

@@ -26,6 +26,7 @@ from medcae.config import CAEConfig, TrainConfig
 from medcae.distributed.runtime import require_placeable
 from medcae.distributed.store import storage_uri
 from medcae.engine import build_cae
+from medcae.shards import ShardFile, shard_batches, shard_plan
 from medcae.trainer import (
     CHECKPOINT_FILE,
     TrainerState,
@@ -64,6 +65,25 @@ def _batches(shard: Any, batch_size: int, shuffle_seed: int | None):
         batch_size=batch_size, dtypes=torch.float32, **(kwargs if shuffle_seed is not None else {})
     )
     return ({"maps": b["maps"]} for b in it)
+
+
+@dataclass(frozen=True)
+class StreamedSplits:
+    """Splits of a feature store that each Train worker streams straight from storage.
+
+    Attributes:
+        files: The splits' Parquet files with their row counts.
+    """
+
+    files: tuple[ShardFile, ...]
+
+    @property
+    def rows(self) -> int:
+        """Rows in all the files."""
+        return sum(f.rows for f in self.files)
+
+
+Source = np.ndarray | ray.data.Dataset | StreamedSplits
 
 
 def _start_state() -> dict[str, Any] | None:
@@ -146,10 +166,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "CAE training %s: %d workers on nodes %s", how, world, sorted(set(nodes))
         )
     per_worker = max(1, cfg.batch_size // world)
+    stream = config.get("stream")
 
     def train_batches(epoch: int):
         seed = cfg.seed * 1000 + epoch * world + rank
+        if stream:
+            plan = shard_plan(_files(stream["train"]), rank, world, epoch, cfg.seed)
+            return shard_batches(plan, per_worker, seed)
         return _batches(ray.train.get_dataset_shard("train"), per_worker, seed)
+
+    def val_batches():
+        if stream:
+            return shard_batches(shard_plan(_files(stream["val"]), rank, world, 0, 0), 256, None)
+        return _batches(ray.train.get_dataset_shard("val"), 256, None)
 
     fit_cae(
         model,
@@ -157,13 +186,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_batches,
         in_channels=config["in_channels"],
         fingerprint=config["fingerprint"],
-        val_batches=lambda: _batches(ray.train.get_dataset_shard("val"), 256, None),
+        val_batches=val_batches,
         start=start,
         on_epoch=_reporter(rank, cfg.epochs, nodes),
         device=ray.train.torch.get_device(),
         reduce=_global_mean,
         world_size=world,
     )
+
+
+def _files(rows: list[list]) -> list[ShardFile]:
+    return [ShardFile(str(p), int(n)) for p, n in rows]
 
 
 def registered_epoch(run_dir: str | Path) -> int:
@@ -181,16 +214,18 @@ def registered_epoch(run_dir: str | Path) -> int:
         return 0
 
 
-def as_maps_dataset(data: np.ndarray | ray.data.Dataset) -> ray.data.Dataset:
+def as_maps_dataset(data: Source) -> ray.data.Dataset:
     """A Ray Dataset with one tensor column ``maps``, from an array ``(N, C, h, w)`` or as is."""
     if isinstance(data, ray.data.Dataset):
         return data
+    if isinstance(data, StreamedSplits):
+        raise TypeError("train and val must both be StreamedSplits, or neither")
     return ray.data.from_numpy(np.ascontiguousarray(data)).rename_columns({"data": "maps"})
 
 
 def train_cae(
-    train_data: np.ndarray | ray.data.Dataset,
-    val_data: np.ndarray | ray.data.Dataset,
+    train_data: Source,
+    val_data: Source,
     cae: CAEConfig,
     train: TrainConfig,
     mean: torch.Tensor | list[float],
@@ -206,8 +241,10 @@ def train_cae(
     deadlock DDP's all-reduce on the last batches).
 
     Args:
-        train_data: Unlabeled feature maps ``(N, C, h, w)``, or a Dataset with column ``maps``.
-        val_data: Validation feature maps, same forms (labels unused).
+        train_data: Unlabeled feature maps ``(N, C, h, w)``, a Dataset with column ``maps``
+            (held in the object store, split by Ray Train), or :class:`StreamedSplits` (each
+            worker reads its equal shard straight from storage every epoch).
+        val_data: Validation feature maps, the same form (labels unused).
         cae: CAE configuration.
         train: Workers, GPU, CPUs per worker, failures allowed, checkpoints kept.
         mean: ``(C,)`` channel means for standardisation.
@@ -227,15 +264,24 @@ def train_cae(
         worker, "Ray Train worker (--cpus-per-worker / --use-gpu)", count=train.num_workers
     )
     score = train.checkpoint_score_attribute or None
+    loop_config: dict[str, Any] = {
+        "cae": asdict(cae),
+        "in_channels": int(in_channels),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "fingerprint": fingerprint,
+    }
+    datasets = None
+    if isinstance(train_data, StreamedSplits) and isinstance(val_data, StreamedSplits):
+        loop_config["stream"] = {
+            "train": [[f.path, f.rows] for f in train_data.files],
+            "val": [[f.path, f.rows] for f in val_data.files],
+        }
+    else:
+        datasets = {"train": as_maps_dataset(train_data), "val": as_maps_dataset(val_data)}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cae": asdict(cae),
-            "in_channels": int(in_channels),
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "fingerprint": fingerprint,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
@@ -252,7 +298,7 @@ def train_cae(
             ),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
-        datasets={"train": as_maps_dataset(train_data), "val": as_maps_dataset(val_data)},
+        datasets=datasets,
     )
     result = trainer.fit()
     last = _load_state(result.checkpoint)
