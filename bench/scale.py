@@ -49,7 +49,7 @@ def write_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:
         cls.mkdir(parents=True, exist_ok=True)
         a, b = rng.uniform(2, 9, 2)
         base = np.sin(a * coarse)[:, None] * np.cos(b * coarse)[None, :]
-        img = 90 + 60 * base + rng.normal(0, 6, (side, side)).astype(np.float32)
+        img = 90 + 60 * base + rng.normal(0, 3, (side, side)).astype(np.float32)
         if i % 2:
             cy, cx = rng.integers(side // 4, 3 * side // 4, 2)
             img[cy - side // 16 : cy + side // 16, cx - side // 16 : cx + side // 16] += 40

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcae.config import CAEConfig
+from medcae.config import CAEConfig, ConfigError
 from medcae.engine import run_epoch, unwrap
 
 CHECKPOINT_FILE = "state.pt"
@@ -35,8 +35,9 @@ RESUMABLE_CHANGES = frozenset({"epochs"})
 Batches = Iterable[dict[str, torch.Tensor]]
 
 
-class CheckpointMismatch(ValueError):
-    """A checkpoint was trained with another config or on other data than this run."""
+class CheckpointMismatch(ConfigError):
+    """A checkpoint was trained with another config or on other data than this run (a user
+    error: one ``error:`` line at the command line)."""
 
 
 def resolved_cae_config(cfg: CAEConfig, in_channels: int) -> dict[str, Any]:

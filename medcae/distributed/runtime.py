@@ -8,6 +8,8 @@ import time
 
 import ray
 
+from medcae.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,9 @@ def local_train_worker_pids(root_pid: int | None = None) -> list[int]:
 PLACEMENT_TIMEOUT_ENV = "MEDCAE_PLACEMENT_TIMEOUT_S"
 
 
-class PlacementError(RuntimeError):
-    """A stage asks for more of a resource than any node of the cluster offers."""
+class PlacementError(ConfigError):
+    """A stage asks for more of a resource than the cluster's nodes offer (a user error:
+    the flags ask too much)."""
 
 
 def _node_resources() -> list[dict[str, float]]:

@@ -144,6 +144,13 @@ def to_file(message: str, *args: Any, level: int = logging.INFO) -> None:
     logging.getLogger("medcae").log(level, message, *args, extra={"to_console": False})
 
 
+def print_summary(lines: list[str]) -> None:
+    """A job's closing lines: on stdout, and once into ``run.log``."""
+    text = "\n".join(lines)
+    print(text)
+    to_file("%s", text)
+
+
 def quiet_ray_console() -> None:
     """Send Ray's own loggers to the run log, and only their warnings to the console.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medcae.jobargs import config_from_args, default_store_root
 from medcae.jobs import check_budget
-from medcae.jobs.logs import route_ray_output, setup_run_logging, to_file
+from medcae.jobs.logs import print_summary, route_ray_output, setup_run_logging
 
 RESULT_TAG = "MEDCAE_RESULT"
 
@@ -99,6 +99,5 @@ def main(args: argparse.Namespace) -> int:
         f"model bundle: {res.bundle.resolve()}",
         f"{RESULT_TAG} {json.dumps(summary, default=float)}",
     ]
-    print("\n".join(lines))
-    to_file("%s", "\n".join(lines))
+    print_summary(lines)
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medcae.jobargs import config_from_args, default_store_root
 from medcae.jobs import check_budget
-from medcae.jobs.logs import route_ray_output, setup_run_logging, to_file
+from medcae.jobs.logs import print_summary, route_ray_output, setup_run_logging
 
 TUNER_OPTIONS = (
     "num_samples",
@@ -66,6 +66,5 @@ def main(a: argparse.Namespace) -> int:
         f"log: {log_file}",
         f"model bundle: {summary['bundle']}",
     ]
-    print("\n".join(lines))
-    to_file("%s", "\n".join(lines))
+    print_summary(lines)
     return 0
