@@ -196,9 +196,9 @@ class Progress:
                 continue
             secs = time.perf_counter() - self.start
             rate = done / max(secs, 1e-9)
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
             progress_log.info(
-                "%s: %d/%d %s, %.1f %s/s, ETA %.0fs",
+                "%s: %d/%d %s, %.1f %s/s, ETA %s",
                 self.stage,
                 done,
                 self.total,
