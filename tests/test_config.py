@@ -35,7 +35,8 @@ def test_core_imports_without_ray():
         "import sys, medcae.backbones, medcae.cae, medcae.engine, medcae.classifier, "
         "medcae.features, medcae.bundle, medcae.predictor, medcae.data, "
         "medcae.evaluation, medcae.metrics, medcae.errors, medcae.search, medcae.report, "
-        "medcae.service, medcae.client, medcae.cli, medcae.evidence; "
+        "medcae.service, medcae.client, medcae.cli, medcae.evidence, medcae.trainer, "
+        "medcae.shards, medcae.preprocess, medcae.jobargs, medcae.data.rows; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

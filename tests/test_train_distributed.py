@@ -228,3 +228,14 @@ def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupte
     assert _contiguous(res["history"]) == list(range(1, EPOCHS + 1))
     ref = uninterrupted["final_val_loss"]
     assert res["final_val_loss"] == pytest.approx(ref, rel=0.15)
+
+
+def test_resume_with_another_cae_config_is_refused_naming_it(ray_session, uninterrupted):
+    """Same --storage-path and --name as the finished reference run, another CAE shape."""
+    storage = Path(uninterrupted["checkpoint"]).parents[1]
+    cmd = _job(storage, "ref", "--lr", "0.01", "--address", _address(ray_session))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume from") and "cae.lr" in last, last
+    assert "checkpoint 0.001, this run 0.01" in last
