@@ -208,8 +208,13 @@ class Progress:
                 eta,
             )
 
+    def stop(self) -> None:
+        """Stop the ticker and its counter (also when the stage failed)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            ray.kill(self._actor)
+
     def done(self, message: str) -> None:
         """Stop the ticker and log the stage's final line."""
-        self._stop.set()
-        ray.kill(self._actor)
+        self.stop()
         progress_log.info("%s: %s", self.stage, message)

@@ -452,8 +452,11 @@ def _extract(
     )
     feats = backbone_stage(ds, backbone, opts.batch_size, opts.actors, opts.use_gpu, opts.threads)
     progress = Progress("features", len(table), "images")
-    feats = feats.map_batches(progress.counter(), batch_format="numpy", batch_size=None)
-    feats.write_parquet(tmp, partition_cols=["split"], min_rows_per_file=1024)
+    try:
+        feats = feats.map_batches(progress.counter(), batch_format="numpy", batch_size=None)
+        feats.write_parquet(tmp, partition_cols=["split"], min_rows_per_file=1024)
+    finally:
+        progress.stop()
     secs = time.perf_counter() - t0
     rows, shape, mean, std = _scan(tmp)
     skipped = _collect_skipped(f"{tmp}/{SKIPPED_DIR}")
