@@ -27,11 +27,12 @@ FROZEN_AUC_FLOOR = 0.92
 @pytest.mark.ray
 @pytest.mark.slow
 def test_pneumoniamnist_cae_codes_beat_the_floor(ray_session, shared_data_dir, tmp_path):
-    from medcae.distributed.pipeline import run_pipeline
+    from medcae.distributed.pipeline import RunPaths, list_sources, resolved_backbone, run_pipeline
 
     cfg = PipelineConfig(data="pneumoniamnist")
-    cfg = replace(cfg, cae=replace(CAEConfig(), epochs=6))
-    res = run_pipeline(cfg, tmp_path / "run", tmp_path / "cache", data_dir=str(shared_data_dir))
+    cfg = resolved_backbone(replace(cfg, cae=replace(CAEConfig(), epochs=6)))
+    paths = RunPaths(tmp_path / "run", str(tmp_path / "store"), str(tmp_path / "ckpt"), "real")
+    res = run_pipeline(cfg, paths, list_sources(cfg, str(shared_data_dir), smoke_test=False))
     cae = next(v for k, v in res.reports.items() if k.startswith("CAE"))
     frozen = next(v for k, v in res.reports.items() if k.startswith("frozen"))
     print(
