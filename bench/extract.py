@@ -5,7 +5,8 @@ images/s and achieved GFLOP/s (FLOPs counted with torch's FlopCounterMode):
 
   plain     what a user would write: EfficientNet-Lite0 to the final layer, channels_last,
             torch.inference_mode, a for-loop over batches
-  core      medcae.features.FeatureExtractor in-process (prepare + taps + pooled final)
+  core      medcae.features.FeatureExtractor in-process (prepare + taps + pooled final), with
+            the PyTorch runtime and with the exported graph on ONNX Runtime
   ray       medcae.distributed.store.build_store: the whole extraction stage of a run, from
             encoded images (decode + prepare tasks, the backbone actor pool, Parquet), wall
             time including start-up, hashing and writing (a fresh store each time)
@@ -74,15 +75,18 @@ def flops_per_image(cfg: BackboneConfig) -> float:
     return fc.get_total_flops() / 8
 
 
-def core_loop(images: np.ndarray, cfg: BackboneConfig, batch: int) -> float:
-    ext = FeatureExtractor(cfg)
+def core_loop(images: np.ndarray, cfg: BackboneConfig, batch: int, runtime: str) -> float:
+    ext = FeatureExtractor(cfg, runtime=runtime)
+    ext(images[:batch])  # warm up (and export the graph once)
     start = time.perf_counter()
     for i in range(0, len(images), batch):
         ext(images[i : i + batch])
     return time.perf_counter() - start
 
 
-def ray_path(images: np.ndarray, cfg: BackboneConfig, batch: int, threads: int) -> float:
+def ray_path(
+    images: np.ndarray, cfg: BackboneConfig, batch: int, threads: int, runtime: str
+) -> float:
     """Seconds for the Ray Data extraction stage of a run, start-up included."""
     import tempfile
 
@@ -103,7 +107,7 @@ def ray_path(images: np.ndarray, cfg: BackboneConfig, batch: int, threads: int) 
         }
     )
     init_ray(num_cpus=4)
-    opts = ExtractOptions(batch_size=batch, threads=threads)
+    opts = ExtractOptions(batch_size=batch, threads=threads, runtime=runtime)
     with tempfile.TemporaryDirectory() as d:
         warm = Rows("bench", ["x"], table.slice(0, batch))
         build_store([warm], cfg, d, opts)  # warm the worker processes
@@ -122,6 +126,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tap", default="stage5")
+    p.add_argument(
+        "--peak-gflops", type=float, default=183.0, help="this machine's fp32 matmul peak"
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     images, name = load_images(a.n_images)
@@ -132,15 +139,22 @@ def main() -> None:
         f"{a.threads} threads, batch {a.batch_size}, {gflop:.3f} GFLOP/image"
     )
     rows = {
-        "Ray Data stage, wall": ray_path(images, cfg, a.batch_size, a.threads),
+        "Ray Data stage, torch": ray_path(images, cfg, a.batch_size, a.threads, "torch"),
+        "Ray Data stage, onnxruntime": ray_path(
+            images, cfg, a.batch_size, a.threads, "onnxruntime"
+        ),
         "plain PyTorch loop": plain_loop(images, a.resolution, a.batch_size),
-        "medcae core (in-process)": core_loop(images, cfg, a.batch_size),
+        "core, torch": core_loop(images, cfg, a.batch_size, "torch"),
+        "core, onnxruntime": core_loop(images, cfg, a.batch_size, "onnxruntime"),
     }
     base = len(images) / rows["plain PyTorch loop"]
-    print(f"{'path':28s} {'images/s':>9s} {'GFLOP/s':>8s} {'vs plain':>8s}")
+    print(f"{'path':28s} {'images/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs plain':>8s}")
     for k, secs in rows.items():
         rate = len(images) / secs
-        print(f"{k:28s} {rate:9.1f} {rate * gflop:8.1f} {rate / base:7.2f}x")
+        print(
+            f"{k:28s} {rate:9.1f} {rate * gflop:8.1f} {rate * gflop / a.peak_gflops:7.0%} "
+            f"{rate / base:7.2f}x"
+        )
     print("The Ray Data stage also decodes PNG bytes, hashes them and writes Parquet.")
 
 

@@ -128,6 +128,7 @@ class TrainConfig:
         checkpoint_score_attribute: Metric that ranks checkpoints (``val_loss``...) for
             ``num_to_keep`` and for picking the final model; empty = keep the latest.
         placement_strategy: ``PACK`` (fewest nodes) or ``SPREAD`` (one worker per node first).
+        runtime: Inference runtime of the frozen backbone: ``auto``, ``torch``, ``onnxruntime``.
     """
 
     num_workers: int = 1
@@ -140,8 +141,13 @@ class TrainConfig:
     num_to_keep: int = 2
     checkpoint_score_attribute: str = ""
     placement_strategy: str = "PACK"
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.runtime not in ("auto", "torch", "onnxruntime"):
+            raise ConfigError(
+                f"train.runtime must be auto, torch or onnxruntime, got {self.runtime!r}"
+            )
         if self.num_workers < 1:
             raise ConfigError(f"train.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:

@@ -123,6 +123,13 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="CPUs/torch threads per backbone actor (0: node cores / actors)",
     )
+    r.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="inference runtime of the frozen backbone (auto: an exported graph on ONNX Runtime "
+        "on CPU, PyTorch on CUDA or when onnxruntime is missing)",
+    )
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:

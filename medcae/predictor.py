@@ -56,14 +56,22 @@ class Predictor:
         self.ood_threshold = float(self.meta.get("ood", {}).get("threshold", np.inf))
 
     @classmethod
-    def from_bundle(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        """Load a bundle folder written by the pipeline."""
+    def from_bundle(cls, path: str | Path, device: str = "cpu", runtime: str = "auto") -> Predictor:
+        """Load a bundle folder written by the pipeline.
+
+        Args:
+            path: Bundle folder.
+            device: Torch device.
+            runtime: Backbone runtime (``auto``, ``torch``, ``onnxruntime``); fp32 runtimes
+                agree to 1e-4 on the maps, whichever made the bundle's features.
+        """
         meta, state, arrays = read_bundle(path)
         cfg = PipelineConfig.from_dict(meta["config"])
         cae = ConvAutoEncoder(meta["in_channels"], cfg.cae)
         cae.load_state_dict(state)
         head = LinearHead.from_arrays(cfg.classifier.kind, len(meta["label_names"]), arrays)
-        return cls(FeatureExtractor(cfg.backbone, device), cae, head, meta["label_names"], meta)
+        extractor = FeatureExtractor(cfg.backbone, device, runtime=runtime)
+        return cls(extractor, cae, head, meta["label_names"], meta)
 
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Backbone feature maps ``(N, C, h, w)`` (float32, as in the feature store).

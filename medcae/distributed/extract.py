@@ -21,18 +21,33 @@ class BackboneStage:
         backbone: :func:`backbone_dict` of the config.
         use_gpu: Run on the actor's GPU.
         threads: Torch intra-op threads in the actor (0 = leave torch's default).
+        runtime: Inference runtime (``auto``, ``torch``, ``onnxruntime``).
+        graph_dir: Where exported graphs are cached (shared by the actors of a store).
 
     Input column ``image`` (prepared uint8 ``(B, side, side, 3)``) becomes ``maps``
     ``(B, C, h, w)`` and ``final`` ``(B, C_final)``; other columns pass through.
     """
 
-    def __init__(self, backbone: dict, use_gpu: bool = False, threads: int = 0):
+    def __init__(
+        self,
+        backbone: dict,
+        use_gpu: bool = False,
+        threads: int = 0,
+        runtime: str = "auto",
+        graph_dir: str | None = None,
+    ):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.extractor = FeatureExtractor(BackboneConfig(**backbone), device)
+        self.extractor = FeatureExtractor(
+            BackboneConfig(**backbone),
+            device,
+            runtime=runtime,
+            graph_dir=graph_dir,
+            threads=threads,
+        )
         self.shapes: dict[str, tuple[int, ...]] | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -57,6 +72,8 @@ def backbone_stage(
     actors: int = 1,
     use_gpu: bool = False,
     threads: int = 0,
+    runtime: str = "auto",
+    graph_dir: str | None = None,
 ) -> ray.data.Dataset:
     """``ds`` (column ``image``) through :class:`BackboneStage` on an actor pool.
 
@@ -74,6 +91,8 @@ def backbone_stage(
             "backbone": backbone_dict(backbone),
             "use_gpu": use_gpu,
             "threads": threads,
+            "runtime": runtime,
+            "graph_dir": graph_dir,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),

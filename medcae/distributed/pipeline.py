@@ -260,6 +260,7 @@ def run_pipeline(
         "cae_history": training.history,
         "num_train_unlabeled": store.count("train", "unlabeled"),
         "feature_store": {"uri": store.uri, "key": store.key, "rows": store.rows},
+        "features_runtime": store.runtime,
     }
     bundle = save_model(
         paths.out / "bundle",

@@ -41,6 +41,7 @@ from medcae.data import DataError, ImageDecodeError, Rows, decode_image
 from medcae.distributed.extract import backbone_dict, backbone_stage
 from medcae.distributed.runtime import Progress
 from medcae.preprocess import PREPARE_VERSION, prepare_image
+from medcae.runtimes import resolve_runtime
 from medcae.shards import ShardFile, list_files
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class FeatureStore:
     label_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     reused: bool = False
+    runtime: dict[str, str] = field(default_factory=dict)
 
     def split(
         self, *names: str, columns: Sequence[str] = ("maps",), materialize: bool = False
@@ -384,6 +386,7 @@ class ExtractOptions:
         use_gpu: One GPU per actor.
         threads: CPUs (and torch threads) per actor; 0 sizes it from the cluster's nodes.
         lock_timeout_s: How long to wait for another run building the same entry.
+        runtime: Inference runtime of the backbone (:mod:`medcae.runtimes`).
     """
 
     batch_size: int = 64
@@ -391,6 +394,7 @@ class ExtractOptions:
     use_gpu: bool = False
     threads: int = 0
     lock_timeout_s: float = 3600.0
+    runtime: str = "auto"
 
 
 def build_store(
@@ -450,7 +454,12 @@ def _extract(
         batch_size=None,
         batch_format="numpy",
     )
-    feats = backbone_stage(ds, backbone, opts.batch_size, opts.actors, opts.use_gpu, opts.threads)
+    runtime, why = resolve_runtime(opts.runtime, "cuda" if opts.use_gpu else "cpu")
+    log.info("backbone runtime: %s (%s)", runtime, why)
+    graphs = None if "://" in tmp else os.path.join(os.path.dirname(tmp), "graphs")
+    feats = backbone_stage(
+        ds, backbone, opts.batch_size, opts.actors, opts.use_gpu, opts.threads, runtime, graphs
+    )
     progress = Progress("features", len(table), "images")
     try:
         feats = feats.map_batches(progress.counter(), batch_format="numpy", batch_size=None)
@@ -474,6 +483,7 @@ def _extract(
         "label_names": list(label_names),
         "skipped": skipped,
         "backbone": backbone_identity(backbone),
+        "runtime": {"name": runtime, "precision": "fp32", "why": why},
         "extract_s": secs,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -496,6 +506,7 @@ def _load(entry: str, reused: bool) -> FeatureStore | None:
         list(meta["label_names"]),
         [tuple(s) for s in meta["skipped"]],  # type: ignore[misc]
         reused,
+        meta.get("runtime", {"name": "torch", "precision": "fp32"}),
     )
 
 

@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
         cfg.train.extract_actors,
         cfg.train.use_gpu,
         cfg.train.extract_threads,
+        runtime=cfg.train.runtime,
     )
     log_file = setup_run_logging(out)
     init_ray(args.address, args.num_cpus)
