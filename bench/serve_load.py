@@ -88,7 +88,7 @@ def load(url: str, blobs: list[bytes], concurrency: int, requests: int, max_s: f
     }
 
 
-def run_serve(bundle: str, batch: int, port: int, threads: int) -> str:
+def run_serve(bundle: str, batch: int, port: int, threads: int, runtime: str) -> str:
     from ray import serve
 
     from serve.app import build_app
@@ -100,6 +100,7 @@ def run_serve(bundle: str, batch: int, port: int, threads: int) -> str:
                 "max_batch_size": batch,
                 "batch_wait_timeout_s": 0.01 if batch > 1 else 0.0,
                 "threads": threads,
+                "runtime": runtime,
             }
         ),
         name="medcae",
@@ -123,6 +124,7 @@ def main() -> None:
         help="torch threads of the Serve replica; 0 = Ray's default (its num_cpus, 1). On 2 "
         "cores, 2 threads oversubscribe next to the proxy and the load generator",
     )
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"])
     a = p.parse_args()
     import ray
     from ray import serve
@@ -140,6 +142,8 @@ def main() -> None:
             bundle,
             "--port",
             str(base_port),
+            "--runtime",
+            a.runtime,
         ]
     )
     try:
@@ -156,7 +160,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for label, batch in (("Ray Serve, batching 16", 16), ("Ray Serve, no batching", 1)):
-        url = run_serve(bundle, batch, port, a.threads)
+        url = run_serve(bundle, batch, port, a.threads, a.runtime)
         rows += [(label, c, load(url, blobs, c, a.requests, a.max_seconds)) for c in levels]
     serve.shutdown()
     ray.shutdown()

@@ -110,6 +110,16 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
 
 
+def add_runtime_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="inference runtime of the frozen backbone (auto: an exported graph on ONNX Runtime "
+        "on CPU, PyTorch on CUDA or when onnxruntime is missing)",
+    )
+
+
 def add_scaling_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("scaling")
     r.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
@@ -123,13 +133,7 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="CPUs/torch threads per backbone actor (0: node cores / actors)",
     )
-    r.add_argument(
-        "--runtime",
-        default="auto",
-        choices=["auto", "torch", "onnxruntime"],
-        help="inference runtime of the frozen backbone (auto: an exported graph on ONNX Runtime "
-        "on CPU, PyTorch on CUDA or when onnxruntime is missing)",
-    )
+    add_runtime_arg(r)
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -231,6 +235,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--resume", action="store_true", help="restore the search at --out/--name")
     add_classifier_args(p, kind=False)
     add_cluster_args(p)
+    add_runtime_arg(p)
     add_output_args(p, "runs/tune", "output folder (trials.csv, bundle/, run.log, ...)")
     add_smoke_arg(p, "tiny data, tiny space")
 
@@ -252,6 +257,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--finetune-epochs", type=int, default=3)
     e.add_argument("--finetune-resolution", type=int, default=64)
     add_cluster_args(p)
+    add_runtime_arg(p)
     add_output_args(p, "runs/evaluate", "output folder (report.md, results.csv, run.log, ...)")
     add_smoke_arg(p, "tiny subset, one seed")
 

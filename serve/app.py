@@ -82,6 +82,8 @@ class MedcaeModel:
         limits: Overrides of :class:`medcae.service.Limits` fields.
         device: ``cuda`` / ``cpu``; default: GPU when the replica has one.
         threads: Torch CPU threads; 0 keeps Ray's default (the replica's ``num_cpus``).
+        runtime: Backbone runtime: ``auto`` (an exported graph on ONNX Runtime on CPU, PyTorch
+            on CUDA), ``torch`` or ``onnxruntime``.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class MedcaeModel:
         limits: dict[str, int] | None = None,
         device: str | None = None,
         threads: int = 0,
+        runtime: str = "auto",
     ):
         import torch
 
@@ -100,12 +103,19 @@ class MedcaeModel:
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.predictor = Predictor.from_bundle(bundle, device)
+        self.predictor = Predictor.from_bundle(bundle, device, runtime)
         self.model_id = model_id(self.predictor.meta)
         self.limits = Limits(**(limits or {}))
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("loaded %s from %s on %s (pid %d)", self.model_id, bundle, device, os.getpid())
+        log.info(
+            "loaded %s from %s on %s, backbone on %s (pid %d)",
+            self.model_id,
+            bundle,
+            device,
+            self.predictor.extractor.runtime,
+            os.getpid(),
+        )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -143,7 +153,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError("serve app needs the argument 'bundle' (path to a model bundle folder)")
     kwargs = {
         k: args[k]
-        for k in ("bundle", "max_batch_size", "batch_wait_timeout_s", "limits", "device", "threads")
+        for k in (
+            "bundle",
+            "max_batch_size",
+            "batch_wait_timeout_s",
+            "limits",
+            "device",
+            "threads",
+            "runtime",
+        )
         if k in args
     }
     for key in ("max_batch_size", "threads"):

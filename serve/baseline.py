@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from medcae.service import Limits, RequestError, model_id  # noqa: E402
 
 
-def make_app(bundle: str) -> FastAPI:
+def make_app(bundle: str, runtime: str = "auto") -> FastAPI:
     """A single-process FastAPI app serving ``bundle`` through ``Predictor``."""
     from medcae.predictor import Predictor
     from serve.app import read_images
 
-    predictor = Predictor.from_bundle(bundle)
+    predictor = Predictor.from_bundle(bundle, runtime=runtime)
     ident, limits = model_id(predictor.meta), Limits()
     app = FastAPI(title="medcae baseline")
 
@@ -54,8 +54,9 @@ def main() -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"])
     a = p.parse_args()
-    uvicorn.run(make_app(a.bundle), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(make_app(a.bundle, a.runtime), host=a.host, port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def main(a: argparse.Namespace) -> int:
     from medcae.distributed.evaluate import run_evaluation
     from medcae.distributed.pipeline import list_sources, resolved_backbone, smoke_config
     from medcae.distributed.runtime import init_ray
-    from medcae.distributed.store import build_store
+    from medcae.distributed.store import ExtractOptions, build_store
     from medcae.evidence import METHODS
 
     methods = [m for m in a.methods.split(",") if m]
@@ -94,7 +94,8 @@ def main(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     init_ray(a.address, a.num_cpus)
     route_ray_output()
-    store = build_store(sources[:1], cfg.backbone, a.feature_store or default_store_root())
+    root = a.feature_store or default_store_root()
+    store = build_store(sources[:1], cfg.backbone, root, ExtractOptions(runtime=cfg.train.runtime))
     ds, feats = store_inputs(store, sources[0])
     rows, examples = run_evaluation(
         ds,

@@ -47,7 +47,9 @@ def main(a: argparse.Namespace) -> int:
     init_ray(a.address, a.num_cpus)
     route_ray_output()
     root = a.feature_store or default_store_root()
-    stores, secs = mt.prepare_stores(sources, space, base, root, ExtractOptions())
+    stores, secs = mt.prepare_stores(
+        sources, space, base, root, ExtractOptions(runtime=base.train.runtime)
+    )
     opts = {k: getattr(a, k) for k in TUNER_OPTIONS}
     results = mt.make_tuner(space, base, stores, opts, out, a.name).fit()
     summary = mt.finalize(results, space, base, stores, out, sources[0].name)
