@@ -35,6 +35,7 @@ def main(args: argparse.Namespace) -> int:
     from medcae.distributed.runtime import init_ray
     from medcae.distributed.store import ExtractOptions
     from medcae.features import FeatureExtractor
+    from medcae.runtimes import resolve_runtime
 
     cfg = config_from_args(args)
     if args.smoke_test:
@@ -42,7 +43,10 @@ def main(args: argparse.Namespace) -> int:
         if args.epochs is not None:  # an explicit --epochs wins over the smoke default
             cfg = replace(cfg, cae=replace(cfg.cae, epochs=args.epochs))
     cfg = resolved_backbone(cfg)
-    FeatureExtractor(cfg.backbone)  # missing weights: one clear error before Ray starts
+    # Missing weights or a runtime that cannot run here: one clear error before Ray starts
+    # (the PyTorch build only loads the weights; graphs are exported where they run).
+    FeatureExtractor(cfg.backbone, runtime="torch")
+    resolve_runtime(cfg.train.runtime, "cuda" if cfg.train.use_gpu else "cpu")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     sources = list_sources(cfg, args.data_dir, args.smoke_test)  # bad input fails before Ray
     check_budget(sources[0], cfg.classifier.budget, cfg.classifier.seed)
