@@ -37,10 +37,13 @@ def store_inputs(store, rows) -> tuple:
         ``(Dataset of the images, {split: {"maps", "final", "labels"}})``.
     """
     from medcae.data import Dataset, ImageSet, decode_image, to_uniform
-    from medcae.distributed.store import read_bytes
+    from medcae.distributed.store import read_bytes, rows_table
 
-    table = rows.table
-    blobs = dict(zip(table.column("id").to_pylist(), _payloads(table)))
+    table = rows_table([rows])  # both payload columns, nulls where a row has the other
+    payloads = zip(table.column("data").to_pylist(), table.column("path").to_pylist())
+    blobs = dict(
+        zip(table.column("id").to_pylist(), (d if d is not None else p for d, p in payloads))
+    )
     feats, splits = {}, {}
     for s in ("train", "val", "test"):
         arr = store.arrays(s)
@@ -58,16 +61,6 @@ def store_inputs(store, rows) -> tuple:
         store.label_names,
     )
     return ds, feats
-
-
-def _payloads(table) -> list:
-    """Each row's inline bytes, else its path."""
-    data = table.column("data").to_pylist() if "data" in table.column_names else None
-    paths = table.column("path").to_pylist() if "path" in table.column_names else None
-    return [
-        d if d is not None else p
-        for d, p in zip(data or [None] * len(table), paths or [None] * len(table))
-    ]
 
 
 def main(a: argparse.Namespace) -> int:
