@@ -124,7 +124,9 @@ def main() -> None:
         help="torch threads of the Serve replica; 0 = Ray's default (its num_cpus, 1). On 2 "
         "cores, 2 threads oversubscribe next to the proxy and the load generator",
     )
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"])
+    p.add_argument(
+        "--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"]
+    )
     a = p.parse_args()
     import ray
     from ray import serve

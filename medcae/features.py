@@ -31,9 +31,10 @@ class FeatureExtractor:
         cfg: Backbone configuration.
         device: Torch device string.
         channels_last: Use channels-last memory format for PyTorch (about 1.7x faster on CPU).
-        runtime: ``auto``, ``torch`` or ``onnxruntime`` (see :mod:`medcae.runtimes`).
+        runtime: ``auto``, ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`medcae.runtimes`);
+            the precision is the config's.
         graph_dir: Where exported graphs are cached.
-        threads: Intra-op threads of an ONNX Runtime session (0: torch's setting).
+        threads: Intra-op threads of an exported-graph runtime (0: torch's setting).
     """
 
     def __init__(
@@ -51,12 +52,12 @@ class FeatureExtractor:
             cfg.name, cfg.taps or None, cfg.resolution, cfg.weights
         ).to(self.device)
         self.run, self.runtime, why = make_runner(
-            self.backbone, runtime, self.device, cfg.weights, graph_dir, threads
+            self.backbone, runtime, self.device, cfg.weights, graph_dir, threads, cfg.precision
         )
         self.channels_last = channels_last and self.runtime == "torch"
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        log.info("backbone %s runs on %s (%s)", cfg.name, self.runtime, why)
+        log.info("backbone %s runs on %s, %s (%s)", cfg.name, self.runtime, cfg.precision, why)
 
     @property
     def taps(self) -> tuple[str, ...]:

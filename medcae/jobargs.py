@@ -76,6 +76,13 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--resolution", type=int, default=112, help="backbone input side, pixels")
     b.add_argument("--backbone-weights", default=None, help="state-dict file of the backbone")
+    b.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="backbone precision; bf16 is faster on CPUs with AVX-512 BF16 (OpenVINO or "
+        "PyTorch autocast) and changes the features, so it is part of the store key and bundle",
+    )
 
 
 def add_cae_args(p: argparse.ArgumentParser, epochs: int | None = 15) -> None:
@@ -114,9 +121,9 @@ def add_runtime_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
     p.add_argument(
         "--runtime",
         default="auto",
-        choices=["auto", "torch", "onnxruntime"],
-        help="inference runtime of the frozen backbone (auto: an exported graph on ONNX Runtime "
-        "on CPU, PyTorch on CUDA or when onnxruntime is missing)",
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="inference runtime of the frozen backbone (auto: an exported graph on OpenVINO, "
+        "else ONNX Runtime, on CPU; PyTorch on CUDA or when neither is installed)",
     )
 
 

@@ -62,8 +62,9 @@ class Predictor:
         Args:
             path: Bundle folder.
             device: Torch device.
-            runtime: Backbone runtime (``auto``, ``torch``, ``onnxruntime``); fp32 runtimes
-                agree to 1e-4 on the maps, whichever made the bundle's features.
+            runtime: Backbone runtime (``auto``, ``torch``, ``onnxruntime``, ``openvino``); fp32
+                runtimes agree to 1e-4 on the maps, whichever made the bundle's features. The
+                precision is the bundle's (``backbone.precision``), as its features were made.
         """
         meta, state, arrays = read_bundle(path)
         cfg = PipelineConfig.from_dict(meta["config"])

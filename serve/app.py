@@ -82,8 +82,9 @@ class MedcaeModel:
         limits: Overrides of :class:`medcae.service.Limits` fields.
         device: ``cuda`` / ``cpu``; default: GPU when the replica has one.
         threads: Torch CPU threads; 0 keeps Ray's default (the replica's ``num_cpus``).
-        runtime: Backbone runtime: ``auto`` (an exported graph on ONNX Runtime on CPU, PyTorch
-            on CUDA), ``torch`` or ``onnxruntime``.
+        runtime: Backbone runtime: ``auto`` (an exported graph on OpenVINO, else ONNX Runtime,
+            on CPU; PyTorch on CUDA), ``torch``, ``onnxruntime`` or ``openvino``; the precision
+            is the bundle's.
     """
 
     def __init__(

@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"])
+    p.add_argument(
+        "--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"]
+    )
     a = p.parse_args()
     uvicorn.run(make_app(a.bundle, a.runtime), host=a.host, port=a.port, log_level="warning")
 

@@ -21,7 +21,7 @@ class BackboneStage:
         backbone: :func:`backbone_dict` of the config.
         use_gpu: Run on the actor's GPU.
         threads: Torch intra-op threads in the actor (0 = leave torch's default).
-        runtime: Inference runtime (``auto``, ``torch``, ``onnxruntime``).
+        runtime: Inference runtime (``auto``, ``torch``, ``onnxruntime``, ``openvino``).
         graph_dir: Where exported graphs are cached (shared by the actors of a store).
 
     Input column ``image`` (prepared uint8 ``(B, side, side, 3)``) becomes ``maps``
@@ -109,4 +109,5 @@ def backbone_dict(cfg: BackboneConfig) -> dict:
         "taps": list(cfg.taps),
         "resolution": cfg.resolution,
         "weights": cfg.weights,
+        "precision": cfg.precision,
     }

@@ -454,7 +454,8 @@ def _extract(
         batch_size=None,
         batch_format="numpy",
     )
-    runtime, why = resolve_runtime(opts.runtime, "cuda" if opts.use_gpu else "cpu")
+    device = "cuda" if opts.use_gpu else "cpu"
+    runtime, why = resolve_runtime(opts.runtime, device, backbone.precision)
     log.info("backbone runtime: %s (%s)", runtime, why)
     graphs = None if "://" in tmp else os.path.join(os.path.dirname(tmp), "graphs")
     feats = backbone_stage(
@@ -483,7 +484,7 @@ def _extract(
         "label_names": list(label_names),
         "skipped": skipped,
         "backbone": backbone_identity(backbone),
-        "runtime": {"name": runtime, "precision": "fp32", "why": why},
+        "runtime": {"name": runtime, "precision": backbone.precision, "why": why},
         "extract_s": secs,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -46,7 +46,9 @@ def main(args: argparse.Namespace) -> int:
     # Missing weights or a runtime that cannot run here: one clear error before Ray starts
     # (the PyTorch build only loads the weights; graphs are exported where they run).
     FeatureExtractor(cfg.backbone, runtime="torch")
-    resolve_runtime(cfg.train.runtime, "cuda" if cfg.train.use_gpu else "cpu")
+    resolve_runtime(
+        cfg.train.runtime, "cuda" if cfg.train.use_gpu else "cpu", cfg.backbone.precision
+    )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     sources = list_sources(cfg, args.data_dir, args.smoke_test)  # bad input fails before Ray
     check_budget(sources[0], cfg.classifier.budget, cfg.classifier.seed)
