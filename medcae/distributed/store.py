@@ -462,13 +462,17 @@ def _extract(
         ds, backbone, opts.batch_size, opts.actors, opts.use_gpu, opts.threads, runtime, graphs
     )
     progress = Progress("features", len(table), "images")
+    tally = _Tally.remote()  # type: ignore[attr-defined]
     try:
-        feats = feats.map_batches(progress.counter(), batch_format="numpy", batch_size=None)
+        feats = feats.map_batches(
+            _tally_batches(tally, progress.counter()), batch_format="numpy", batch_size=None
+        )
         feats.write_parquet(tmp, partition_cols=["split"], min_rows_per_file=1024)
+        rows, shape, mean, std = _summarise(ray.get(tally.get.remote()), tmp)
     finally:
         progress.stop()
+        ray.kill(tally)
     secs = time.perf_counter() - t0
-    rows, shape, mean, std = _scan(tmp)
     skipped = _collect_skipped(f"{tmp}/{SKIPPED_DIR}")
     total = sum(rows.values())
     progress.done(
@@ -547,24 +551,67 @@ def _remove_stale(root: str, key: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _scan(uri: str) -> tuple[dict[str, int], tuple[int, ...], list[float], list[float]]:
-    """Rows per split, and per-channel mean/std of the CAE's maps, in one streamed pass."""
+#: Splits whose maps train the CAE (and set its input standardisation).
+CAE_SPLITS = ("train", "unlabeled")
+
+
+@ray.remote(num_cpus=0)
+class _Tally:
+    """Per-batch rows per split and channel sums of the CAE's maps, keyed by the batch's ids
+    (a retried task overwrites its own part instead of counting twice)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[str, Any]] = {}
+
+    def add(self, key: str, part: dict[str, Any]) -> None:
+        self.parts[key] = part
+
+    def get(self) -> list[dict[str, Any]]:
+        return list(self.parts.values())
+
+
+def _tally_batches(tally: Any, count: Any) -> Any:
+    """A pass-through ``map_batches`` function: adds the batch's statistics to ``tally`` (and
+    waits, so that they are all in when the write finishes) and counts it for the progress line.
+    """
+
+    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(i) for i in batch["id"]]
+        if not ids:
+            return batch
+        splits = batch["split"].astype(str)
+        maps = batch["maps"]
+        m = maps[np.isin(splits, CAE_SPLITS)].astype(np.float64)
+        names, counts = np.unique(splits, return_counts=True)
+        part = {
+            "rows": {str(k): int(v) for k, v in zip(names, counts)},
+            "shape": list(maps.shape[1:]),
+            "s": m.sum(axis=(0, 2, 3)),
+            "ss": (m**2).sum(axis=(0, 2, 3)),
+            "n": int(m.shape[0] * m.shape[2] * m.shape[3]),
+        }
+        ray.get(tally.add.remote(hashlib.sha1("\0".join(ids).encode()).hexdigest(), part))
+        return count(batch)
+
+    return fn
+
+
+def _summarise(
+    parts: list[dict[str, Any]], uri: str
+) -> tuple[dict[str, int], tuple[int, ...], list[float], list[float]]:
+    """Rows per split and per-channel mean/std of the CAE's maps (``train`` and ``unlabeled``),
+    from the per-batch parts the write stage tallied: the store is never read back."""
     rows: dict[str, int] = {}
-    s = ss = 0.0
+    s: Any = 0.0
+    ss: Any = 0.0
     n = 0
     shape: tuple[int, ...] = ()
-    ds = ray.data.read_parquet(uri, file_extensions=["parquet"])
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=0):
-        splits = batch["split"].astype(str)
-        for name in np.unique(splits):
-            rows[str(name)] = rows.get(str(name), 0) + int((splits == name).sum())
-        shape = batch["maps"].shape[1:]
-        cae = np.isin(splits, ("train", "unlabeled"))
-        if cae.any():
-            m = batch["maps"][cae].astype(np.float64)
-            s = s + m.sum(axis=(0, 2, 3))
-            ss = ss + (m**2).sum(axis=(0, 2, 3))
-            n += m.shape[0] * m.shape[2] * m.shape[3]
+    for part in parts:
+        for name, k in part["rows"].items():
+            rows[name] = rows.get(name, 0) + k
+        shape = tuple(part["shape"])
+        if part["n"]:
+            s, ss, n = s + part["s"], ss + part["ss"], n + part["n"]
     if n == 0:
         raise DataError(f"no training image could be decoded (feature store {uri})")
     mean = np.asarray(s) / n
