@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -156,13 +157,16 @@ def _openvino_runner(
     }
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
+    busy = threading.Lock()  # an infer request serves one call at a time ("Infer Request is
+    # busy" otherwise); each call already uses every thread, so callers queue here
     names = [*backbone.taps, "final"]
     ports = [compiled.output(n) for n in names]
 
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        out = request.infer({0: arr})
-        return {n: torch.from_numpy(np.array(out[p], copy=True)) for n, p in zip(names, ports)}
+        with busy:
+            out = request.infer({0: arr})
+            return {n: torch.from_numpy(np.array(out[p], copy=True)) for n, p in zip(names, ports)}
 
     return run
 

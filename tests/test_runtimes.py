@@ -117,3 +117,19 @@ def test_without_exported_graph_runtimes_auto_falls_back_and_says_why():
     assert "RUNTIME torch" in out.stdout, out.stderr[-2000:]
     assert "REFUSED onnxruntime is not installed" in out.stdout
     assert "onnxruntime is not installed" in out.stderr and "PyTorch instead" in out.stderr
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "torch"])
+def test_runners_take_concurrent_calls(runtime, tmp_path, rng):
+    """A server's threads call one Predictor at once; every call gets its own right answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ext = FeatureExtractor(
+        BackboneConfig(taps=("stage4",), resolution=32), runtime=runtime, graph_dir=str(tmp_path)
+    )
+    batches = [rng.integers(0, 256, (2, 32, 32), dtype=np.uint8) for _ in range(6)]
+    expected = [ext(b)["final"] for b in batches]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda b: ext(b)["final"], batches * 4))
+    for i, g in enumerate(got):
+        np.testing.assert_allclose(g, expected[i % 6], atol=1e-5)
