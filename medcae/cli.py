@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medcae import jobargs
+from medcae.auth import hash_key, load_key_hashes, require_keys_for
 
 #: subcommand -> (flags, one-line help); the body is ``medcae.jobs.<subcommand>.main``.
 JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
@@ -43,7 +44,7 @@ JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
 def _predict(args: argparse.Namespace) -> int:
     from medcae.client import ClientError, MedcaeClient
 
-    client = MedcaeClient(args.url, args.timeout)
+    client = MedcaeClient(args.url, args.timeout, args.api_key)
     failures = 0
     for path in args.images:
         try:
@@ -59,23 +60,37 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key on standard input (e.g. `echo -n KEY | medcae hash-key`)")
+        return 2
+    print(hash_key(key))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from medcae.bundle import read_bundle
     from serve.app import build_app
 
-    read_bundle(args.bundle)  # fail fast, with a clear message, before Ray starts
+    hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray starts
+    require_keys_for(args.host, hashes)
+    read_bundle(args.bundle)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(
-        build_app({"bundle": str(Path(args.bundle).resolve())}), name="medcae", route_prefix="/"
-    )
-    print(f"serving {args.bundle} at http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops")
+    app_args = {"bundle": str(Path(args.bundle).resolve()), "api_key_sha256": list(hashes)}
+    serve.run(build_app(app_args), name="medcae", route_prefix="/")
+    keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
+    print(f"serving {args.bundle} at http://{args.host}:{args.port}, {keys}; Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        from medcae.distributed.runtime import shutdown_ray
+
         serve.shutdown()
+        shutdown_ray()  # no process of the local Ray it started outlives `medcae serve`
     return 0
 
 
@@ -107,11 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bundle", required=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file of API key sha256 digests, one per line (or $MEDCAE_API_KEYS_FILE / "
+        "$MEDCAE_API_KEY_SHA256); required to serve beyond loopback",
+    )
     sv.set_defaults(fn=_serve)
+    hk = sub.add_parser(
+        "hash-key", help="print the sha256 digest of an API key read from standard input"
+    )
+    hk.set_defaults(fn=_hash_key)
     pr = sub.add_parser("predict", help="classify image files through a running server")
     pr.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
     pr.add_argument("--url", default="http://127.0.0.1:8000")
     pr.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    pr.add_argument(
+        "--api-key", default=None, help="API key of the server (default $MEDCAE_API_KEY)"
+    )
     pr.set_defaults(fn=_predict)
     return p
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -42,17 +43,25 @@ class MedcaeClient:
     Args:
         url: Base URL, e.g. ``http://127.0.0.1:8000``.
         timeout: Seconds per request.
+        api_key: Sent as ``Authorization: Bearer``; default ``$MEDCAE_API_KEY`` (none if unset).
     """
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0):
+    def __init__(
+        self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0, api_key: str | None = None
+    ):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get("MEDCAE_API_KEY", "")
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
 
     def predict_bytes(self, data: bytes) -> dict[str, Any]:
         """``POST /v1/predict`` with encoded image bytes; returns the JSON response."""
         ctype = _CTYPES.get(sniff(data), "application/octet-stream")
         req = urllib.request.Request(
-            f"{self.url}/v1/predict", data=data, method="POST", headers={"Content-Type": ctype}
+            f"{self.url}/v1/predict",
+            data=data,
+            method="POST",
+            headers={"Content-Type": ctype, **self.auth},
         )
         return _call(req, req.full_url, self.timeout)
 
@@ -62,7 +71,7 @@ class MedcaeClient:
 
     def model(self) -> dict[str, Any]:
         """``GET /v1/model``."""
-        req = urllib.request.Request(f"{self.url}/v1/model")
+        req = urllib.request.Request(f"{self.url}/v1/model", headers=self.auth)
         return _call(req, req.full_url, self.timeout)
 
     def health(self) -> dict[str, Any]:

@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from medcae.data import ImageDecodeError, ImageTooLargeError, NoPixelDataError, decode_image
+from medcae.data import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    NonFinitePixelsError,
+    NoPixelDataError,
+    decode_image,
+)
 
 SUPPORTED = "PNG, JPEG or DICOM"
 _OTHER_FORMATS = {
@@ -47,11 +53,43 @@ class Limits:
         max_image_bytes: Largest accepted encoded image.
         max_pixels: Largest accepted decoded image (width x height x frames).
         max_batch_images: Most images in one ``/v1/predict/batch`` request.
+        max_request_bytes: Largest request body of a batch (a single image's body may hold
+            ``max_image_bytes`` plus 64 KiB of multipart framing). Refused from the
+            Content-Length header, and by a cap on the streamed body, before it is all read.
     """
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_batch_images: int = 32
+    max_request_bytes: int = 64 * 1024 * 1024
+
+    def body_cap(self, batch: bool) -> int:
+        """The most bytes a request body may hold."""
+        return self.max_request_bytes if batch else self.max_image_bytes + 64 * 1024
+
+
+def check_declared_length(header: str | None, cap: int) -> None:
+    """Refuse a body from its Content-Length header alone, before any of it is read.
+
+    Raises:
+        RequestError: 400 for a header that is not a whole number, 413 over ``cap``.
+    """
+    if header is None:
+        return
+    try:
+        declared = int(header)
+    except ValueError as err:
+        raise RequestError(400, "bad_content_length", f"Content-Length {header[:20]!r}") from err
+    if declared > cap:
+        raise RequestError(
+            413, "too_large", f"body of {declared} bytes is over the limit of {cap} bytes"
+        )
+
+
+def check_streamed_length(size: int, cap: int) -> None:
+    """The cap on a body read in chunks (no, or a false, Content-Length)."""
+    if size > cap:
+        raise RequestError(413, "too_large", f"body is over the limit of {cap} bytes")
 
 
 def sniff(data: bytes) -> str:
@@ -84,8 +122,8 @@ def decode_request_image(data: bytes, limits: Limits, name: str = "image") -> np
         uint8 ``(H, W)`` or ``(H, W, 3)``.
 
     Raises:
-        RequestError: 400 empty or corrupt, 413 too large, 415 unsupported type, 422 DICOM
-            without pixel data.
+        RequestError: 400 empty or corrupt (malformed DICOM headers included), 413 too large,
+            415 unsupported type, 422 DICOM without pixel data or NaN/infinite pixel values.
     """
     if not data:
         raise RequestError(400, "empty_body", f"{name}: no bytes received; send a {SUPPORTED}")
@@ -110,6 +148,8 @@ def _decode(data: bytes, kind: str, limits: Limits, name: str) -> np.ndarray:
         raise RequestError(413, "too_many_pixels", str(err)) from err
     except NoPixelDataError as err:
         raise RequestError(422, "no_pixel_data", str(err)) from err
+    except NonFinitePixelsError as err:
+        raise RequestError(422, "non_finite_pixels", str(err)) from err
     except ImageDecodeError as err:
         raise RequestError(400, "corrupt_image", str(err)) from err
     if arr.shape[0] * arr.shape[1] > limits.max_pixels:

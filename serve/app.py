@@ -5,7 +5,12 @@
 
 Endpoints: ``POST /v1/predict`` (one image: raw body or multipart ``file``),
 ``POST /v1/predict/batch`` (multipart files, or JSON ``{"images": [base64, ...]}``),
-``GET /v1/model``, ``GET /healthz``, OpenAPI docs at ``/docs``.
+``GET /v1/model``, ``GET /healthz`` (always open), the OpenAPI schema at ``/openapi.json``;
+the ``/docs`` page only with ``MEDCAE_SERVE_DOCS=1`` in the replica's environment.
+
+With API keys configured (``api_keys_file`` / ``api_key_sha256`` arguments, or the environment;
+see :mod:`medcae.auth`), every endpoint but ``/healthz`` needs ``Authorization: Bearer <key>``:
+401 without one, 403 with a wrong one, checked before the body is read.
 """
 
 import asyncio
@@ -19,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from medcae.auth import check_bearer, load_key_hashes
 from medcae.service import (
     BatchResponse,
     ErrorResponse,
@@ -26,6 +32,8 @@ from medcae.service import (
     PredictResponse,
     RequestError,
     check_batch_size,
+    check_declared_length,
+    check_streamed_length,
     decode_b64_images,
     decode_request_image,
     model_id,
@@ -36,38 +44,86 @@ log = logging.getLogger("medcae.serve")
 
 ERRORS = {
     400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
 }
 
-app = FastAPI(title="medcae", version="1", description="CAE-on-frozen-CNN image classifier")
+_DOCS = os.environ.get("MEDCAE_SERVE_DOCS", "") == "1"
+app = FastAPI(
+    title="medcae",
+    version="1",
+    description="CAE-on-frozen-CNN image classifier",
+    docs_url="/docs" if _DOCS else None,
+    redoc_url=None,
+)
 
 
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The request body, refused (413) from its Content-Length, or as soon as the streamed
+    chunks pass ``cap``: an oversized upload is never held whole."""
+    check_declared_length(request.headers.get("content-length"), cap)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        check_streamed_length(size, cap)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_form(request: Request, body: bytes, limits: Limits) -> Any:
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def once() -> Any:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, once(), max_files=limits.max_batch_images + 1, max_fields=16
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as err:
+        raise RequestError(400, "bad_multipart", str(err)) from err
 
 
 async def read_images(request: Request, limits: Limits, batch: bool) -> list[np.ndarray]:
     """Decode the images of a request: raw body, multipart files, or (batch) base64 JSON."""
     ctype = request.headers.get("content-type", "")
+    body = await read_body(request, limits.body_cap(batch))
     if ctype.startswith("multipart/form-data"):
-        form = await request.form()
+        form = await _parse_form(request, body, limits)
         files = [v for _, v in form.multi_items() if hasattr(v, "read")]
         if not batch and len(files) != 1:
             raise RequestError(400, "bad_multipart", f"expected 1 file, got {len(files)}")
         check_batch_size(len(files), limits)
-        blobs = [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
-        return [decode_request_image(b, limits, name) for name, b in blobs]
-    body = await request.body()
+        blobs = []
+        for i, f in enumerate(files):
+            name = f.filename or f"files[{i}]"
+            if (f.size or 0) > limits.max_image_bytes:
+                raise RequestError(
+                    413, "too_large", f"{name}: over the limit of {limits.max_image_bytes} bytes"
+                )
+            blobs.append((name, await f.read()))
+        # Decoding runs in a worker thread: a slow image never stalls the event loop.
+        return await asyncio.to_thread(
+            lambda: [decode_request_image(b, limits, name) for name, b in blobs]
+        )
     if batch:
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(422, "bad_json", f"body is not valid JSON: {err}") from err
-        return decode_b64_images(payload, limits)
-    return [decode_request_image(body, limits)]
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            detail = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise RequestError(422, "bad_json", f"body is not valid JSON: {detail}") from err
+        return await asyncio.to_thread(decode_b64_images, payload, limits)
+    return [await asyncio.to_thread(decode_request_image, body, limits)]
 
 
 @serve.deployment(name="medcae", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -85,6 +141,9 @@ class MedcaeModel:
         runtime: Backbone runtime: ``auto`` (an exported graph on OpenVINO, else ONNX Runtime,
             on CPU; PyTorch on CUDA), ``torch``, ``onnxruntime`` or ``openvino``; the precision
             is the bundle's.
+        api_keys_file: File of API key sha256 digests (:mod:`medcae.auth`).
+        api_key_sha256: Digests given directly; with the file and the environment's, any
+            configured key opens the endpoints.
     """
 
     def __init__(
@@ -96,8 +155,13 @@ class MedcaeModel:
         device: str | None = None,
         threads: int = 0,
         runtime: str = "auto",
+        api_keys_file: str | None = None,
+        api_key_sha256: list[str] | None = None,
     ):
         import torch
+
+        # Keys first: a bad keys file fails the replica before the model loads.
+        self.key_hashes = load_key_hashes(api_keys_file, api_key_sha256 or ())
 
         from medcae.predictor import Predictor
 
@@ -127,19 +191,22 @@ class MedcaeModel:
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
+        check_bearer(request.headers.get("authorization"), self.key_hashes)
         (image,) = await read_images(request, self.limits, batch=False)
         return {"model": self.model_id, "prediction": await self._predict(image)}
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, responses=ERRORS)
     async def predict_batch(self, request: Request) -> dict[str, Any]:
         """Classify several images: multipart files, or JSON ``{"images": [base64, ...]}``."""
+        check_bearer(request.headers.get("authorization"), self.key_hashes)
         images = await read_images(request, self.limits, batch=True)
         preds = await asyncio.gather(*(self._predict(im) for im in images))
         return {"model": self.model_id, "predictions": list(preds)}
 
-    @app.get("/v1/model")
-    async def model(self) -> dict[str, Any]:
+    @app.get("/v1/model", responses=ERRORS)
+    async def model(self, request: Request) -> dict[str, Any]:
         """Backbone, tap, CAE shape, labels, metrics, creation time and versions."""
+        check_bearer(request.headers.get("authorization"), self.key_hashes)
         return model_info(self.predictor.meta, self.model_id) | {"pid": os.getpid()}
 
     @app.get("/healthz")
@@ -162,9 +229,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "device",
             "threads",
             "runtime",
+            "api_keys_file",
+            "api_key_sha256",
         )
         if k in args
     }
+    if isinstance(kwargs.get("api_key_sha256"), str):  # `serve run ... api_key_sha256=a,b`
+        kwargs["api_key_sha256"] = kwargs["api_key_sha256"].split(",")
     for key in ("max_batch_size", "threads"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])

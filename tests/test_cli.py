@@ -226,10 +226,13 @@ def test_forwarded_worker_lines_keep_progress_and_errors():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
+    from reaper import run_reaped
+
     out_dir = tmp_path / "run"
-    run = subprocess.run(
+    run, report = run_reaped(
         [sys.executable, "-m", "medcae.cli", "run", "--data", "demo", "--smoke-test"]
         + ["--out", str(out_dir), "--num-cpus", "4"],
+        tmp_path / "reaper.json",
         capture_output=True,
         text=True,
         timeout=600,
@@ -238,6 +241,7 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     )
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-4000:]
+    assert report["left"] == [], report  # no Ray process of the job outlives it
     assert "ACC" in run.stdout and "AUC" in run.stdout
     bundle = next(x for x in run.stdout.splitlines() if x.startswith("model bundle: "))
     assert (Path(bundle.split(": ", 1)[1]) / "bundle.json").is_file()

@@ -124,6 +124,8 @@ def test_start_commands_parse_as_ray_start(config, key, tmp_path):
     if key == "head_start_ray_commands":
         assert params["head"] and params["include_dashboard"] is True
         assert params["port"] == 6379 and params["dashboard_port"] == 8265
+        # The dashboard accepts job submissions: loopback only, reached by `ray dashboard`.
+        assert params["dashboard_host"] == "127.0.0.1"
     else:
         assert not params["head"]
         assert params["address"] == "10.0.0.1:6379"

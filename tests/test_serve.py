@@ -21,6 +21,7 @@ from medcae.predictor import Predictor
 pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.slow]
 
 LIMITS = {"max_image_bytes": 300_000, "max_pixels": 4_000_000, "max_batch_images": 4}
+API_KEY = "test-key-0123"
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -78,12 +79,17 @@ def server(ray_session, demo_bundle):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from medcae.auth import hash_key
+
+    args = {"bundle": str(demo_bundle.path), "max_batch_size": 8, "limits": LIMITS}
     serve.run(
-        build_app({"bundle": str(demo_bundle.path), "max_batch_size": 8, "limits": LIMITS}),
-        name="medcae",
-        route_prefix="/",
+        build_app(args | {"api_key_sha256": hash_key(API_KEY)}), name="medcae", route_prefix="/"
     )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=60,
+        headers={"Authorization": f"Bearer {API_KEY}"},  # every test below sends the key
+    )
     yield client
     client.close()
     serve.shutdown()
@@ -97,8 +103,33 @@ def test_health_model_and_docs(server, demo_bundle):
     ]
     assert info["label_names"] == ["normal", "nodule", "ring"] and info["created"]
     assert info["versions"]["torch"] and info["cae"]["latent_channels"] == 8
-    assert server.get("/docs").status_code == 200
+    assert server.get("/docs").status_code == 404  # off unless MEDCAE_SERVE_DOCS=1
     assert "/v1/predict/batch" in server.get("/openapi.json").json()["paths"]
+
+
+def test_api_keys_no_key_401_wrong_key_403_right_key_200(server, demo_bundle):
+    import httpx
+
+    url = str(server.base_url).rstrip("/")
+    blob = png_bytes(demo_bundle.test_images[0])
+    with httpx.Client(base_url=url, timeout=60) as anon:
+        assert anon.get("/healthz").status_code == 200  # liveness stays open
+        for method, path, body in (
+            ("POST", "/v1/predict", blob),
+            ("POST", "/v1/predict/batch", b'{"images": []}'),
+            ("GET", "/v1/model", None),
+        ):
+            r = anon.request(method, path, content=body)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"] == "missing_api_key"
+            assert r.headers["www-authenticate"] == "Bearer"
+            r = anon.request(method, path, content=body, headers={"Authorization": "Bearer nope"})
+            assert (r.status_code, r.json()["error"]) == (403, "bad_api_key"), path
+        # the key is checked before the body is parsed: an oversized body still gets the 401
+        r = anon.post("/v1/predict", content=b"\0" * (LIMITS["max_image_bytes"] + 1))
+        assert r.status_code == 401
+    ok = server.post("/v1/predict", content=blob)
+    assert ok.status_code == 200 and ok.json()["prediction"]["label"]
 
 
 def real_images(demo_bundle, n: int = 24) -> np.ndarray:
@@ -151,13 +182,39 @@ BAD = [
     ("bad json", "/v1/predict/batch", {"content": b"{not json"}, 422, "bad_json"),
     ("json wrong shape", "/v1/predict/batch", {"json": {"imgs": 1}}, 422, "bad_json"),
     ("bad base64", "/v1/predict/batch", {"json": {"images": ["%%%"]}}, 422, "bad_base64"),
+    (
+        "nested json",
+        "/v1/predict/batch",
+        {"content": b"[" * 50_000 + b"]" * 50_000},
+        422,
+        "bad_json",
+    ),
+    ("chunked body over the cap", "/v1/predict", {"content": "STREAM"}, 413, "too_large"),
+    ("multipart file over the cap", "/v1/predict/batch", {"files": "BIGFILE"}, 413, "too_large"),
+    ("malformed dicom header", "/v1/predict", {"content": "BADDCM"}, 400, "corrupt_image"),
+    ("malformed dicom in a batch", "/v1/predict/batch", {"json": "BADDCMS"}, 400, "corrupt_image"),
+    ("nan pixels", "/v1/predict", {"content": "NANDCM"}, 422, "non_finite_pixels"),
 ]
 
 
 def test_bad_requests_get_4xx_and_server_stays_up(server, demo_bundle):
     good = png_bytes(demo_bundle.test_images[0])
     rng = np.random.default_rng(0)
+    from test_decode_hostile import dicom
+
+    def chunks():  # no Content-Length: only the streamed cap can stop it
+        for _ in range(40):
+            yield b"\0" * 16_384
+
+    bad_dcm = dicom(RescaleSlope=("LO", "steep"), RescaleIntercept=("DS", "0"))
+    nan_px = np.zeros(64, np.float32)
+    nan_px[3] = np.nan
     special = {
+        "STREAM": chunks(),
+        "BIGFILE": [("files", ("big.png", b"\0" * (LIMITS["max_image_bytes"] + 1), "image/png"))],
+        "BADDCM": bad_dcm,
+        "BADDCMS": {"images": [base64.b64encode(x).decode() for x in (good, bad_dcm)]},
+        "NANDCM": dicom(nan_px),
         "TRUNC": good[: len(good) // 2],
         "BOMB": bomb_png(),
         "NOPIX": dicom_without_pixels(),
@@ -191,7 +248,7 @@ def test_sixteen_concurrent_clients_no_errors(server, demo_bundle):
     url = str(server.base_url)
 
     def client(i: int) -> list[int]:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=60, headers=server.headers) as c:
             return [
                 c.post("/v1/predict", content=blobs[(i + k) % 16]).status_code for k in range(15)
             ]
@@ -229,14 +286,12 @@ def test_cli_predict_against_the_server(server, demo_bundle, tmp_path):
 
     img = tmp_path / "x.png"
     img.write_bytes(png_bytes(demo_bundle.test_images[0]))
-    out = subprocess.run(
-        [sys.executable, "-m", "medcae.cli", "predict", "--url", str(server.base_url), str(img)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cmd = [sys.executable, "-m", "medcae.cli", "predict", "--url", str(server.base_url), str(img)]
+    out = subprocess.run([*cmd, "--api-key", API_KEY], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "x.png:" in out.stdout and "normal=" in out.stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # no key
+    assert out.returncode == 1 and "HTTP 401" in out.stderr and "Bearer" in out.stderr
 
 
 def test_serve_config_yaml_is_consistent():
@@ -250,3 +305,31 @@ def test_serve_config_yaml_is_consistent():
     assert app["import_path"] == "serve.app:build_app" and "bundle" in app["args"]
     assert dep["max_ongoing_requests"] >= app["args"]["max_batch_size"]
     assert cfg["http_options"]["host"] == "127.0.0.1"
+
+
+def test_medcae_serve_stops_on_ctrl_c_and_leaves_no_process(demo_bundle, tmp_path):
+    """`medcae serve` started as a user would, its own local Ray; Ctrl-C; nothing remains."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from reaper import run_reaped
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "medcae.cli", "serve", "--bundle", str(demo_bundle.path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = tempfile.mkdtemp(prefix="mcs", dir="/tmp")  # short: Ray's socket paths
+    run, report = run_reaped(
+        [*cmd, "--port", str(port)],
+        tmp_path / "reaper.json",
+        health_url=f"http://127.0.0.1:{port}/healthz",
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**env, "RAY_TMPDIR": ray_tmp},  # its own Ray, not the session's
+    )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert report["served"] is True, run.stdout[-2000:] + run.stderr[-3000:]
+    assert report["left"] == [], report

@@ -93,6 +93,7 @@ def test_script_is_valid_bash():
 def test_jobs_get_disjoint_ports_and_temp_dirs(ids):
     a, b = (print_config(i) for i in ids)
     assert a["temp_dir"] != b["temp_dir"]
+    assert print_config(ids[0])["temp_dir"] != a["temp_dir"]  # not predictable from the id
     assert len(a["temp_dir"]) <= 50  # Ray's socket paths stay under 107 characters
     pa, pb = _ports(a), _ports(b)
     assert not pa & pb
@@ -161,7 +162,7 @@ def _run_script(tmp_path: Path, entry: list[str], timeout: float, **extra: str):
         MEDCAE_STOP_TIMEOUT="20",
         **extra,
     )
-    prefix = cfg["temp_dir"].rsplit("-", 1)[0]
+    prefix = f"/tmp/medcae-{job}"  # + "-<random suffix>-<node>", private to each node
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), *entry],
         env=env,
@@ -184,8 +185,10 @@ def _run_script(tmp_path: Path, entry: list[str], timeout: float, **extra: str):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for i in (0, 1):
-            shutil.rmtree(f"{prefix}-{i}", ignore_errors=True)
+        temp_dirs = sorted(Path("/tmp").glob(f"medcae-{job}-*"))
+        cfg["temp_modes"] = {d.name: d.stat().st_mode & 0o777 for d in temp_dirs}
+        for d in temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
     assert not leftovers, f"Ray processes left after the job: {leftovers}\n{out[-6000:]}"
     return proc.returncode, out, cfg, log.read_text() if log.exists() else ""
 
@@ -211,6 +214,9 @@ def test_two_fake_nodes_run_an_entry_point(tmp_path):
     assert f"--port={cfg['gcs_port']}" in starts[0]
     assert all("RAY_AUTH_TOKEN" not in s for s in sruns.splitlines())  # token only in env
     assert "stopping 2 Ray node(s)" in out
+    # One private temp dir per node, named with an unpredictable suffix.
+    assert len(cfg["temp_modes"]) == 2 and set(cfg["temp_modes"].values()) == {0o700}, cfg
+    assert all(len(name.split("-")[2]) == 8 for name in cfg["temp_modes"])
 
 
 @pytest.mark.slow

@@ -45,15 +45,19 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
+    from reaper import run_reaped
+
     out = tmp_path / "search"
-    run = subprocess.run(
+    run, report = run_reaped(
         _cmd(demo_npz, out, "--num-samples", "6", "--max-concurrent", "2", "--grace-period", "1"),
+        tmp_path / "reaper.json",
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert report["left"] == [], report  # no Ray process of the search outlives it
     rows = _rows(out)
     assert len(rows) == 6 and all(not r["error"] for r in rows)
     epochs = [int(r["epochs_run"]) for r in rows]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class NoPixelDataError(ImageDecodeError):
     """A DICOM file holds no pixel data."""
 
 
+class NonFinitePixelsError(ImageDecodeError):
+    """An image holds NaN or infinite pixel values (float TIFF, float DICOM)."""
+
+
 def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Decode one encoded image (PNG, JPEG, BMP, TIFF, GIF via Pillow; DICOM via pydicom).
 
@@ -45,11 +49,16 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
             error messages, and a ``.dcm`` suffix selects the DICOM decoder.
 
     Returns:
-        uint8 ``(H, W)`` for grayscale or ``(H, W, 3)`` for colour images.
+        uint8 ``(H, W)`` for grayscale or ``(H, W, 3)`` for colour images. EXIF orientation
+        is applied; an alpha channel is dropped (the colour channels are kept as they are,
+        not composited); of a multi-frame image (DICOM, animated GIF/TIFF) the middle frame
+        of DICOM and the first frame of the others is used.
 
     Raises:
         ImageDecodeError: Empty, truncated, unknown-format or oversized (more than
-            ``MAX_PIXELS`` pixels) images, and DICOM files without pixel data.
+            ``MAX_PIXELS`` pixels) images, DICOM files without pixel data
+            (:class:`NoPixelDataError`) or with malformed header fields, and NaN or infinite
+            pixel values (:class:`NonFinitePixelsError`).
     """
     if not data:
         raise ImageDecodeError(f"cannot decode {source}: empty data (0 bytes)")
@@ -100,7 +109,7 @@ def _decode_pil(data: bytes, source: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             _check_pil_size(img, source)
             img.load()
-            return _pil_to_array(img)
+            return _pil_to_array(ImageOps.exif_transpose(img) or img, source)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -114,10 +123,19 @@ def _decode_pil(data: bytes, source: str) -> np.ndarray:
         raise ImageDecodeError(f"cannot decode {source}: {type(exc).__name__}: {exc}") from exc
 
 
-def _pil_to_array(img: Image.Image) -> np.ndarray:
+def _require_finite(arr: np.ndarray, source: str) -> np.ndarray:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise NonFinitePixelsError(
+            f"cannot use {source}: {bad} of {arr.size} pixel values are NaN or infinite"
+        )
+    return arr
+
+
+def _pil_to_array(img: Image.Image, source: str) -> np.ndarray:
     mode = img.mode
     if mode in ("I", "F") or mode.startswith("I;"):
-        return _scale_to_uint8(np.asarray(img, dtype=np.float64))
+        return _scale_to_uint8(_require_finite(np.asarray(img, dtype=np.float64), source))
     if mode in ("1", "L", "LA", "La"):
         return np.array(img.convert("L"), dtype=np.uint8)
     if mode in ("P", "PA"):
@@ -147,17 +165,42 @@ def _decode_dicom(data: bytes, source: str) -> np.ndarray:
         raise ImageDecodeError(f"cannot read DICOM {source}: {exc}") from exc
     if len(ds) == 0:
         raise ImageDecodeError(f"cannot read DICOM {source}: no DICOM data elements found")
-    if not any(key in ds for key in _PIXEL_KEYS):
-        raise NoPixelDataError(f"DICOM {source} has no pixel data (no PixelData element)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_pixel_count(int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, source)
     try:
-        arr = ds.pixel_array
-    except Exception as exc:  # missing codec, truncated data, bad attributes, ...
-        raise ImageDecodeError(f"cannot decode DICOM pixel data of {source}: {exc}") from exc
-    if frames > 1:
-        arr = arr[frames // 2]
-    return _dicom_to_uint8(arr, ds)
+        if not any(key in ds for key in _PIXEL_KEYS):
+            raise NoPixelDataError(f"DICOM {source} has no pixel data (no PixelData element)")
+        frames = _header_int(ds, "NumberOfFrames", 1, source)
+        rows = _header_int(ds, "Rows", 0, source)
+        cols = _header_int(ds, "Columns", 0, source)
+        samples = _header_int(ds, "SamplesPerPixel", 1, source)
+        _check_pixel_count(rows * cols * frames * samples, source)
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:  # missing codec, truncated data, bad attributes, ...
+            raise ImageDecodeError(f"cannot decode DICOM pixel data of {source}: {exc}") from exc
+        if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
+            arr = arr[frames // 2]
+        return _dicom_to_uint8(_require_finite(np.asarray(arr), source), ds)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # a header value of the wrong type or shape, an unusable LUT, ...
+        raise ImageDecodeError(
+            f"cannot decode DICOM {source}: malformed header ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _header_int(ds: Any, key: str, default: int, source: str) -> int:
+    """A non-negative integer header field, or a clear error naming it."""
+    value = ds.get(key, default)
+    try:
+        out = int(value if value not in (None, "") else default)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(
+            f"cannot decode DICOM {source}: header {key} is {str(value)[:40]!r}, "
+            "expected a whole number"
+        ) from exc
+    if out < 0:
+        raise ImageDecodeError(f"cannot decode DICOM {source}: header {key} is negative ({out})")
+    return out
 
 
 def _dicom_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:

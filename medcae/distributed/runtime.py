@@ -44,6 +44,40 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
+def shutdown_ray(grace_s: float = 10.0) -> list[str]:
+    """``ray.shutdown()``, then make sure no process of a local Ray this driver started
+    outlives it: whatever of its process tree (GCS, raylet, workers, actors such as Ray
+    Train's controller) is still running ``grace_s`` later is terminated, then killed.
+
+    Connected to a cluster it did not start, the driver has no such children and nothing is
+    touched. Returns the names of the processes it had to stop (logged as a warning).
+    """
+    import psutil
+
+    try:
+        tree = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        tree = []
+    ray.shutdown()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    names = []
+    for proc in alive:
+        try:
+            names.append(f"{proc.pid} {proc.name()}")
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    if names:
+        log.warning("stopped %d Ray process(es) left after shutdown: %s", len(names), names)
+    return names
+
+
 def quiet_data_progress() -> None:
     """Turn off Ray Data's per-operator progress bars; medcae logs throughput and ETA itself."""
     ctx = ray.data.DataContext.get_current()

@@ -64,11 +64,9 @@ def store_inputs(store, rows) -> tuple:
 
 
 def main(a: argparse.Namespace) -> int:
-    import ray
-
     from medcae.distributed.evaluate import run_evaluation
     from medcae.distributed.pipeline import list_sources, resolved_backbone, smoke_config
-    from medcae.distributed.runtime import init_ray
+    from medcae.distributed.runtime import init_ray, shutdown_ray
     from medcae.distributed.store import ExtractOptions, build_store
     from medcae.evidence import METHODS
 
@@ -100,7 +98,7 @@ def main(a: argparse.Namespace) -> int:
         ft_epochs,
         a.finetune_resolution if not a.smoke_test else 32,
     )
-    ray.shutdown()
+    shutdown_ray()  # no process of a local Ray outlives the job
     wall = time.perf_counter() - start
     table = write_report(out, ds, cfg, rows, examples, budgets, ft_epochs, wall)
     print(table)

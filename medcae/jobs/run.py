@@ -23,8 +23,6 @@ RESULT_TAG = "MEDCAE_RESULT"
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
     from medcae.distributed.pipeline import (
         RunPaths,
         list_sources,
@@ -32,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         run_pipeline,
         smoke_config,
     )
-    from medcae.distributed.runtime import init_ray
+    from medcae.distributed.runtime import init_ray, shutdown_ray
     from medcae.distributed.store import ExtractOptions
     from medcae.features import FeatureExtractor
     from medcae.runtimes import resolve_runtime
@@ -69,8 +67,10 @@ def main(args: argparse.Namespace) -> int:
     log_file = setup_run_logging(out)
     init_ray(args.address, args.num_cpus)
     route_ray_output()
-    res = run_pipeline(cfg, paths, sources, extract)
-    ray.shutdown()  # flush worker logs before the summary, so it is the last thing printed
+    try:
+        res = run_pipeline(cfg, paths, sources, extract)
+    finally:  # flush worker logs before the summary, so it is the last thing printed; and
+        shutdown_ray()  # no process of a local Ray outlives the job
     tr = res.training
     summary = {
         "bundle": str(res.bundle.resolve()),

@@ -28,11 +28,9 @@ TUNER_OPTIONS = (
 
 
 def main(a: argparse.Namespace) -> int:
-    import ray
-
     from medcae.distributed import tune as mt
     from medcae.distributed.pipeline import list_sources
-    from medcae.distributed.runtime import init_ray
+    from medcae.distributed.runtime import init_ray, shutdown_ray
     from medcae.distributed.store import ExtractOptions
     from medcae.search import load_space
 
@@ -51,9 +49,11 @@ def main(a: argparse.Namespace) -> int:
         sources, space, base, root, ExtractOptions(runtime=base.train.runtime)
     )
     opts = {k: getattr(a, k) for k in TUNER_OPTIONS}
-    results = mt.make_tuner(space, base, stores, opts, out, a.name).fit()
-    summary = mt.finalize(results, space, base, stores, out, sources[0].name)
-    ray.shutdown()
+    try:
+        results = mt.make_tuner(space, base, stores, opts, out, a.name).fit()
+        summary = mt.finalize(results, space, base, stores, out, sources[0].name)
+    finally:
+        shutdown_ray()  # no process of a local Ray outlives the job
     extract = sum(secs.values()) / max(len(secs), 1)
     trial_s = summary["mean_trial_s"]
     lines = [
