@@ -9,11 +9,16 @@ Layout::
 
 A bundle is written to a temporary sibling folder and renamed into place; ``bundle.json`` is
 written last and lists file hashes, so a crash mid-write never leaves a bundle that loads.
+
+Loading cannot be swapped: the folder must hold exactly ``bundle.json`` and the listed files
+(plain names, no path separators), and each file is read once, hashed, and loaded from those
+same bytes, so a file replaced between the check and the load is never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -113,22 +118,36 @@ def read_bundle(
         ``(meta, cae_state, classifier_arrays)``.
 
     Raises:
-        BundleError: If the folder, ``bundle.json`` or a file is missing, a hash does not
-            match, or the format version is unknown.
+        BundleError: If the folder, ``bundle.json`` or a file is missing, the folder holds
+            other files or ``bundle.json`` lists others, a hash does not match, or the format
+            version is unknown.
     """
     path = Path(path)
     meta_file = path / "bundle.json"
     if not meta_file.is_file():
         raise BundleError(f"not a model bundle: {meta_file} does not exist")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
-    for name, digest in meta["files"].items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
-            raise BundleError(f"{path / name}: missing or its sha256 does not match bundle.json")
-    state = torch.load(path / "cae.pt", map_location="cpu", weights_only=True)
-    with np.load(path / "classifier.npz", allow_pickle=False) as z:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BundleError(f"{meta_file}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise BundleError(f"{meta_file}: format_version {got!r}, expected {FORMAT_VERSION}")
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or sorted(listed) != sorted(FILES):
+        names = sorted(listed) if isinstance(listed, dict) else listed
+        raise BundleError(f"{meta_file}: files {names!r}, expected exactly {sorted(FILES)}")
+    present = sorted(p.name for p in path.iterdir())
+    if present != sorted([*FILES, "bundle.json"]):
+        extra = sorted(set(present) - {*FILES, "bundle.json"})
+        raise BundleError(f"{path}: holds files the bundle does not list: {extra}")
+    blobs = {}
+    for name in FILES:
+        data = (path / name).read_bytes()  # hashed and loaded from the same bytes
+        if hashlib.sha256(data).hexdigest() != listed[name]:
+            raise BundleError(f"{path / name}: its sha256 does not match bundle.json")
+        blobs[name] = data
+    state = torch.load(io.BytesIO(blobs["cae.pt"]), map_location="cpu", weights_only=True)
+    with np.load(io.BytesIO(blobs["classifier.npz"]), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return meta, state, arrays

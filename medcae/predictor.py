@@ -68,6 +68,7 @@ class Predictor:
         """
         meta, state, arrays = read_bundle(path)
         cfg = PipelineConfig.from_dict(meta["config"])
+        _check_backbone_weights(meta, cfg, path)
         cae = ConvAutoEncoder(meta["in_channels"], cfg.cae)
         cae.load_state_dict(state)
         head = LinearHead.from_arrays(cfg.classifier.kind, len(meta["label_names"]), arrays)
@@ -120,3 +121,19 @@ class Predictor:
             )
             for p, e in zip(out["proba"], out["error"])
         ]
+
+
+def _check_backbone_weights(meta: dict, cfg: PipelineConfig, path: str | Path) -> None:
+    """Refuse a bundle whose backbone weights are not the ones it was trained with."""
+    from medcae.backbones import RANDOM_WEIGHTS, weights_sha256
+    from medcae.bundle import BundleError
+
+    recorded = meta.get("preprocessing", {}).get("weights_sha256")
+    if recorded in (None, RANDOM_WEIGHTS):  # older bundles; random weights cannot match anyway
+        return
+    here = weights_sha256(cfg.backbone.name, cfg.backbone.weights)
+    if here != recorded:
+        raise BundleError(
+            f"{path}: the {cfg.backbone.name} weights here (sha256 {here}) are not the ones the "
+            f"bundle was trained with (sha256 {recorded}); its features would differ"
+        )

@@ -59,6 +59,45 @@ def test_tampered_or_incomplete_bundles_do_not_load(tiny_bundle, tmp_path):
         read_bundle(bad)
 
 
+def test_a_bundle_holds_exactly_its_listed_files(tiny_bundle, tmp_path):
+    import shutil
+
+    path, _, _ = tiny_bundle
+    extra = tmp_path / "extra"
+    shutil.copytree(path, extra)
+    (extra / "cae.pt.orig").write_bytes(b"x")
+    with pytest.raises(BundleError, match=r"does not list: \['cae.pt.orig'\]"):
+        read_bundle(extra)
+    listed = tmp_path / "listed"
+    shutil.copytree(path, listed)
+    meta = json.loads((listed / "bundle.json").read_text())
+    meta["files"]["../../etc/passwd"] = "0" * 64
+    (listed / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"files .*passwd.*expected exactly"):
+        read_bundle(listed)
+    (listed / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_bundle(listed)
+
+
+def test_other_backbone_weights_are_refused_naming_both_hashes(tiny_bundle, tmp_path):
+    import shutil
+
+    from medcae.backbones import weights_sha256
+
+    path, _, _ = tiny_bundle
+    moved = tmp_path / "moved"
+    shutil.copytree(path, moved)
+    meta = json.loads((moved / "bundle.json").read_text())
+    trained = meta["preprocessing"]["weights_sha256"]
+    meta["preprocessing"]["weights_sha256"] = "f" * 64  # as if trained with other weights
+    (moved / "bundle.json").write_text(json.dumps(meta))
+    here = weights_sha256(meta["config"]["backbone"]["name"], meta["config"]["backbone"]["weights"])
+    assert here == trained
+    with pytest.raises(BundleError, match=f"sha256 {here}.*trained with \\(sha256 {'f' * 64}"):
+        Predictor.from_bundle(moved)
+
+
 def test_pickled_objects_are_refused(tiny_bundle, tmp_path):
     """A cae.pt holding a pickled object (not tensors) fails weights_only loading."""
     import hashlib
