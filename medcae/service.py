@@ -56,12 +56,15 @@ class Limits:
         max_request_bytes: Largest request body of a batch (a single image's body may hold
             ``max_image_bytes`` plus 64 KiB of multipart framing). Refused from the
             Content-Length header, and by a cap on the streamed body, before it is all read.
+        body_timeout_s: Longest wait for the next chunk of a request body; a stalled upload
+            gets 408 ``body_timeout`` and gives its slot back.
     """
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_batch_images: int = 32
     max_request_bytes: int = 64 * 1024 * 1024
+    body_timeout_s: float = 5.0
 
     def body_cap(self, batch: bool) -> int:
         """The most bytes a request body may hold."""

@@ -46,6 +46,7 @@ ERRORS = {
     400: {"model": ErrorResponse},
     401: {"model": ErrorResponse},
     403: {"model": ErrorResponse},
+    408: {"model": ErrorResponse},
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
@@ -67,12 +68,22 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-async def read_body(request: Request, cap: int) -> bytes:
+async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
     """The request body, refused (413) from its Content-Length, or as soon as the streamed
-    chunks pass ``cap``: an oversized upload is never held whole."""
+    chunks pass ``cap``: an oversized upload is never held whole. A client that sends nothing
+    for ``timeout_s`` gets 408, so stalled uploads do not keep the replica's request slots."""
     check_declared_length(request.headers.get("content-length"), cap)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError as err:
+            raise RequestError(
+                408, "body_timeout", f"no body bytes for {timeout_s:g}s after {size} bytes"
+            ) from err
         size += len(chunk)
         check_streamed_length(size, cap)
         chunks.append(chunk)
@@ -97,7 +108,7 @@ async def _parse_form(request: Request, body: bytes, limits: Limits) -> Any:
 async def read_images(request: Request, limits: Limits, batch: bool) -> list[np.ndarray]:
     """Decode the images of a request: raw body, multipart files, or (batch) base64 JSON."""
     ctype = request.headers.get("content-type", "")
-    body = await read_body(request, limits.body_cap(batch))
+    body = await read_body(request, limits.body_cap(batch), limits.body_timeout_s)
     if ctype.startswith("multipart/form-data"):
         form = await _parse_form(request, body, limits)
         files = [v for _, v in form.multi_items() if hasattr(v, "read")]

@@ -20,7 +20,12 @@ from medcae.predictor import Predictor
 
 pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.slow]
 
-LIMITS = {"max_image_bytes": 300_000, "max_pixels": 4_000_000, "max_batch_images": 4}
+LIMITS = {
+    "max_image_bytes": 300_000,
+    "max_pixels": 4_000_000,
+    "max_batch_images": 4,
+    "body_timeout_s": 2.0,
+}
 API_KEY = "test-key-0123"
 
 
@@ -231,6 +236,35 @@ def test_bad_requests_get_4xx_and_server_stays_up(server, demo_bundle):
     assert server.get("/v1/model").json()["pid"] == pid  # no replica restarted
 
 
+def test_stalled_uploads_time_out_and_do_not_starve_good_requests(server, demo_bundle):
+    """70 clients announce a body and stall (more than the replica's 64 request slots)."""
+    host, port = server.base_url.host, server.base_url.port
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: 50000\r\n\r\n"
+    ).encode()
+    stalled = []
+    try:
+        for _ in range(70):
+            sock = socket.create_connection((host, port), timeout=30)
+            sock.sendall(head + b"\x89PNG\r\n\x1a\n")
+            stalled.append(sock)
+        time.sleep(0.5)
+        t = time.perf_counter()
+        r = server.post("/v1/predict", content=png_bytes(demo_bundle.test_images[0]))
+        waited = time.perf_counter() - t
+        assert r.status_code == 200
+        assert waited < LIMITS["body_timeout_s"] + 4, waited  # slots come back at the timeout
+        answers = []
+        for sock in stalled:
+            answers.append(sock.recv(4096).split(b"\r\n", 1)[0])
+        assert set(answers) == {b"HTTP/1.1 408 Request Timeout"}, set(answers)
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert server.get("/healthz").status_code == 200
+
+
 def test_ood_flag_on_the_endpoint(server, demo_bundle):
     from skimage import data as skdata
 
@@ -305,6 +339,12 @@ def test_serve_config_yaml_is_consistent():
     assert app["import_path"] == "serve.app:build_app" and "bundle" in app["args"]
     assert dep["max_ongoing_requests"] >= app["args"]["max_batch_size"]
     assert cfg["http_options"]["host"] == "127.0.0.1"
+    assert cfg["http_options"]["request_timeout_s"] > 0 and dep["max_queued_requests"] > 0
+    from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeDeploySchema
+
+    ServeDeploySchema.model_validate(cfg)  # Serve's own schema accepts the values...
+    assert set(dep) <= set(DeploymentSchema.model_fields)  # ...and knows every field name
+    assert set(cfg["http_options"]) <= set(HTTPOptionsSchema.model_fields)
 
 
 def test_medcae_serve_stops_on_ctrl_c_and_leaves_no_process(demo_bundle, tmp_path):
