@@ -121,3 +121,86 @@ def require_keys_for(host: str, hashes: Iterable[str]) -> None:
             f"--api-keys-file FILE (one digest per line), or set ${KEYS_FILE_ENV} or "
             f"${KEY_HASHES_ENV}; or serve on 127.0.0.1"
         )
+
+
+HOSTS_ENV = "MEDCAE_ALLOWED_HOSTS"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$|^[0-9a-f:.]+$")
+
+
+def _host_name(text: str) -> str:
+    """``Example.ORG.`` -> ``example.org``, ``[::1]`` -> ``::1``."""
+    return text.strip().strip("[]").rstrip(".").lower()
+
+
+def parse_hosts(value: str | Iterable[str] | None, where: str = "allowed_hosts") -> tuple[str, ...]:
+    """Host names a server answers to: ``name``, ``*.domain`` (its subdomains) or ``*`` (any).
+
+    Args:
+        value: Comma-separated text or a list.
+        where: The setting's name, for the error message.
+
+    Raises:
+        ConfigError: An entry that is not a host name, an address or a ``*.`` pattern.
+    """
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        name = _host_name(str(item))
+        if not name:
+            continue
+        if name != "*" and not _HOST_NAME.match(name):
+            raise ConfigError(
+                f"{where}: {str(item)[:60]!r} is not a host name, an address, '*.domain' or '*'"
+            )
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+def allowed_hosts_for(
+    bind: str, given: str | Iterable[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """The Host header values a server bound to ``bind`` accepts.
+
+    ``given`` (else ``$MEDCAE_ALLOWED_HOSTS``) when set; otherwise the loopback names, plus
+    ``bind`` itself when it is a specific address or name.
+
+    Raises:
+        ConfigError: ``bind`` is a wildcard address (``0.0.0.0``, ``::``) and no host names
+            are given: which names clients use cannot be guessed, and accepting any would let
+            a DNS-rebinding page reach the server.
+    """
+    env = os.environ if environ is None else environ
+    hosts = parse_hosts(given) or parse_hosts(env.get(HOSTS_ENV), f"${HOSTS_ENV}")
+    if hosts:
+        return hosts
+    name = _host_name(bind)
+    if name in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"serving on {bind} (every interface) needs the host names clients use: pass "
+            f"--allowed-hosts NAME[,NAME...] (or set ${HOSTS_ENV}); '*' accepts any Host header"
+        )
+    return tuple(dict.fromkeys((*LOOPBACK_NAMES, *parse_hosts([name]))))
+
+
+def host_allowed(header: str | None, allowed: Iterable[str]) -> bool:
+    """Whether a request's ``Host`` header (port ignored) names this server.
+
+    A missing or malformed header is refused unless ``allowed`` holds ``*``.
+    """
+    allowed = tuple(allowed)
+    if "*" in allowed:
+        return True
+    text = (header or "").strip()
+    if text.startswith("["):  # [v6]:port
+        name = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        name = text.rsplit(":", 1)[0]
+    else:
+        name = text
+    name = _host_name(name)
+    if not name or not _HOST_NAME.match(name):
+        return False
+    return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -69,28 +70,50 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
+    from medcae.auth import allowed_hosts_for
     from medcae.bundle import read_bundle
     from serve.app import build_app
 
     hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray starts
     require_keys_for(args.host, hashes)
+    hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     read_bundle(args.bundle)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app_args = {"bundle": str(Path(args.bundle).resolve()), "api_key_sha256": list(hashes)}
-    serve.run(build_app(app_args), name="medcae", route_prefix="/")
-    keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
-    print(f"serving {args.bundle} at http://{args.host}:{args.port}, {keys}; Ctrl-C stops")
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        # SIGTERM (kill, systemd, Slurm) takes the same way out as Ctrl-C; set after Ray's
+        # start, which installs a handler of its own that would abort the driver.
+        signal.signal(signal.SIGTERM, _interrupt)
+        app_args = {
+            "bundle": str(Path(args.bundle).resolve()),
+            "api_key_sha256": list(hashes),
+            "allowed_hosts": list(hosts),
+            "cors_origins": args.cors_origins or "",
+        }
+        serve.run(build_app(app_args), name="medcae", route_prefix="/")
+        keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
+        print(
+            f"serving {args.bundle} at http://{args.host}:{args.port}, {keys}, "
+            f"hosts {','.join(hosts)}; Ctrl-C stops"
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
         from medcae.distributed.runtime import shutdown_ray
 
-        serve.shutdown()
-        shutdown_ray()  # no process of the local Ray it started outlives `medcae serve`
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            serve.shutdown()
+        finally:
+            shutdown_ray()  # no process of the local Ray it started outlives `medcae serve`
     return 0
 
 
@@ -127,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file of API key sha256 digests, one per line (or $MEDCAE_API_KEYS_FILE / "
         "$MEDCAE_API_KEY_SHA256); required to serve beyond loopback",
+    )
+    sv.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host header values accepted, comma-separated (name, *.domain, or * for any); "
+        "default $MEDCAE_ALLOWED_HOSTS, else the loopback names and --host; required with "
+        "--host 0.0.0.0",
+    )
+    sv.add_argument(
+        "--cors-origins",
+        default=None,
+        help="origins that get CORS headers, comma-separated (default: none)",
     )
     sv.set_defaults(fn=_serve)
     hk = sub.add_parser(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,8 @@ from medcae.data import (
     NoPixelDataError,
     decode_image,
 )
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = "PNG, JPEG or DICOM"
 _OTHER_FORMATS = {
@@ -184,6 +188,37 @@ def decode_b64_images(payload: Any, limits: Limits) -> list[np.ndarray]:
             raise RequestError(422, "bad_base64", f"images[{i}]: not valid base64") from err
         out.append(decode_request_image(data, limits, f"images[{i}]"))
     return out
+
+
+def predict_each(
+    predict: Callable[[list[np.ndarray]], Sequence[Any]], images: list[np.ndarray]
+) -> list[dict[str, Any] | RequestError]:
+    """Predict a dynamic batch; if that fails, predict each image alone.
+
+    One image the model cannot process then costs only its own request: its slot holds a
+    :class:`RequestError` (422 ``unprocessable_image``) and every other image its prediction.
+
+    Args:
+        predict: ``Predictor.predict``: images -> objects with the prediction's fields.
+        images: Decoded images of several requests.
+
+    Returns:
+        Per image, the prediction as a dict or the error its request gets.
+    """
+    try:
+        return [vars(p) for p in predict(images)]
+    except Exception as err:  # any failure of the model: find out which image caused it
+        if len(images) == 1:
+            log.warning("the model failed on one image: %s: %s", type(err).__name__, err)
+            return [
+                RequestError(
+                    422,
+                    "unprocessable_image",
+                    f"the model could not process this image ({type(err).__name__}: {err})",
+                )
+            ]
+        log.warning("a batch of %d failed (%s); predicting one at a time", len(images), err)
+        return [out for im in images for out in predict_each(predict, [im])]
 
 
 def check_batch_size(n: int, limits: Limits) -> None:

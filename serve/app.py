@@ -11,6 +11,12 @@ the ``/docs`` page only with ``MEDCAE_SERVE_DOCS=1`` in the replica's environmen
 With API keys configured (``api_keys_file`` / ``api_key_sha256`` arguments, or the environment;
 see :mod:`medcae.auth`), every endpoint but ``/healthz`` needs ``Authorization: Bearer <key>``:
 401 without one, 403 with a wrong one, checked before the body is read.
+
+Every request but ``/healthz`` must name this server in its ``Host`` header (``allowed_hosts``,
+default the loopback names; else 400 ``bad_host``), so a DNS-rebinding page cannot reach a
+loopback server. CORS headers are sent only for the origins in ``cors_origins`` (none by
+default). An image the model fails on inside a dynamic batch is retried alone, so only its own
+request fails (422 ``unprocessable_image``).
 """
 
 import asyncio
@@ -25,6 +31,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from medcae.auth import check_bearer, load_key_hashes
+from medcae.guard import Guard, configure_guard
 from medcae.service import (
     BatchResponse,
     ErrorResponse,
@@ -38,6 +45,7 @@ from medcae.service import (
     decode_request_image,
     model_id,
     model_info,
+    predict_each,
 )
 
 log = logging.getLogger("medcae.serve")
@@ -60,6 +68,9 @@ app = FastAPI(
     docs_url="/docs" if _DOCS else None,
     redoc_url=None,
 )
+
+
+app.add_middleware(Guard)
 
 
 @app.exception_handler(RequestError)
@@ -155,6 +166,9 @@ class MedcaeModel:
         api_keys_file: File of API key sha256 digests (:mod:`medcae.auth`).
         api_key_sha256: Digests given directly; with the file and the environment's, any
             configured key opens the endpoints.
+        allowed_hosts: Host header values accepted (``name``, ``*.domain``, ``*``); default
+            ``$MEDCAE_ALLOWED_HOSTS``, else the loopback names.
+        cors_origins: Origins sent CORS headers (``https://app.example.org``); default none.
     """
 
     def __init__(
@@ -168,11 +182,14 @@ class MedcaeModel:
         runtime: str = "auto",
         api_keys_file: str | None = None,
         api_key_sha256: list[str] | None = None,
+        allowed_hosts: list[str] | str | None = None,
+        cors_origins: list[str] | str | None = None,
     ):
         import torch
 
-        # Keys first: a bad keys file fails the replica before the model loads.
+        # Keys and hosts first: a bad setting fails the replica before the model loads.
         self.key_hashes = load_key_hashes(api_keys_file, api_key_sha256 or ())
+        configure_guard(allowed_hosts, cors_origins)
 
         from medcae.predictor import Predictor
 
@@ -195,23 +212,31 @@ class MedcaeModel:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Dynamic batch: one forward pass for images from many concurrent requests."""
-        preds = await asyncio.to_thread(self.predictor.predict, images)
-        return [p.__dict__ for p in preds]
+        """Dynamic batch: one forward pass for images from many concurrent requests; when it
+        fails, each image alone, so only the request of a bad image gets its error."""
+        return await asyncio.to_thread(predict_each, self.predictor.predict, images)
+
+    async def _one(self, image: np.ndarray, name: str = "image") -> dict[str, Any]:
+        out = await self._predict(image)
+        if isinstance(out, RequestError):
+            raise RequestError(out.status, out.code, f"{name}: {out.detail}")
+        return out
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
         (image,) = await read_images(request, self.limits, batch=False)
-        return {"model": self.model_id, "prediction": await self._predict(image)}
+        return {"model": self.model_id, "prediction": await self._one(image)}
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, responses=ERRORS)
     async def predict_batch(self, request: Request) -> dict[str, Any]:
         """Classify several images: multipart files, or JSON ``{"images": [base64, ...]}``."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
         images = await read_images(request, self.limits, batch=True)
-        preds = await asyncio.gather(*(self._predict(im) for im in images))
+        preds = await asyncio.gather(
+            *(self._one(im, f"images[{i}]") for i, im in enumerate(images))
+        )
         return {"model": self.model_id, "predictions": list(preds)}
 
     @app.get("/v1/model", responses=ERRORS)
@@ -242,6 +267,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "runtime",
             "api_keys_file",
             "api_key_sha256",
+            "allowed_hosts",
+            "cors_origins",
         )
         if k in args
     }

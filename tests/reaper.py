@@ -20,8 +20,9 @@ import psutil
 
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 cmd, report, url, settle = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+stop = getattr(signal, sys.argv[5])
 proc = subprocess.Popen(cmd)
-if url:  # a server: wait until it answers, then stop it as a user would (Ctrl-C)
+if url:  # a server: wait until it answers, then stop it as a user (Ctrl-C) or a system would
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -30,7 +31,7 @@ if url:  # a server: wait until it answers, then stop it as a user would (Ctrl-C
         except Exception:
             time.sleep(1)
     served = proc.poll() is None
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
 else:
     served = None
 rc = proc.wait()
@@ -64,12 +65,25 @@ def run_reaped(
     *,
     health_url: str = "",
     settle_s: float = 20.0,
+    stop_signal: str = "SIGINT",
     **kwargs,
 ) -> tuple[subprocess.CompletedProcess, dict]:
     """``subprocess.run`` of ``cmd`` under the wrapper; returns the result and its report:
-    ``{"rc", "served", "left": [pid and command line of each leftover process]}``."""
+    ``{"rc", "served", "left": [pid and command line of each leftover process]}``.
+
+    With ``health_url``, the command is a server: once the URL answers it gets ``stop_signal``.
+    """
     res = subprocess.run(
-        [sys.executable, "-c", WRAPPER, json.dumps(cmd), str(report), health_url, str(settle_s)],
+        [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            json.dumps(cmd),
+            str(report),
+            health_url,
+            str(settle_s),
+            stop_signal,
+        ],
         **kwargs,
     )
     return res, json.loads(Path(report).read_text())

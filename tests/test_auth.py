@@ -84,3 +84,14 @@ def test_serve_cli_refuses_a_public_address_without_keys_before_ray_starts(tmp_p
         env=env,
     )
     assert digest.stdout.strip() == DIGEST
+    # With a key, every interface still needs the host names clients use (DNS rebinding).
+    keyed = subprocess.run(
+        [*cmd, "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env | {"MEDCAE_API_KEY_SHA256": DIGEST},
+    )
+    text = keyed.stdout + keyed.stderr
+    assert keyed.returncode != 0 and "--allowed-hosts" in text and "Traceback" not in text

@@ -27,6 +27,7 @@ LIMITS = {
     "body_timeout_s": 2.0,
 }
 API_KEY = "test-key-0123"
+ORIGIN = "https://viewer.example.org"
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -86,7 +87,12 @@ def server(ray_session, demo_bundle):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from medcae.auth import hash_key
 
-    args = {"bundle": str(demo_bundle.path), "max_batch_size": 8, "limits": LIMITS}
+    args = {
+        "bundle": str(demo_bundle.path),
+        "max_batch_size": 8,
+        "limits": LIMITS,
+        "cors_origins": [ORIGIN],
+    }
     serve.run(
         build_app(args | {"api_key_sha256": hash_key(API_KEY)}), name="medcae", route_prefix="/"
     )
@@ -135,6 +141,40 @@ def test_api_keys_no_key_401_wrong_key_403_right_key_200(server, demo_bundle):
         assert r.status_code == 401
     ok = server.post("/v1/predict", content=blob)
     assert ok.status_code == 200 and ok.json()["prediction"]["label"]
+
+
+def test_host_header_and_cors_through_the_serve_proxy(server):
+    r = server.get("/v1/model", headers={"Host": "rebound.attacker.example"})
+    assert (r.status_code, r.json()["error"]) == (400, "bad_host")
+    assert server.get("/healthz", headers={"Host": "10.0.0.7:8000"}).status_code == 200
+    assert server.get("/v1/model", headers={"Host": "localhost"}).status_code == 200
+    r = server.get("/v1/model", headers={"Origin": ORIGIN})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    r = server.get("/v1/model", headers={"Origin": "https://elsewhere.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_api_key_never_reaches_the_logs(server, demo_bundle, ray_session):
+    """After right and wrong keys were sent, no log file of the Ray session holds either."""
+    from pathlib import Path
+
+    import httpx
+
+    blob = png_bytes(demo_bundle.test_images[0])
+    assert server.post("/v1/predict", content=blob).status_code == 200
+    url = str(server.base_url).rstrip("/")
+    wrong = "wrong-key-secret-4567"
+    with httpx.Client(base_url=url, timeout=60) as other:
+        assert (
+            other.get("/v1/model", headers={"Authorization": f"Bearer {wrong}"}).status_code == 403
+        )
+    time.sleep(1.0)  # log lines are flushed by the replica and proxy processes
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        text = f.read_bytes()
+        assert API_KEY.encode() not in text and wrong.encode() not in text, f
 
 
 def real_images(demo_bundle, n: int = 24) -> np.ndarray:
@@ -347,8 +387,10 @@ def test_serve_config_yaml_is_consistent():
     assert set(cfg["http_options"]) <= set(HTTPOptionsSchema.model_fields)
 
 
-def test_medcae_serve_stops_on_ctrl_c_and_leaves_no_process(demo_bundle, tmp_path):
-    """`medcae serve` started as a user would, its own local Ray; Ctrl-C; nothing remains."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_medcae_serve_stops_on_ctrl_c_or_sigterm_and_leaves_no_process(demo_bundle, tmp_path, stop):
+    """`medcae serve` started as a user would, its own local Ray; Ctrl-C (or SIGTERM from a
+    process manager); nothing remains."""
     import shutil
     import sys
     import tempfile
@@ -364,6 +406,7 @@ def test_medcae_serve_stops_on_ctrl_c_and_leaves_no_process(demo_bundle, tmp_pat
         [*cmd, "--port", str(port)],
         tmp_path / "reaper.json",
         health_url=f"http://127.0.0.1:{port}/healthz",
+        stop_signal=stop,
         capture_output=True,
         text=True,
         timeout=400,
@@ -373,3 +416,4 @@ def test_medcae_serve_stops_on_ctrl_c_and_leaves_no_process(demo_bundle, tmp_pat
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert report["served"] is True, run.stdout[-2000:] + run.stderr[-3000:]
     assert report["left"] == [], report
+    assert report["rc"] == 0, run.stderr[-3000:]
