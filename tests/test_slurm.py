@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -187,6 +188,13 @@ def _run_script(tmp_path: Path, entry: list[str], timeout: float, **extra: str):
                 pass
         temp_dirs = sorted(Path("/tmp").glob(f"medcae-{job}-*"))
         cfg["temp_modes"] = {d.name: d.stat().st_mode & 0o777 for d in temp_dirs}
+        token = extra.get("RAY_AUTH_TOKEN", "").encode()
+        cfg["token_files"] = {  # every file of the job that holds the token, and its mode
+            str(f): f.stat().st_mode & 0o777
+            for d in temp_dirs
+            for f in d.rglob("*")
+            if token and f.is_file() and not f.is_symlink() and token in f.read_bytes()
+        }
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
     assert not leftovers, f"Ray processes left after the job: {leftovers}\n{out[-6000:]}"
@@ -199,7 +207,10 @@ def _run_script(tmp_path: Path, entry: list[str], timeout: float, **extra: str):
 def test_two_fake_nodes_run_an_entry_point(tmp_path):
     entry = tmp_path / "entry.py"
     entry.write_text(ENTRY)
-    rc, out, cfg, sruns = _run_script(tmp_path, [str(entry), "--flag", "x y"], timeout=300)
+    token = secrets.token_hex(32)
+    rc, out, cfg, sruns = _run_script(
+        tmp_path, [str(entry), "--flag", "x y"], timeout=300, RAY_AUTH_TOKEN=token
+    )
     assert rc == 0, out[-6000:]
     assert "all 2 Ray node(s) joined" in out
     line = next(x for x in out.splitlines() if x.startswith("SLURM_TEST_RESULT "))
@@ -217,6 +228,12 @@ def test_two_fake_nodes_run_an_entry_point(tmp_path):
     # One private temp dir per node, named with an unpredictable suffix.
     assert len(cfg["temp_modes"]) == 2 and set(cfg["temp_modes"].values()) == {0o700}, cfg
     assert all(len(name.split("-")[2]) == 8 for name in cfg["temp_modes"])
+    # The cluster's token is in no log and no file others can read.
+    assert token not in out and token not in sruns
+    logs = [f for f in cfg["token_files"] if Path(f).suffix in (".log", ".out", ".err")]
+    assert not logs, logs
+    readable = {f: oct(m) for f, m in cfg["token_files"].items() if m & 0o044}
+    assert not readable, readable
 
 
 @pytest.mark.slow
