@@ -7,7 +7,8 @@ synthetic demo data set (generated offline). Unlabeled images may also be given 
 
 Modules, from the lowest floor up (each imports only modules above it in this list):
 
-- ``decode``: errors, ``decode_image`` (Pillow and DICOM), ``encode_png``.
+- ``decode``: errors, ``read_header`` and ``decode_image`` (Pillow and DICOM, size-limited
+  before decoding), ``encode_png``.
 - ``dataset``: ``ImageSet``, ``Dataset``, ``to_uniform``; ``splits``: the 70/15/15 split.
 - ``listing``: a source listed but not decoded, and decoding it.
 - ``medmnist``, ``npz``, ``demo``, ``folders``, ``tables``: one concern or format each.
@@ -19,14 +20,17 @@ pyarrow are imported lazily where they are needed. It never imports Ray.
 
 from medcae.data.dataset import DEFAULT_SIZE, SPLITS, Dataset, ImageSet, to_uniform
 from medcae.data.decode import (
+    MAX_DECODED_BYTES,
     MAX_PIXELS,
     DataError,
     ImageDecodeError,
+    ImageHeader,
     ImageTooLargeError,
     NonFinitePixelsError,
     NoPixelDataError,
     decode_image,
     encode_png,
+    read_header,
 )
 from medcae.data.demo import DEMO_NAME, make_demo_dataset
 from medcae.data.folders import IMAGE_SUFFIXES
@@ -38,6 +42,7 @@ __all__ = [
     "DEFAULT_SIZE",
     "DEMO_NAME",
     "IMAGE_SUFFIXES",
+    "MAX_DECODED_BYTES",
     "MAX_PIXELS",
     "MEDMNIST",
     "MEDMNIST_URL",
@@ -45,6 +50,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "ImageDecodeError",
+    "ImageHeader",
     "ImageSet",
     "ImageTooLargeError",
     "NonFinitePixelsError",
@@ -58,5 +64,6 @@ __all__ = [
     "load_dataset",
     "load_unlabeled",
     "make_demo_dataset",
+    "read_header",
     "to_uniform",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medcae.data.decode import DataError, _scale_to_uint8
+from medcae.data.decode import DataError, scale_to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _as_image_array(image: Any, index: int) -> np.ndarray:
         raise DataError(
             f"image {index}: expected an (H, W) or (H, W, 3) array, got shape {arr.shape}"
         )
-    return arr if arr.dtype == np.uint8 else _scale_to_uint8(arr)
+    return arr if arr.dtype == np.uint8 else scale_to_uint8(arr)
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:

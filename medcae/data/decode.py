@@ -1,71 +1,173 @@
 """Decoding one encoded image (Pillow formats and DICOM) into a uint8 array, and back to PNG.
 
-The lowest floor of :mod:`medcae.data`: it imports only NumPy, Pillow and the standard library
-(pydicom lazily), and nothing else from the package.
+Every image is sized from its headers before any pixel is decoded (:func:`read_header`), and
+refused when it is larger than the caller allows, so that a few hostile bytes cannot make the
+process allocate gigabytes:
+
+- *pixels* are ``width * height * frames``, where *frames* are the frames decoding holds: 1
+  for Pillow formats (only the first frame of an animated GIF or multi-page TIFF is decoded),
+  ``NumberOfFrames`` for DICOM (the whole pixel data is held, the middle frame is kept);
+- *bytes* are ``pixels * samples * bytes_per_sample``: an alpha channel counts (it is read,
+  then dropped), as does every sample of a 16-bit, 32-bit or float image.
+
+A DICOM file must also hold the pixel data its header declares: native pixel data of exactly
+the declared length (plus one byte of padding), encapsulated frames whose JPEG / JPEG 2000
+codestreams declare the same size and whose count matches ``NumberOfFrames``, RLE frames with
+one segment per sample byte; and a deflated DICOM is inflated under a bound rather than
+whole. High-bit-depth images can be shrunk by an integer factor in their own integer type
+(``reduce_to``) before they are converted to floating point, so that a 16-bit scan never
+exists at full size as float64.
+
+Pillow formats are decoded here, DICOM in :mod:`medcae.data.dicom`; the errors, the header and
+the array helpers both use live in :mod:`medcae.data.pixels`. With those two, the floor of
+:mod:`medcae.data`: NumPy, Pillow and the standard library (pydicom lazily), nothing else.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
+
+from medcae.data.dicom import (
+    DEFLATE_ROOM,
+    check_dicom_pixel_data,
+    decode_dicom,
+    dicom_errors,
+    dicom_header,
+    read_dicom,
+)
+from medcae.data.pixels import (
+    DataError,
+    DecodeLimits,
+    ImageDecodeError,
+    ImageHeader,
+    ImageTooLargeError,
+    NonFinitePixelsError,
+    NoPixelDataError,
+    as_bytes,
+    block_mean,
+    check_limits,
+    is_dicom,
+    reduce_factor,
+    require_finite,
+    scale_to_uint8,
+)
+
+__all__ = [
+    "DataError",
+    "ImageDecodeError",
+    "ImageHeader",
+    "ImageTooLargeError",
+    "NoPixelDataError",
+    "NonFinitePixelsError",
+    "decode_image",
+    "encode_png",
+    "read_header",
+    "scale_to_uint8",
+]
 
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 100_000_000
-_PIXEL_KEYS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+MAX_DECODED_BYTES = 512 * 1024**2
 
 
-class DataError(ValueError):
-    """Bad input data: missing file, unknown name, missing keys, bad budget, ..."""
+def read_header(data: bytes, source: str = "<bytes>") -> ImageHeader:
+    """Size of an encoded image from its headers alone; no pixel data is decoded.
+
+    A DICOM file is also checked against its pixel data (native length, encapsulated frame
+    count and codestream sizes), so the header returned is the one decoding will honour. A
+    deflated DICOM is inflated under ``MAX_DECODED_BYTES`` plus 16 MiB.
+
+    Args:
+        data: The encoded file content.
+        source: Where the bytes came from; used in error messages, and a ``.dcm`` suffix
+            selects the DICOM reader.
+
+    Returns:
+        The format, frame size, frame count and sample layout.
+
+    Raises:
+        ImageDecodeError: Anything unreadable (subclasses as in :func:`decode_image`),
+            including :class:`ImageTooLargeError` for images Pillow refuses to open (more
+            than twice ``PIL.Image.MAX_IMAGE_PIXELS``) and deflated DICOM bombs.
+    """
+    data = as_bytes(data, source)
+    if is_dicom(data, source):
+        ds = read_dicom(data, source, MAX_DECODED_BYTES + DEFLATE_ROOM)
+        with dicom_errors(source):
+            header = dicom_header(ds, source)
+            check_dicom_pixel_data(ds, header, source)
+        return header
+    with _pil_errors(source), Image.open(io.BytesIO(data)) as img:
+        return _pil_header(img)
 
 
-class ImageDecodeError(DataError):
-    """One image could not be decoded."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """An image declares more pixels than allowed (a possible decompression bomb)."""
-
-
-class NoPixelDataError(ImageDecodeError):
-    """A DICOM file holds no pixel data."""
-
-
-class NonFinitePixelsError(ImageDecodeError):
-    """An image holds NaN or infinite pixel values (float TIFF, float DICOM)."""
-
-
-def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
+def decode_image(
+    data: bytes,
+    source: str = "<bytes>",
+    *,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    reduce_to: int | None = None,
+) -> np.ndarray:
     """Decode one encoded image (PNG, JPEG, BMP, TIFF, GIF via Pillow; DICOM via pydicom).
+
+    The header is read first (:func:`read_header`) and the image refused before any pixel
+    is decoded when it declares more than ``max_pixels`` pixels or ``max_bytes`` decoded
+    bytes (see the module docstring for what is counted); Pillow's own
+    ``MAX_IMAGE_PIXELS`` check applies as well.
 
     Args:
         data: The encoded file content.
         source: Where the bytes came from (file path or ``file.parquet#row=3``); used in
             error messages, and a ``.dcm`` suffix selects the DICOM decoder.
+        max_pixels: Most pixels (``width * height * frames``) to decode; None: the module's
+            ``MAX_PIXELS``, read at call time.
+        max_bytes: Most decoded bytes (pixels x samples x bytes per sample); None: the
+            module's ``MAX_DECODED_BYTES``, read at call time. A deflated DICOM may inflate
+            to at most this plus 16 MiB.
+        reduce_to: When given and both sides are at least ``2 * reduce_to``, the image is
+            shrunk by the integer factor ``k = min(H, W) // reduce_to`` with a rounded block
+            mean over ``k x k`` blocks (the last ``H % k`` rows and ``W % k`` columns are
+            dropped), giving ``(H // k, W // k)``. It happens in the image's own type, before
+            any float conversion: for 16/32-bit and float images and DICOM (after the palette
+            lookup, before the modality LUT, windowing and min-max scaling; min-max then uses
+            the range of the reduced image) with NumPy in an int64/uint64 accumulator, for
+            8-bit Pillow images with ``PIL.Image.reduce`` (the same rounded mean). None:
+            full size.
 
     Returns:
         uint8 ``(H, W)`` for grayscale or ``(H, W, 3)`` for colour images. EXIF orientation
         is applied; an alpha channel is dropped (the colour channels are kept as they are,
         not composited); of a multi-frame image (DICOM, animated GIF/TIFF) the middle frame
-        of DICOM and the first frame of the others is used.
+        of DICOM (only that frame is decoded) and the first frame of the others is used.
 
     Raises:
-        ImageDecodeError: Empty, truncated, unknown-format or oversized (more than
-            ``MAX_PIXELS`` pixels) images, DICOM files without pixel data
-            (:class:`NoPixelDataError`) or with malformed header fields, and NaN or infinite
-            pixel values (:class:`NonFinitePixelsError`).
+        ImageDecodeError: Empty, truncated or unknown-format images, oversized ones
+            (:class:`ImageTooLargeError`), DICOM files without pixel data
+            (:class:`NoPixelDataError`), with malformed header fields or with pixel data that
+            does not match the header, and NaN or infinite pixel values
+            (:class:`NonFinitePixelsError`).
+        ValueError: ``reduce_to`` is not a positive number.
     """
-    if not data:
-        raise ImageDecodeError(f"cannot decode {source}: empty data (0 bytes)")
-    data = bytes(data)
-    if data[128:132] == b"DICM" or str(source).lower().endswith(".dcm"):
-        return _decode_dicom(data, source)
-    return _decode_pil(data, source)
+    if reduce_to is not None and reduce_to < 1:
+        raise ValueError(f"reduce_to must be a positive number of pixels, got {reduce_to}")
+    data = as_bytes(data, source)
+    limits = DecodeLimits(
+        MAX_PIXELS if max_pixels is None else max_pixels,
+        "MAX_PIXELS" if max_pixels is None else "max_pixels",
+        MAX_DECODED_BYTES if max_bytes is None else max_bytes,
+        "MAX_DECODED_BYTES" if max_bytes is None else "max_bytes",
+    )
+    if is_dicom(data, source):
+        return decode_dicom(data, source, limits, reduce_to)
+    return _decode_pil(data, source, limits, reduce_to)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -84,32 +186,14 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _check_pixel_count(count: int, source: str) -> None:
-    if count > MAX_PIXELS:
-        raise ImageTooLargeError(
-            f"refusing to decode {source}: {count} pixels is more than "
-            f"MAX_PIXELS={MAX_PIXELS} (possible decompression bomb)"
-        )
+# --------------------------------------------------------------------------- Pillow
 
 
-def _check_pil_size(img: Image.Image, source: str) -> None:
-    """Apply ``MAX_PIXELS`` and Pillow's own bomb limit before any pixel is decoded."""
-    count = img.width * img.height
-    _check_pixel_count(count, source)
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    if pil_limit and count > pil_limit:
-        raise ImageTooLargeError(
-            f"refusing to decode {source}: {count} pixels is more than "
-            f"Pillow's MAX_IMAGE_PIXELS={pil_limit} (decompression bomb?)"
-        )
-
-
-def _decode_pil(data: bytes, source: str) -> np.ndarray:
+@contextmanager
+def _pil_errors(source: str) -> Iterator[None]:
+    """Turn whatever Pillow raises into the project's decode errors."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            _check_pil_size(img, source)
-            img.load()
-            return _pil_to_array(ImageOps.exif_transpose(img) or img, source)
+        yield
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -123,119 +207,56 @@ def _decode_pil(data: bytes, source: str) -> np.ndarray:
         raise ImageDecodeError(f"cannot decode {source}: {type(exc).__name__}: {exc}") from exc
 
 
-def _require_finite(arr: np.ndarray, source: str) -> np.ndarray:
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise NonFinitePixelsError(
-            f"cannot use {source}: {bad} of {arr.size} pixel values are NaN or infinite"
+def _pil_header(img: Image.Image) -> ImageHeader:
+    try:
+        mode = ImageMode.getmode(img.mode)
+        samples, nbytes = len(mode.bands), np.dtype(mode.typestr).itemsize
+    except (KeyError, TypeError, ValueError):  # a mode Pillow cannot describe
+        samples, nbytes = len(img.getbands()), 1
+    fmt = (img.format or "unknown").lower()
+    return ImageHeader(fmt, img.width, img.height, 1, samples, nbytes)
+
+
+def _check_pil_limit(img: Image.Image, source: str) -> None:
+    """Pillow's own bomb limit, applied even below twice the limit (where Pillow only warns)."""
+    count = img.width * img.height
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit and count > pil_limit:
+        raise ImageTooLargeError(
+            f"refusing to decode {source}: {count} pixels is more than "
+            f"Pillow's MAX_IMAGE_PIXELS={pil_limit} (decompression bomb?)"
         )
-    return arr
 
 
-def _pil_to_array(img: Image.Image, source: str) -> np.ndarray:
+def _decode_pil(
+    data: bytes, source: str, limits: DecodeLimits, reduce_to: int | None
+) -> np.ndarray:
+    with _pil_errors(source), Image.open(io.BytesIO(data)) as img:
+        check_limits(_pil_header(img), source, limits)
+        _check_pil_limit(img, source)
+        img.load()
+        if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF Orientation other than 1
+            img = ImageOps.exif_transpose(img)
+        k = reduce_factor(img.height, img.width, reduce_to)
+        return _pil_to_array(img, source, k)
+
+
+def _pil_reduce(img: Image.Image, k: int) -> Image.Image:
+    """Rounded ``k x k`` block mean of an 8-bit image, dropping the partial last blocks."""
+    if k == 1:
+        return img
+    return img.reduce(k, box=(0, 0, img.width // k * k, img.height // k * k))
+
+
+def _pil_to_array(img: Image.Image, source: str, k: int) -> np.ndarray:
     mode = img.mode
     if mode in ("I", "F") or mode.startswith("I;"):
-        return _scale_to_uint8(_require_finite(np.asarray(img, dtype=np.float64), source))
+        arr = require_finite(np.asarray(img), source)  # uint16, int32 or float32
+        return scale_to_uint8(block_mean(arr, k) if k > 1 else arr)
     if mode in ("1", "L", "LA", "La"):
-        return np.array(img.convert("L"), dtype=np.uint8)
+        return np.array(_pil_reduce(img.convert("L"), k), dtype=np.uint8)
     if mode in ("P", "PA"):
-        rgb = np.array(img.convert("RGBA").convert("RGB"), dtype=np.uint8)
+        rgb = np.array(_pil_reduce(img.convert("RGBA").convert("RGB"), k), dtype=np.uint8)
         gray = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
         return rgb[..., 0].copy() if gray else rgb
-    return np.array(img.convert("RGB"), dtype=np.uint8)
-
-
-def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Min-max scale any numeric array to uint8 0..255 (a constant image becomes 0)."""
-    arr = np.nan_to_num(np.asarray(arr, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if arr.size == 0:
-        return np.zeros(arr.shape, np.uint8)
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, np.uint8)
-    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def _decode_dicom(data: bytes, source: str) -> np.ndarray:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
-        raise ImageDecodeError(f"cannot read DICOM {source}: {exc}") from exc
-    if len(ds) == 0:
-        raise ImageDecodeError(f"cannot read DICOM {source}: no DICOM data elements found")
-    try:
-        if not any(key in ds for key in _PIXEL_KEYS):
-            raise NoPixelDataError(f"DICOM {source} has no pixel data (no PixelData element)")
-        frames = _header_int(ds, "NumberOfFrames", 1, source)
-        rows = _header_int(ds, "Rows", 0, source)
-        cols = _header_int(ds, "Columns", 0, source)
-        samples = _header_int(ds, "SamplesPerPixel", 1, source)
-        _check_pixel_count(rows * cols * frames * samples, source)
-        try:
-            arr = ds.pixel_array
-        except Exception as exc:  # missing codec, truncated data, bad attributes, ...
-            raise ImageDecodeError(f"cannot decode DICOM pixel data of {source}: {exc}") from exc
-        if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
-            arr = arr[frames // 2]
-        return _dicom_to_uint8(_require_finite(np.asarray(arr), source), ds)
-    except ImageDecodeError:
-        raise
-    except Exception as exc:  # a header value of the wrong type or shape, an unusable LUT, ...
-        raise ImageDecodeError(
-            f"cannot decode DICOM {source}: malformed header ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
-def _header_int(ds: Any, key: str, default: int, source: str) -> int:
-    """A non-negative integer header field, or a clear error naming it."""
-    value = ds.get(key, default)
-    try:
-        out = int(value if value not in (None, "") else default)
-    except (TypeError, ValueError) as exc:
-        raise ImageDecodeError(
-            f"cannot decode DICOM {source}: header {key} is {str(value)[:40]!r}, "
-            "expected a whole number"
-        ) from exc
-    if out < 0:
-        raise ImageDecodeError(f"cannot decode DICOM {source}: header {key} is negative ({out})")
-    return out
-
-
-def _dicom_to_uint8(arr: np.ndarray, ds: Any) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    if arr.ndim == 3:
-        return arr if arr.dtype == np.uint8 else _scale_to_uint8(arr)
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    out = _dicom_window(values, ds)
-    return 255 - out if photometric == "MONOCHROME1" else out
-
-
-def _first_number(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, Sequence) and not isinstance(value, str):  # pydicom MultiValue
-        return _first_number(value[0]) if len(value) else None
-    return float(value)
-
-
-def _dicom_window(values: np.ndarray, ds: Any) -> np.ndarray:
-    """WindowCenter/Width (linear clip) when present, else a VOI LUT, else min-max."""
-    center = _first_number(ds.get("WindowCenter"))
-    width = _first_number(ds.get("WindowWidth"))
-    if center is not None and width is not None and width > 0:
-        lo = center - width / 2
-        return np.rint(np.clip((values - lo) / width, 0.0, 1.0) * 255).astype(np.uint8)
-    if "VOILUTSequence" in ds:
-        from pydicom.pixels import apply_voi_lut
-
-        try:
-            values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
-        except Exception as exc:  # malformed LUT: fall back to min-max
-            logger.debug("ignoring unusable VOI LUT: %s", exc)
-    return _scale_to_uint8(values)
+    return np.array(_pil_reduce(img.convert("RGB"), k), dtype=np.uint8)
