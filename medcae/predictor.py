@@ -78,15 +78,20 @@ class Predictor:
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Backbone feature maps ``(N, C, h, w)`` (float32, as in the feature store).
 
-        Encoded bytes are decoded to native pixels; every image is then prepared exactly as
-        the extraction stage prepares it (:func:`medcae.preprocess.prepare_image`: one
-        resize from native pixels), whatever its size or colour mode.
+        Encoded bytes are decoded as the extraction stage decodes them (an image at least
+        twice the resolution shrunk by an integer block mean in its own type); every image is
+        then prepared as that stage prepares it (:func:`medcae.preprocess.prepare_image`: one
+        resize), whatever its size or colour mode.
         """
         from medcae.data import decode_image
 
         if isinstance(images, np.ndarray):
             return self.extractor(images)["maps"]
-        arrays = [decode_image(im) if isinstance(im, bytes) else np.asarray(im) for im in images]
+        side = self.extractor.cfg.resolution  # shrink big scans in their own type, as the store did
+        arrays = [
+            decode_image(im, reduce_to=side) if isinstance(im, bytes) else np.asarray(im)
+            for im in images
+        ]
         if not arrays:
             raise ValueError("no images to predict")
         return self.extractor(arrays)["maps"]

@@ -1,9 +1,12 @@
 """Image preprocessing shared by the extraction stage, evaluation and serving.
 
-Decoding yields native pixels. :func:`prepare_image` resizes an image exactly once, in its own
-integer type, to the backbone's input side and gives it three channels; the Ray Data decode
-stage and the :class:`~medcae.predictor.Predictor` both call it, so an image gets the same
-answer offline and online. :func:`to_model_input` then only scales and normalises.
+Decoding yields native pixels (an image at least twice the input side already shrunk by an
+integer block mean in its own type, ``decode_image(..., reduce_to=resolution)``).
+:func:`prepare_image` applies that same block mean to an array that did not come through the
+decoder, then resizes once to the backbone's input side and gives it three channels; the Ray
+Data decode stage and the :class:`~medcae.predictor.Predictor` both call it, so an image gets
+the same answer offline and online, as bytes or as an array. :func:`to_model_input` then only
+scales and normalises.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medcae.data.pixels import block_mean, reduce_factor
+
 #: Bumped whenever :func:`prepare_image` changes what it produces (part of feature-store keys).
-PREPARE_VERSION = 1
+#: 2: images at least twice the resolution are first shrunk by an integer block mean in their
+#: own type (while decoding, or here for arrays), in training and serving alike.
+PREPARE_VERSION = 2
 
 
 def as_uint8_image(image: np.ndarray) -> np.ndarray:
@@ -45,9 +52,12 @@ def as_uint8_image(image: np.ndarray) -> np.ndarray:
 def prepare_image(image: np.ndarray, resolution: int) -> np.ndarray:
     """Resize one decoded image to the network's input and give it three channels.
 
-    Bilinear resampling (antialiased when shrinking) on the uint8 pixels; grayscale is
-    repeated to RGB after resizing. An image already ``(resolution, resolution, 3)`` uint8 is
-    returned as is, so calling this twice changes nothing.
+    An image whose sides are both at least ``2 * resolution`` is first shrunk by the integer
+    factor ``min(H, W) // resolution`` (rounded block mean in its own type, as
+    ``decode_image(..., reduce_to=resolution)`` does); then bilinear resampling (antialiased
+    when shrinking) on the uint8 pixels; grayscale is repeated to RGB after resizing. An image
+    already ``(resolution, resolution, 3)`` uint8 is returned as is, so calling this twice
+    changes nothing.
 
     Args:
         image: ``(H, W)`` or ``(H, W, 3)`` (see :func:`as_uint8_image` for other forms).
@@ -56,7 +66,11 @@ def prepare_image(image: np.ndarray, resolution: int) -> np.ndarray:
     Returns:
         uint8 ``(resolution, resolution, 3)``.
     """
-    arr = as_uint8_image(image)
+    arr = np.asarray(image)
+    if arr.ndim in (2, 3):  # what decoding with reduce_to does; a no-op on decoded images
+        k = reduce_factor(arr.shape[0], arr.shape[1], resolution)
+        arr = block_mean(arr, k) if k > 1 else arr
+    arr = as_uint8_image(arr)
     if arr.shape[:2] != (resolution, resolution):
         resized = Image.fromarray(arr).resize((resolution, resolution), Image.Resampling.BILINEAR)
         arr = np.asarray(resized, dtype=np.uint8)

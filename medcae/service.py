@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from medcae.data import (
     NonFinitePixelsError,
     NoPixelDataError,
     decode_image,
+    read_header,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,12 @@ class Limits:
 
     Attributes:
         max_image_bytes: Largest accepted encoded image.
-        max_pixels: Largest accepted decoded image (width x height x frames).
+        max_pixels: Largest accepted decoded image (width x height x frames), checked from
+            the image's header before it is decoded.
+        max_decoded_bytes: Largest accepted decoded image in bytes (pixels x samples x bytes
+            per sample), checked from the header before decoding.
+        max_request_decoded_bytes: Most decoded bytes of all the images of one request
+            together, checked from their headers before any of them is decoded.
         max_batch_images: Most images in one ``/v1/predict/batch`` request.
         max_request_bytes: Largest request body of a batch (a single image's body may hold
             ``max_image_bytes`` plus 64 KiB of multipart framing). Refused from the
@@ -66,6 +73,8 @@ class Limits:
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
+    max_decoded_bytes: int = 256 * 1024 * 1024
+    max_request_decoded_bytes: int = 512 * 1024 * 1024
     max_batch_images: int = 32
     max_request_bytes: int = 64 * 1024 * 1024
     body_timeout_s: float = 5.0
@@ -117,21 +126,72 @@ def sniff(data: bytes) -> str:
     )
 
 
-def decode_request_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray:
+def decode_request_image(
+    data: bytes, limits: Limits, name: str = "image", reduce_to: int | None = None
+) -> np.ndarray:
     """Validate and decode one uploaded image.
 
     Args:
         data: The encoded bytes.
-        limits: Size limits.
+        limits: Size limits, checked from the image's header before it is decoded.
         name: How the image is named in error messages.
+        reduce_to: The model's input side: a bigger image is shrunk by an integer block mean
+            in its own type while decoding (as the feature store's images were).
 
     Returns:
         uint8 ``(H, W)`` or ``(H, W, 3)``.
 
     Raises:
-        RequestError: 400 empty or corrupt (malformed DICOM headers included), 413 too large,
-            415 unsupported type, 422 DICOM without pixel data or NaN/infinite pixel values.
+        RequestError: 400 empty or corrupt (malformed DICOM headers, pixel data that does not
+            match the header), 413 too large, 415 unsupported type, 422 DICOM without pixel
+            data or NaN/infinite pixel values.
     """
+    kind = _check_encoded(data, limits, name)
+    with _decode_errors():
+        return decode_image(
+            data,
+            source=f"{name} ({kind})",
+            max_pixels=limits.max_pixels,
+            max_bytes=limits.max_decoded_bytes,
+            reduce_to=reduce_to,
+        )
+
+
+def decode_request_images(
+    blobs: Sequence[tuple[str, bytes]], limits: Limits, reduce_to: int | None = None
+) -> list[np.ndarray]:
+    """Decode the images of one request, within its budget of decoded bytes.
+
+    With more than one image, every header is read first and the request refused (413
+    ``request_too_large``) when their decoded sizes add up to more than
+    ``limits.max_request_decoded_bytes``, before any pixel is decoded.
+
+    Args:
+        blobs: ``(name, encoded bytes)`` per image.
+        limits: Size limits.
+        reduce_to: As in :func:`decode_request_image`.
+
+    Raises:
+        RequestError: As :func:`decode_request_image`, naming the image; or the 413.
+    """
+    if len(blobs) > 1:
+        total = 0
+        for name, data in blobs:
+            kind = _check_encoded(data, limits, name)
+            with _decode_errors():
+                total += read_header(data, f"{name} ({kind})").nbytes
+        if total > limits.max_request_decoded_bytes:
+            raise RequestError(
+                413,
+                "request_too_large",
+                f"the {len(blobs)} images decode to {total} bytes together, over the "
+                f"request limit of {limits.max_request_decoded_bytes}",
+            )
+    return [decode_request_image(data, limits, name, reduce_to) for name, data in blobs]
+
+
+def _check_encoded(data: bytes, limits: Limits, name: str) -> str:
+    """The format of an upload, after its size and type checks."""
     if not data:
         raise RequestError(400, "empty_body", f"{name}: no bytes received; send a {SUPPORTED}")
     if len(data) > limits.max_image_bytes:
@@ -145,12 +205,14 @@ def decode_request_image(data: bytes, limits: Limits, name: str = "image") -> np
         raise RequestError(
             415, "unsupported_media_type", f"{name}: looks like {kind}, expected {SUPPORTED}"
         )
-    return _decode(data, kind, limits, name)
+    return kind
 
 
-def _decode(data: bytes, kind: str, limits: Limits, name: str) -> np.ndarray:
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """The decoder's errors as the HTTP errors they are."""
     try:
-        arr = decode_image(data, source=f"{name} ({kind})")
+        yield
     except ImageTooLargeError as err:
         raise RequestError(413, "too_many_pixels", str(err)) from err
     except NoPixelDataError as err:
@@ -159,35 +221,28 @@ def _decode(data: bytes, kind: str, limits: Limits, name: str) -> np.ndarray:
         raise RequestError(422, "non_finite_pixels", str(err)) from err
     except ImageDecodeError as err:
         raise RequestError(400, "corrupt_image", str(err)) from err
-    if arr.shape[0] * arr.shape[1] > limits.max_pixels:
-        raise RequestError(
-            413,
-            "too_many_pixels",
-            f"{name}: {arr.shape[1]}x{arr.shape[0]} "
-            f"pixels is over the limit of {limits.max_pixels}",
-        )
-    return arr
 
 
-def decode_b64_images(payload: Any, limits: Limits) -> list[np.ndarray]:
+def decode_b64_images(
+    payload: Any, limits: Limits, reduce_to: int | None = None
+) -> list[np.ndarray]:
     """Decode a JSON batch ``{"images": ["<base64>", ...]}``.
 
     Raises:
         RequestError: 422 on a malformed body, 413 over the batch limit, or any error of
-            :func:`decode_request_image` (naming the image's index).
+            :func:`decode_request_images` (naming the image's index).
     """
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
         raise RequestError(422, "bad_json", 'expected a JSON object {"images": ["<base64>", ...]}')
     check_batch_size(len(images), limits)
-    out = []
+    blobs = []
     for i, text in enumerate(images):
         try:
-            data = base64.b64decode(text, validate=True)
+            blobs.append((f"images[{i}]", base64.b64decode(text, validate=True)))
         except (binascii.Error, ValueError) as err:
             raise RequestError(422, "bad_base64", f"images[{i}]: not valid base64") from err
-        out.append(decode_request_image(data, limits, f"images[{i}]"))
-    return out
+    return decode_request_images(blobs, limits, reduce_to)
 
 
 def predict_each(

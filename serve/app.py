@@ -43,6 +43,7 @@ from medcae.service import (
     check_streamed_length,
     decode_b64_images,
     decode_request_image,
+    decode_request_images,
     model_id,
     model_info,
     predict_each,
@@ -58,6 +59,51 @@ ERRORS = {
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
+}
+
+_BINARY = {"type": "string", "format": "binary"}
+# The bodies are read by hand (size caps before parsing), so the schema declares them here.
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One image: the raw file, or a multipart form with its `file`",
+        "content": {
+            "image/png": {"schema": _BINARY},
+            "image/jpeg": {"schema": _BINARY},
+            "application/dicom": {"schema": _BINARY},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": _BINARY},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Several images: base64 in JSON, or multipart `files`",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}}
+                    },
+                    "required": ["images"],
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": _BINARY}},
+                    "required": ["files"],
+                }
+            },
+        },
+    }
 }
 
 _DOCS = os.environ.get("MEDCAE_SERVE_DOCS", "") == "1"
@@ -116,8 +162,14 @@ async def _parse_form(request: Request, body: bytes, limits: Limits) -> Any:
         raise RequestError(400, "bad_multipart", str(err)) from err
 
 
-async def read_images(request: Request, limits: Limits, batch: bool) -> list[np.ndarray]:
-    """Decode the images of a request: raw body, multipart files, or (batch) base64 JSON."""
+async def read_images(
+    request: Request, limits: Limits, batch: bool, reduce_to: int | None = None
+) -> list[np.ndarray]:
+    """Decode the images of a request: raw body, multipart files, or (batch) base64 JSON.
+
+    Decoding runs in a worker thread, so a slow image never stalls the event loop; a bigger
+    image than the model's input side ``reduce_to`` is shrunk while it is decoded.
+    """
     ctype = request.headers.get("content-type", "")
     body = await read_body(request, limits.body_cap(batch), limits.body_timeout_s)
     if ctype.startswith("multipart/form-data"):
@@ -134,18 +186,15 @@ async def read_images(request: Request, limits: Limits, batch: bool) -> list[np.
                     413, "too_large", f"{name}: over the limit of {limits.max_image_bytes} bytes"
                 )
             blobs.append((name, await f.read()))
-        # Decoding runs in a worker thread: a slow image never stalls the event loop.
-        return await asyncio.to_thread(
-            lambda: [decode_request_image(b, limits, name) for name, b in blobs]
-        )
+        return await asyncio.to_thread(decode_request_images, blobs, limits, reduce_to)
     if batch:
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as err:
             detail = "nested too deeply" if isinstance(err, RecursionError) else str(err)
             raise RequestError(422, "bad_json", f"body is not valid JSON: {detail}") from err
-        return await asyncio.to_thread(decode_b64_images, payload, limits)
-    return [await asyncio.to_thread(decode_request_image, body, limits)]
+        return await asyncio.to_thread(decode_b64_images, payload, limits, reduce_to)
+    return [await asyncio.to_thread(decode_request_image, body, limits, "image", reduce_to)]
 
 
 @serve.deployment(name="medcae", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -199,6 +248,7 @@ class MedcaeModel:
         self.predictor = Predictor.from_bundle(bundle, device, runtime)
         self.model_id = model_id(self.predictor.meta)
         self.limits = Limits(**(limits or {}))
+        self.side = self.predictor.extractor.cfg.resolution
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info(
@@ -222,18 +272,25 @@ class MedcaeModel:
             raise RequestError(out.status, out.code, f"{name}: {out.detail}")
         return out
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY
+    )
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        (image,) = await read_images(request, self.limits, batch=False)
+        (image,) = await read_images(request, self.limits, False, self.side)
         return {"model": self.model_id, "prediction": await self._one(image)}
 
-    @app.post("/v1/predict/batch", response_model=BatchResponse, responses=ERRORS)
+    @app.post(
+        "/v1/predict/batch",
+        response_model=BatchResponse,
+        responses=ERRORS,
+        openapi_extra=BATCH_BODY,
+    )
     async def predict_batch(self, request: Request) -> dict[str, Any]:
         """Classify several images: multipart files, or JSON ``{"images": [base64, ...]}``."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        images = await read_images(request, self.limits, batch=True)
+        images = await read_images(request, self.limits, True, self.side)
         preds = await asyncio.gather(
             *(self._one(im, f"images[{i}]") for i, im in enumerate(images))
         )

@@ -28,6 +28,7 @@ def make_app(bundle: str, runtime: str = "auto") -> FastAPI:
 
     predictor = Predictor.from_bundle(bundle, runtime=runtime)
     ident, limits = model_id(predictor.meta), Limits()
+    side = predictor.extractor.cfg.resolution
     app = FastAPI(title="medcae baseline")
 
     @app.exception_handler(RequestError)
@@ -36,7 +37,7 @@ def make_app(bundle: str, runtime: str = "auto") -> FastAPI:
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        (image,) = await read_images(request, limits, batch=False)
+        (image,) = await read_images(request, limits, False, side)
         (pred,) = await asyncio.to_thread(predictor.predict, [image])
         return {"model": ident, "prediction": pred.__dict__}
 

@@ -47,3 +47,27 @@ def test_model_input_refuses_unprepared_images(rng):
         prepare_batch(rng.integers(0, 256, (2, 8, 8), dtype=np.uint8), 8), (0.5,) * 3, (0.2,) * 3
     )
     assert tuple(x.shape) == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((300, 260), np.uint8), ((300, 260, 3), np.uint8), ((1024, 768), np.uint16)],
+)
+def test_big_array_and_its_png_are_prepared_alike(shape, dtype):
+    """A big array shrinks by the same integer block mean as its decoded PNG (reduce_to), so
+    the Predictor gives the same answer for both forms."""
+    import io
+
+    from PIL import Image
+
+    from medcae.data import decode_image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue(), reduce_to=112)
+    k = min(shape[:2]) // 112
+    assert decoded.shape[:2] == (shape[0] // k, shape[1] // k)
+    a, b = prepare_image(arr, 112), prepare_image(decoded, 112)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.slow]
 LIMITS = {
     "max_image_bytes": 300_000,
     "max_pixels": 4_000_000,
+    "max_decoded_bytes": 12_000_000,
+    "max_request_decoded_bytes": 20_000_000,
     "max_batch_images": 4,
     "body_timeout_s": 2.0,
 }
@@ -239,13 +241,52 @@ BAD = [
     ("malformed dicom header", "/v1/predict", {"content": "BADDCM"}, 400, "corrupt_image"),
     ("malformed dicom in a batch", "/v1/predict/batch", {"json": "BADDCMS"}, 400, "corrupt_image"),
     ("nan pixels", "/v1/predict", {"content": "NANDCM"}, 422, "non_finite_pixels"),
+    ("jpeg declaring 9000x9000", "/v1/predict", {"content": "JPEGBOMB"}, 413, "too_many_pixels"),
+    (
+        "dicom: 10x10 header, 9000x9000 jpeg",
+        "/v1/predict",
+        {"content": "SMUGGLE"},
+        400,
+        "corrupt_image",
+    ),
+    (
+        "dicom: pixel data longer than header",
+        "/v1/predict",
+        {"content": "LONGPX"},
+        400,
+        "corrupt_image",
+    ),
+    ("deflated dicom bomb", "/v1/predict", {"content": "DEFLATE"}, 413, "too_many_pixels"),
+    (
+        "batch over its decoded budget",
+        "/v1/predict/batch",
+        {"json": "HEAVY"},
+        413,
+        "request_too_large",
+    ),
 ]
 
 
 def test_bad_requests_get_4xx_and_server_stays_up(server, demo_bundle):
     good = png_bytes(demo_bundle.test_images[0])
     rng = np.random.default_rng(0)
-    from test_decode_hostile import dicom
+    from pydicom.uid import JPEGBaseline8Bit
+    from test_decode_hostile import (
+        deflated_bomb,
+        dicom,
+        encapsulated_dicom,
+        native_dicom,
+        with_jpeg_size,
+    )
+
+    def jpeg(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    small_jpeg = jpeg(np.full((8, 8), 128, np.uint8))
+    px = np.zeros((4, 4), np.uint8)
+    heavy = png_bytes(np.zeros((1500, 1500, 3), np.uint8))  # 6.75 MB decoded, 20 KB sent
 
     def chunks():  # no Content-Length: only the streamed cap can stop it
         for _ in range(40):
@@ -265,6 +306,13 @@ def test_bad_requests_get_4xx_and_server_stays_up(server, demo_bundle):
         "NOPIX": dicom_without_pixels(),
         "BIG": png_bytes(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)),
         "FIVE": {"images": [base64.b64encode(good).decode()] * 5},
+        "JPEGBOMB": with_jpeg_size(small_jpeg, 9000, 9000),
+        "SMUGGLE": encapsulated_dicom(
+            [with_jpeg_size(small_jpeg, 9000, 9000)], 10, 10, JPEGBaseline8Bit
+        ),
+        "LONGPX": native_dicom(px, pixel_data=px.tobytes() + bytes(100)),
+        "DEFLATE": deflated_bomb(3000, 3000),  # 18 MB inflated, over max_decoded_bytes
+        "HEAVY": {"images": [base64.b64encode(heavy).decode()] * 4},  # 27 MB together
     }
     pid = server.get("/v1/model").json()["pid"]
     for name, path, kwargs, status, code in BAD:
@@ -417,3 +465,58 @@ def test_medcae_serve_stops_on_ctrl_c_or_sigterm_and_leaves_no_process(demo_bund
     assert report["served"] is True, run.stdout[-2000:] + run.stderr[-3000:]
     assert report["left"] == [], report
     assert report["rc"] == 0, run.stderr[-3000:]
+
+
+def test_api_schema_driven_requests_never_get_a_5xx(server):
+    """Property-based: schemathesis draws requests from the app's own OpenAPI schema (bodies
+    of every declared media type, with a valid key or without one); every response must be a
+    documented status with a conforming body, and none a 5xx. Derandomized and bounded: 12
+    requests per operation and media type (and 12 more that break the JSON schema)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    url = str(server.base_url).rstrip("/")
+    schema = schemathesis.openapi.from_dict(server.get("/openapi.json").json())
+    checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
+    seen: dict[tuple[str, str | None, int], int] = {}
+    strategies = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        media = [body.media_type for body in op.body] or [None]
+        for mt in media:
+            strategies.append(op.as_strategy(GenerationMode.POSITIVE, media_type=mt))
+            if mt == "application/json":  # bodies that break the schema, too
+                strategies.append(op.as_strategy(GenerationMode.NEGATIVE, media_type=mt))
+
+    for strategy in strategies:
+
+        @given(case=strategy)
+        @settings(
+            max_examples=12,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case):
+            label = case.operation.label
+            n = sum(v for k, v in seen.items() if k[0] == label)
+            auth = {"Authorization": f"Bearer {API_KEY}"} if n % 5 else {}  # 1 in 5 without
+            response = case.call(base_url=url, headers=auth, timeout=60)
+            case.validate_response(response, checks=checks)
+            key = (label, case.media_type, response.status_code)
+            seen[key] = seen.get(key, 0) + 1
+
+        check()
+    labels = {k[0] for k in seen}
+    assert {"POST /v1/predict", "POST /v1/predict/batch", "GET /v1/model"} <= labels, seen
+    parsed = {k for k in seen if k[0].startswith("POST") and k[2] not in (401, 403)}
+    media = {"image/png", "image/jpeg", "multipart/form-data", "application/json"}
+    assert media <= {k[1] for k in parsed}, seen  # bodies of these media types were read
+    assert server.get("/healthz").status_code == 200  # and the server is still up

@@ -372,7 +372,9 @@ def decode_batch(
         where = str(path) if path is not None else str(rid)
         try:
             blob = data if data is not None else read_bytes(where)
-            images.append(prepare_image(decode_image(blob, where), resolution))
+            images.append(
+                prepare_image(decode_image(blob, where, reduce_to=resolution), resolution)
+            )
             keep.append(i)
         except (ImageDecodeError, OSError, ValueError) as exc:
             log.warning("skipping %s: %s", where, exc)
