@@ -433,6 +433,14 @@ def test_serve_config_yaml_is_consistent():
     ServeDeploySchema.model_validate(cfg)  # Serve's own schema accepts the values...
     assert set(dep) <= set(DeploymentSchema.model_fields)  # ...and knows every field name
     assert set(cfg["http_options"]) <= set(HTTPOptionsSchema.model_fields)
+    # The app's own arguments: every limit is a Limits field (at its default), hosts parse.
+    from dataclasses import asdict
+
+    from medcae.auth import parse_hosts
+    from medcae.service import Limits
+
+    assert app["args"]["limits"] == asdict(Limits())
+    assert parse_hosts(app["args"]["allowed_hosts"]) == ("localhost", "127.0.0.1", "::1")
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
