@@ -3,7 +3,8 @@
 For ``--seconds`` (60) at ``--concurrency`` (32), each client thread sends, in turn, good PNG
 and DICOM requests and hostile ones (corrupt and truncated images, a decompression bomb, a
 malformed DICOM, NaN pixels, random bytes, nested and malformed JSON, an over-limit body, a
-missing API key). Prints the count per (kind, status), the number of 5xx (must be 0), whether
+missing API key, a foreign Host header, a small JPEG declaring 9000x9000, a DICOM smuggling a
+9000x9000 JPEG under a 10x10 header, a deflated DICOM bomb). Prints the count per (kind, status), the number of 5xx (must be 0), whether
 the replica restarted (its pid, before and after), and the replica's RSS: the mean of the
 first and the last 10 s, and their ratio (goal: growth under 10%).
 
@@ -36,8 +37,18 @@ KEY = "soak-key"
 
 def requests_mix(pngs: list[bytes]) -> list[tuple[str, dict, bool]]:
     """(kind, httpx kwargs, expected good) for each request of the rotation."""
-    from test_decode_hostile import dicom
+    from pydicom.uid import JPEGBaseline8Bit
+    from test_decode_hostile import (
+        deflated_bomb,
+        dicom,
+        encapsulated_dicom,
+        encode,
+        with_jpeg_size,
+    )
     from test_serve import bomb_png
+
+    small_jpeg = encode(np.full((8, 8), 128, np.uint8), "JPEG")
+    big_jpeg = with_jpeg_size(small_jpeg, 9000, 9000)
 
     nan = np.zeros(64, np.float32)
     nan[1] = np.nan
@@ -63,6 +74,17 @@ def requests_mix(pngs: list[bytes]) -> list[tuple[str, dict, bool]]:
         ("random bytes", {"url": post, "content": os.urandom(4096), "headers": auth}),
         ("over the cap", {"url": post, "content": b"\0" * (21 * 2**20), "headers": auth}),
         ("no key", {"url": post, "content": good}),
+        ("foreign host", {"url": post, "content": good, "headers": auth | {"Host": "a.example"}}),
+        ("jpeg 9000x9000", {"url": post, "content": big_jpeg, "headers": auth}),
+        (
+            "smuggled dicom",
+            {
+                "url": post,
+                "content": encapsulated_dicom([big_jpeg], 10, 10, JPEGBaseline8Bit),
+                "headers": auth,
+            },
+        ),
+        ("deflated bomb", {"url": post, "content": deflated_bomb(12_000, 12_000), "headers": auth}),
         (
             "nested json",
             {"url": "/v1/predict/batch", "content": b"[" * 50_000 + b"]" * 50_000, "headers": auth},

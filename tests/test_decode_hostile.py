@@ -268,15 +268,18 @@ def file_meta(transfer_syntax: str) -> bytes:
     return fp.getvalue()
 
 
-def deflated_bomb(rows: int, cols: int, frames: int = 1) -> bytes:
-    """A deflated DICOM whose zero pixel data inflates to ``rows * cols * frames * 2`` bytes."""
+def deflated_bomb(
+    rows: int, cols: int, frames: int = 1, declare: tuple[int, int] | None = None
+) -> bytes:
+    """A deflated DICOM whose zero pixel data inflates to ``rows * cols * frames * 2`` bytes;
+    ``declare`` puts another (rows, cols) in its header (a header that lies)."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, image_dataset(rows, cols, frames=frames))
+    write_dataset(body, image_dataset(*(declare or (rows, cols)), frames=frames))
     size = rows * cols * frames * 2
     pixel_element = b"\xe0\x7f\x10\x00OW\0\0" + struct.pack("<I", size)
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -562,7 +565,15 @@ def test_deflated_bomb_is_refused_before_it_is_inflated():
     bomb = deflated_bomb(4096, 4096)  # 33 KB inflating to 32 MiB
     assert len(bomb) < 40_000
     peak, seconds, err = peak_memory(decode_image, bomb, "bomb.dcm", max_bytes=MB)
+    assert type(err) is ImageTooLargeError and "declares 33554432 bytes of pixel data" in str(err)
+    assert peak < 4 * MB and seconds < 0.5  # refused from its header, in the first piece
+
+
+def test_deflated_bomb_with_a_lying_header_stops_at_its_declared_size():
+    bomb = deflated_bomb(4096, 4096, declare=(64, 64))  # says 8 KiB, inflates to 32 MiB
+    peak, seconds, err = peak_memory(decode_image, bomb, "bomb.dcm")
     assert type(err) is ImageTooLargeError and "inflates to more than" in str(err)
+    assert str(64 * 64 * 2 + 16 * MB) in str(err)  # its declared pixel bytes + 16 MiB
     assert peak < 4 * MB and seconds < 2.0
 
 
@@ -570,8 +581,8 @@ def test_deflated_bomb_at_the_default_limit_stays_small_in_memory():
     bomb = deflated_bomb(4096, 4096, frames=17)  # 555 KB inflating to 544 MiB
     peak, seconds, err = peak_memory(decode_image, bomb, "bomb.dcm")
     assert type(err) is ImageTooLargeError, err
-    assert str(MAX_DECODED_BYTES + 16 * MB) in str(err)
-    assert peak < 4 * MB and seconds < 10.0
+    assert str(MAX_DECODED_BYTES + 16 * MB) in str(err) and "declares" in str(err)
+    assert peak < 4 * MB and seconds < 1.0  # not 544 MiB of inflation
     peak, _, err = peak_memory(read_header, bomb, "bomb.dcm")
     assert type(err) is ImageTooLargeError and peak < 4 * MB
 

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DEFLATE_ROOM = 16 * 1024**2  # inflated bytes allowed on top of max_bytes for other elements
 _INFLATE_IN = 64 * 1024
 _INFLATE_OUT = 1024**2
+_HEADER_PREFIX = 256 * 1024  # inflated bytes read for the header elements of a deflated set
 _PIXEL_KEYS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _FLOAT_BYTES = {"FloatPixelData": 4, "DoubleFloatPixelData": 8}
 _DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
@@ -124,16 +125,36 @@ def _read_deflated(data: bytes, meta: Any, body_start: int, source: str, limit: 
 
 
 def _inflated_size(body: memoryview, limit: int, source: str) -> int:
-    """Bytes that a raw deflate stream inflates to, counted in 1 MiB pieces, up to ``limit``."""
+    """Bytes that a raw deflate stream inflates to, counted in 1 MiB pieces, up to ``limit``.
+
+    As soon as the first ``_HEADER_PREFIX`` inflated bytes are in, the image's header elements
+    are read from them: a data set whose header declares more pixel bytes than ``limit`` is
+    refused then, and one that declares fewer may inflate to at most its declared pixel bytes
+    plus ``DEFLATE_ROOM`` (its pixel data must match its header anyway). A bomb therefore costs
+    the inflation of its first piece, not of ``limit`` bytes.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
+    total, prefix, checked = 0, bytearray(), False
 
     def count(piece: bytes) -> int:
+        nonlocal limit, checked
+        if not checked:
+            prefix.extend(piece[: _HEADER_PREFIX - len(prefix)])
+            if len(prefix) >= _HEADER_PREFIX or inflater.eof:
+                checked = True
+                declared = _declared_pixel_bytes(bytes(prefix))
+                if declared is not None and declared > limit:
+                    raise ImageTooLargeError(
+                        f"refusing to decode {source}: its deflated data set declares "
+                        f"{declared} bytes of pixel data, more than the limit of {limit}"
+                    )
+                if declared is not None:
+                    limit = min(limit, declared + DEFLATE_ROOM)
         if total + len(piece) > limit:
             raise ImageTooLargeError(
                 f"refusing to decode {source}: its deflated data set inflates to more than "
-                f"{limit} bytes (the decoded-bytes limit plus {DEFLATE_ROOM} bytes for the "
-                "other elements; a zip bomb?)"
+                f"{limit} bytes (the decoded-bytes limit, or its declared pixel bytes, plus "
+                f"{DEFLATE_ROOM} bytes for the other elements; a zip bomb?)"
             )
         return len(piece)
 
@@ -153,6 +174,30 @@ def _inflated_size(body: memoryview, limit: int, source: str) -> int:
             )
         total += count(piece)
     return total
+
+
+def _declared_pixel_bytes(prefix: bytes) -> int | None:
+    """Pixel bytes that the header elements at the start of an inflated data set declare
+    (rows x columns x frames x samples x bytes per sample), or None when they cannot be read."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    try:
+        ds = read_dataset(
+            DicomBytesIO(prefix),
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=lambda tag, vr, length: tag >= 0x7FE00008,  # the pixel data elements
+        )
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+        samples = max(int(ds.get("SamplesPerPixel", 1) or 1), 1)
+        nbytes = max((int(ds.get("BitsAllocated", 8) or 8) + 7) // 8, 1)
+    except Exception:  # a truncated or odd prefix: the full parse decides, under the limit
+        return None
+    if rows <= 0 or cols <= 0:
+        return None
+    return rows * cols * frames * samples * nbytes
 
 
 # --------------------------------------------------------------------------- DICOM: header
