@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import numpy as np
 from medcae.backbones import get_spec, weights_sha256
 from medcae.bundle import write_bundle
 from medcae.cae import ConvAutoEncoder
+from medcae.card import bootstrap_intervals, data_summary
 from medcae.classifier import LinearHead, fit_classifier
 from medcae.config import ClassifierConfig, PipelineConfig
 from medcae.metrics import classification_report
@@ -20,11 +21,21 @@ from medcae.preprocess import PREPARE_VERSION
 
 @dataclass
 class Evaluated:
-    """A fitted head with its validation choice and its one test report."""
+    """A fitted head with its validation choice and its one test report.
+
+    Attributes:
+        head: The fitted classifier.
+        selection: ``{"C", "val_auc", "n_labels"}`` of the validation choice.
+        test: The test report (:func:`medcae.metrics.classification_report`).
+        test_labels: ``(N,)`` test labels the report was computed on.
+        test_proba: ``(N, K)`` the head's test probabilities, rows as ``test_labels``.
+    """
 
     head: LinearHead
     selection: dict[str, float]
     test: dict[str, Any]
+    test_labels: np.ndarray | None = None
+    test_proba: np.ndarray | None = None
 
 
 def fit_and_test(
@@ -45,8 +56,9 @@ def fit_and_test(
     head, selection = fit_classifier(
         cfg, feats["train"], labels["train"], feats["val"], labels["val"], k
     )
-    report = classification_report(labels["test"], head.predict_proba(feats["test"]), label_names)
-    return Evaluated(head, selection, report)
+    proba = head.predict_proba(feats["test"])
+    report = classification_report(labels["test"], proba, label_names)
+    return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
 
 
 OOD_QUANTILE = 0.99
@@ -61,8 +73,13 @@ def save_model(
     fitted: Evaluated,
     val_errors: np.ndarray,
     metrics: dict[str, Any] | None = None,
+    labels: Mapping[str, np.ndarray] | None = None,
+    unlabeled: int = 0,
 ) -> Path:
     """Write a model bundle, calibrating the out-of-distribution threshold on validation maps.
+
+    The model card's test intervals are bootstrapped from ``fitted.test_labels`` and
+    ``fitted.test_proba`` when the fit kept them (:func:`fit_and_test` does).
 
     Args:
         path: Bundle folder.
@@ -74,6 +91,10 @@ def save_model(
         val_errors: The CAE's reconstruction errors ``(M,)`` of the validation maps; the
             threshold is their ``OOD_QUANTILE`` quantile.
         metrics: Extra metrics stored next to the test report (baselines, history).
+        labels: ``{"train"|"val"|"test": (N,)}`` labels of the images each split used, for
+            the model card's counts per class and split; without them the card says the
+            counts were not recorded.
+        unlabeled: Images of the unlabeled pool the auto-encoder also trained on.
     """
     spec = get_spec(cfg.backbone.name)
     errors = np.asarray(val_errors, np.float64)
@@ -92,11 +113,20 @@ def save_model(
             "std": list(spec.std),
         },
         "classifier": {"kind": cfg.classifier.kind, **fitted.selection},
-        "metrics": {"test": fitted.test, **(metrics or {})},
+        "metrics": {"test": fitted.test, **(metrics or {}), **_intervals(fitted)},
         "ood": {
             "threshold": float(np.quantile(errors, OOD_QUANTILE)),
             "quantile": OOD_QUANTILE,
             "calibrated_on": "val",
         },
     }
+    if labels is not None:
+        meta["data_summary"] = data_summary(label_names, labels, unlabeled)
     return write_bundle(path, meta, cae.state_dict(), fitted.head.to_arrays())
+
+
+def _intervals(fitted: Evaluated) -> dict[str, Any]:
+    """``{"test_ci": ...}`` bootstrapped from the fit's test predictions, if it kept them."""
+    if fitted.test_labels is None or fitted.test_proba is None:
+        return {}
+    return {"test_ci": bootstrap_intervals(fitted.test_labels, fitted.test_proba)}

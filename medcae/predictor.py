@@ -12,6 +12,7 @@ import torch
 
 from medcae.bundle import read_bundle
 from medcae.cae import ConvAutoEncoder
+from medcae.card import model_card
 from medcae.classifier import LinearHead
 from medcae.config import PipelineConfig
 from medcae.features import FeatureExtractor
@@ -37,7 +38,8 @@ class Predictor:
         cae: Trained auto-encoder.
         head: Fitted linear classifier.
         label_names: Class names, index = class id.
-        meta: Bundle metadata (for ``GET /v1/model`` and reports).
+        meta: Bundle metadata (for ``GET /v1/model`` and reports); a loaded bundle's holds
+            its model card under ``"model_card"``.
     """
 
     def __init__(
@@ -74,6 +76,13 @@ class Predictor:
         head = LinearHead.from_arrays(cfg.classifier.kind, len(meta["label_names"]), arrays)
         extractor = FeatureExtractor(cfg.backbone, device, runtime=runtime)
         return cls(extractor, cae, head, meta["label_names"], meta)
+
+    @property
+    def card(self) -> str:
+        """The model card (Markdown): the bundle's verified ``MODEL_CARD.md``, or one rendered
+        from the metadata for a predictor built without a bundle."""
+        text = self.meta.get("model_card")
+        return text if isinstance(text, str) else model_card(self.meta)
 
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Backbone feature maps ``(N, C, h, w)`` (float32, as in the feature store).

@@ -108,6 +108,7 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
         cae,
         fitted,
         errors_all(cae, maps["val"]),
+        labels=labels,
     )
     return BundleCase(
         path,

@@ -41,7 +41,13 @@ def test_bundle_files_and_metadata(tiny_bundle):
     path, _, _ = tiny_bundle
     meta = json.loads((path / "bundle.json").read_text())
     assert {"config", "label_names", "versions", "created", "files", "format_version"} <= set(meta)
-    assert sorted(p.name for p in path.iterdir()) == ["bundle.json", "cae.pt", "classifier.npz"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "MODEL_CARD.md",
+        "bundle.json",
+        "cae.pt",
+        "classifier.npz",
+    ]
+    assert sorted(meta["files"]) == ["MODEL_CARD.md", "cae.pt", "classifier.npz"]
 
 
 def test_tampered_or_incomplete_bundles_do_not_load(tiny_bundle, tmp_path):

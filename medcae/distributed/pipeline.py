@@ -271,13 +271,12 @@ def run_pipeline(
         ours,
         emb["val"]["error"],
         extra,
+        labels=labels,
+        unlabeled=store.count("unlabeled"),
     )
     progress_log.info("bundle: %s", bundle)
     _write_predictions(
-        paths.out / "test_predictions.parquet",
-        emb["test"],
-        ours.head.predict_proba(emb["test"]["codes"]),
-        store.label_names,
+        paths.out / "test_predictions.parquet", emb["test"], ours.test_proba, store.label_names
     )
     t["total_s"] = time.perf_counter() - t0
     table = format_results(reports, store.label_names)

@@ -247,9 +247,8 @@ def finalize(
     splits = ("train", "val", "test")
     feats = {s: store.arrays(s, ("label", "maps")) for s in splits}
     codes = {s: embed_all(model, feats[s]["maps"]) for s in splits}
-    fitted = fit_and_test(
-        cfg.classifier, codes, {s: feats[s]["label"] for s in splits}, store.label_names
-    )
+    labels = {s: feats[s]["label"] for s in splits}
+    fitted = fit_and_test(cfg.classifier, codes, labels, store.label_names)
     bundle = save_model(
         out / "bundle",
         cfg,
@@ -259,6 +258,8 @@ def finalize(
         fitted,
         errors_all(model, feats["val"]["maps"]),
         {"search_best_trial": best.config, "feature_store": {"uri": store.uri, "key": store.key}},
+        labels=labels,
+        unlabeled=store.count("unlabeled"),
     )
     imp = importances(rows, space, METRIC)
     plot_history(rows, METRIC, out / "history.png")
