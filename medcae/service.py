@@ -314,6 +314,29 @@ class BatchResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
+class ExplanationOut(BaseModel):
+    """Where the evidence for one class lies (see :mod:`medcae.explain`)."""
+
+    label: str = Field(description="The explained class")
+    contributions: list[list[float]] = Field(
+        description="Per code-map location, its exact contribution to the class's decision"
+    )
+    intercept: float = Field(description="The class's intercept: contributions + it = decision")
+    decision: float = Field(description="The class's decision value (logit)")
+    pool: str = Field(description="How the code map became the classifier's vector")
+    ood_threshold: float = Field(description="The bundle's reconstruction-error threshold")
+    heatmap_png: str = Field(description="Base64 PNG: the map drawn over the model's view")
+    image_png: str = Field(description="Base64 PNG: the image as the model saw it")
+
+
+class ExplainResponse(BaseModel):
+    """Response of ``POST /v1/explain``."""
+
+    model: str
+    prediction: PredictionOut
+    explanation: ExplanationOut
+
+
 class ErrorResponse(BaseModel):
     """Body of every 4xx response."""
 

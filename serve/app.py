@@ -5,8 +5,11 @@
 
 Endpoints: ``POST /v1/predict`` (one image: raw body or multipart ``file``),
 ``POST /v1/predict/batch`` (multipart files, or JSON ``{"images": [base64, ...]}``),
-``GET /v1/model``, ``GET /healthz`` (always open), the OpenAPI schema at ``/openapi.json``;
-the ``/docs`` page only with ``MEDCAE_SERVE_DOCS=1`` in the replica's environment.
+``POST /v1/explain`` (one image: the prediction and where its evidence lies),
+``GET /v1/model``, ``GET /v1/model/card`` (the bundle's MODEL_CARD.md), ``GET /healthz``
+(always open), ``GET /`` (a page to try the model, open; its API calls carry the key), the
+OpenAPI schema at ``/openapi.json``; the ``/docs`` page only with ``MEDCAE_SERVE_DOCS=1`` in the
+replica's environment.
 
 With API keys configured (``api_keys_file`` / ``api_key_sha256`` arguments, or the environment;
 see :mod:`medcae.auth`), every endpoint but ``/healthz`` needs ``Authorization: Bearer <key>``:
@@ -20,6 +23,7 @@ request fails (422 ``unprocessable_image``).
 """
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from medcae.auth import check_bearer, load_key_hashes
@@ -35,6 +39,7 @@ from medcae.guard import Guard, configure_guard
 from medcae.service import (
     BatchResponse,
     ErrorResponse,
+    ExplainResponse,
     Limits,
     PredictResponse,
     RequestError,
@@ -104,6 +109,19 @@ BATCH_BODY = {
             },
         },
     }
+}
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(_HERE, "page.html"), encoding="utf-8") as _f:
+    PAGE_HTML = _f.read()
+with open(os.path.join(_HERE, "page.js"), encoding="utf-8") as _f:
+    PAGE_JS = _f.read()
+# The page loads only its own script and talks only to this server.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
 }
 
 _DOCS = os.environ.get("MEDCAE_SERVE_DOCS", "") == "1"
@@ -295,6 +313,66 @@ class MedcaeModel:
             *(self._one(im, f"images[{i}]") for i, im in enumerate(images))
         )
         return {"model": self.model_id, "predictions": list(preds)}
+
+    @app.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def explain(self, request: Request, label: str | None = None) -> dict[str, Any]:
+        """Classify one image and show where the evidence lies: each code-map location's
+        exact contribution to the class's score (``label``, default the predicted class),
+        with a PNG of the map over the image as the model saw it."""
+        check_bearer(request.headers.get("authorization"), self.key_hashes)
+        (image,) = await read_images(request, self.limits, False, self.side)
+        return await asyncio.to_thread(self._explain, image, label)
+
+    def _explain(self, image: np.ndarray, label: str | None) -> dict[str, Any]:
+        from medcae.data import encode_png
+        from medcae.explain import explain, heatmap_png
+
+        if label is not None and label not in self.predictor.label_names:
+            raise RequestError(
+                422, "unknown_label", f"{label!r}: the model knows {self.predictor.label_names}"
+            )
+        try:
+            exp = explain(self.predictor, image, label)
+        except Exception as err:  # the model failed on this image: its request alone fails
+            raise RequestError(
+                422, "unprocessable_image", f"the model could not process this image ({err})"
+            ) from err
+        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+        return {
+            "model": self.model_id,
+            "prediction": vars(exp.prediction),
+            "explanation": {
+                "label": exp.label,
+                "contributions": exp.contributions.round(6).tolist(),
+                "intercept": exp.intercept,
+                "decision": exp.decision,
+                "pool": exp.pool,
+                "ood_threshold": self.predictor.ood_threshold,
+                "heatmap_png": b64(heatmap_png(exp, 224)),
+                "image_png": b64(encode_png(exp.image)),
+            },
+        }
+
+    @app.get("/v1/model/card", response_class=PlainTextResponse, responses=ERRORS)
+    async def model_card(self, request: Request) -> PlainTextResponse:
+        """The bundle's MODEL_CARD.md: data, intended use, metrics with intervals, limits."""
+        check_bearer(request.headers.get("authorization"), self.key_hashes)
+        return PlainTextResponse(self.predictor.card, media_type="text/markdown; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The try-the-model page (no external assets; its API calls carry the key)."""
+        return HTMLResponse(PAGE_HTML, headers=PAGE_HEADERS)
+
+    @app.get("/static/page.js", include_in_schema=False)
+    async def page_js(self) -> Response:
+        """The page's script."""
+        return Response(PAGE_JS, media_type="text/javascript", headers=PAGE_HEADERS)
 
     @app.get("/v1/model", responses=ERRORS)
     async def model(self, request: Request) -> dict[str, Any]:

@@ -528,3 +528,102 @@ def test_api_schema_driven_requests_never_get_a_5xx(server):
     media = {"image/png", "image/jpeg", "multipart/form-data", "application/json"}
     assert media <= {k[1] for k in parsed}, seen  # bodies of these media types were read
     assert server.get("/healthz").status_code == 200  # and the server is still up
+
+
+def _browser():
+    """Headless Chromium driven through chromedriver (Debian's chromium, chromium-driver)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver "
+            "(apt-get install chromium chromium-driver; .ci/run installs them)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_page_in_a_real_browser(server, demo_bundle, tmp_path):
+    """Chromium opens the page, is asked for the key, uploads a real image and shows the label
+    the Predictor gives offline, the probability bars, the OOD verdict, the evidence map and
+    the model card; a screenshot is kept in .test-output/page.png."""
+    from pathlib import Path
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = np.asarray(Image.fromarray(demo_bundle.test_images[3]).resize((256, 256)))
+    path = tmp_path / "scan.png"
+    path.write_bytes(png_bytes(image))
+    want = Predictor.from_bundle(demo_bundle.path).predict([path.read_bytes()])[0].label
+    url = str(server.base_url).rstrip("/")
+    out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", Path(__file__).parents[1] / ".test-output"))
+    out.mkdir(parents=True, exist_ok=True)
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(url + "/")
+        key_row = browser.find_element(By.ID, "key-row")
+        wait.until(lambda _: key_row.is_displayed())  # the server needs a key: the page asks
+        browser.find_element(By.ID, "key").send_keys(API_KEY)
+        browser.find_element(By.ID, "key-save").click()
+        wait.until(lambda b: b.find_element(By.ID, "model-id").text.startswith("medcae-"))
+        browser.find_element(By.ID, "file").send_keys(str(path))  # as a picked file
+        result = browser.find_element(By.ID, "result")
+        wait.until(lambda _: result.is_displayed())
+        assert browser.find_element(By.ID, "label").text == want
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+        assert len(bars) == 3
+        assert "distribution" in browser.find_element(By.ID, "ood").text
+        loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+        for img_id in ("view", "heat"):
+            assert browser.execute_script(loaded, browser.find_element(By.ID, img_id)) > 0
+        card = browser.find_element(By.ID, "card")
+        wait.until(lambda _: "Intended use" in card.text)
+        assert not browser.find_element(By.ID, "status").get_attribute("class")  # no error
+        browser.save_screenshot(str(out / "page.png"))
+    finally:
+        browser.quit()
+    assert (out / "page.png").stat().st_size > 10_000
+
+
+def test_explain_endpoint_adds_up_and_page_is_open(server, demo_bundle):
+    import httpx
+
+    blob = png_bytes(demo_bundle.test_images[0])
+    r = server.post("/v1/explain", content=blob)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    exp, pred = body["explanation"], body["prediction"]
+    assert exp["label"] == pred["label"]
+    total = float(np.sum(exp["contributions"])) + exp["intercept"]
+    assert total == pytest.approx(exp["decision"], abs=1e-3)
+    assert base64.b64decode(exp["heatmap_png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    other = [n for n in pred["probabilities"] if n != pred["label"]][0]
+    r2 = server.post("/v1/explain", params={"label": other}, content=blob)
+    assert r2.json()["explanation"]["label"] == other
+    r3 = server.post("/v1/explain", params={"label": "nope"}, content=blob)
+    assert (r3.status_code, r3.json()["error"]) == (422, "unknown_label")
+    url = str(server.base_url).rstrip("/")
+    with httpx.Client(base_url=url, timeout=60) as anon:
+        page = anon.get("/")  # the page itself is open; its API calls need the key
+        assert page.status_code == 200 and "<title>medcae" in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert anon.get("/static/page.js").status_code == 200
+        assert anon.post("/v1/explain", content=blob).status_code == 401
+        assert anon.get("/v1/model/card").status_code == 401

@@ -1,0 +1,129 @@
+// The try-the-model page: upload one image to /v1/explain, show the label, the class
+// probabilities, the in-distribution verdict and the evidence map; show the model card.
+// No external assets. With API keys set on the server, the key typed here is kept in this
+// tab's sessionStorage and sent as "Authorization: Bearer <key>".
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("medcae-key") || "";
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function status(text, error) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+function askForKey(message) {
+  $("key-row").classList.add("show");
+  status(message, true);
+  $("key").focus();
+}
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+
+// A small Markdown subset: headings, bullet lists, tables, bold, code, paragraphs.
+function renderMarkdown(md) {
+  const inline = (s) => escapeHtml(s)
+    .replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>")
+    .replace(/`([^`]+)`/g, "<code>$1</code>");
+  const out = [];
+  const lines = md.split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const h = /^(#{1,6})\s+(.*)$/.exec(line);
+    if (h) { const n = Math.min(h[1].length + 1, 3); out.push(`<h${n}>${inline(h[2])}</h${n}>`); i++; continue; }
+    if (/^\s*[-*]\s+/.test(line)) {
+      out.push("<ul>");
+      while (i < lines.length && /^\s*[-*]\s+/.test(lines[i])) { out.push(`<li>${inline(lines[i].replace(/^\s*[-*]\s+/, ""))}</li>`); i++; }
+      out.push("</ul>"); continue;
+    }
+    if (/^\s*\|/.test(line)) {
+      const rows = [];
+      while (i < lines.length && /^\s*\|/.test(lines[i])) { rows.push(lines[i]); i++; }
+      const cells = (r) => r.trim().replace(/^\||\|$/g, "").split("|").map((c) => inline(c.trim()));
+      const body = rows.filter((r) => !/^\s*\|?\s*:?-{2,}/.test(r));
+      out.push("<table>");
+      body.forEach((r, n) => { const tag = n === 0 ? "th" : "td"; out.push("<tr>" + cells(r).map((c) => `<${tag}>${c}</${tag}>`).join("") + "</tr>"); });
+      out.push("</table>"); continue;
+    }
+    if (line.trim()) { out.push(`<p>${inline(line)}</p>`); }
+    i++;
+  }
+  return out.join("\n");
+}
+
+async function loadModel() {
+  const r = await fetch("/v1/model", {headers: headers()});
+  if (r.status === 401 || r.status === 403) { $("model-id").textContent = "API key needed"; askForKey("This server needs an API key."); return; }
+  if (!r.ok) { $("model-id").textContent = "model unavailable (" + r.status + ")"; return; }
+  const info = await r.json();
+  $("model-id").textContent = info.id;
+  const c = await fetch("/v1/model/card", {headers: headers()});
+  $("card").innerHTML = c.ok ? renderMarkdown(await c.text()) : "<p>No model card (" + c.status + ").</p>";
+}
+
+function showResult(body) {
+  const p = body.prediction, e = body.explanation;
+  $("label").textContent = p.label;
+  const bars = $("bars");
+  bars.innerHTML = "";
+  Object.entries(p.probabilities).sort((a, b) => b[1] - a[1]).forEach(([name, prob]) => {
+    const row = document.createElement("div");
+    row.className = "bar";
+    row.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span><span class="val"></span>`;
+    row.querySelector(".name").textContent = name;
+    row.querySelector(".fill").style.width = (100 * prob).toFixed(1) + "%";
+    row.querySelector(".val").textContent = (100 * prob).toFixed(1) + "%";
+    bars.appendChild(row);
+  });
+  const ood = $("ood");
+  const err = p.reconstruction_error.toFixed(4), thr = e.ood_threshold.toFixed(4);
+  ood.className = p.in_distribution ? "in" : "out";
+  ood.textContent = p.in_distribution
+    ? `In distribution: reconstruction error ${err} is within the threshold ${thr} (99th percentile on validation).`
+    : `Out of distribution: reconstruction error ${err} is above the threshold ${thr}; this image is unlike the training data, do not trust the label.`;
+  $("view").src = "data:image/png;base64," + e.image_png;
+  $("heat").src = "data:image/png;base64," + e.heatmap_png;
+  $("heat-caption").textContent = `Evidence for "${e.label}" (${e.contributions.length}x${e.contributions[0].length} cells, ${e.pool} codes)`;
+  $("result").classList.remove("hidden");
+}
+
+async function classify(file) {
+  status("Classifying " + file.name + "...");
+  $("result").classList.add("hidden");
+  let r;
+  try {
+    r = await fetch("/v1/explain", {method: "POST", body: file, headers: headers({"Content-Type": file.type || "application/octet-stream"})});
+  } catch (err) { status("The server did not answer: " + err, true); return; }
+  let body = null;
+  try { body = await r.json(); } catch (err) { body = null; }
+  if (r.status === 401 || r.status === 403) { askForKey((body && body.detail) || "API key needed."); return; }
+  if (!r.ok) { status(`Refused (${r.status}): ` + ((body && body.detail) || r.statusText), true); return; }
+  status(file.name + ": done.");
+  showResult(body);
+}
+
+const drop = $("drop");
+drop.addEventListener("click", () => $("file").click());
+drop.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") $("file").click(); });
+drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (ev) => { ev.preventDefault(); drop.classList.remove("over"); if (ev.dataTransfer.files.length) classify(ev.dataTransfer.files[0]); });
+$("file").addEventListener("change", () => { if ($("file").files.length) classify($("file").files[0]); });
+$("key-save").addEventListener("click", () => {
+  key = $("key").value.trim();
+  sessionStorage.setItem("medcae-key", key);
+  $("key-row").classList.remove("show");
+  status("Key set.");
+  loadModel();
+  if ($("file").files.length) classify($("file").files[0]);
+});
+loadModel();
