@@ -4,9 +4,10 @@ For ``--seconds`` (60) at ``--concurrency`` (32), each client thread sends, in t
 and DICOM requests and hostile ones (corrupt and truncated images, a decompression bomb, a
 malformed DICOM, NaN pixels, random bytes, nested and malformed JSON, an over-limit body, a
 missing API key, a foreign Host header, a small JPEG declaring 9000x9000, a DICOM smuggling a
-9000x9000 JPEG under a 10x10 header, a deflated DICOM bomb). Prints the count per (kind, status), the number of 5xx (must be 0), whether
-the replica restarted (its pid, before and after), and the replica's RSS: the mean of the
-first and the last 10 s, and their ratio (goal: growth under 10%).
+9000x9000 JPEG under a 10x10 header, a deflated DICOM bomb). Prints the count per (kind,
+status), the number of 5xx (must be 0), whether the replica restarted (its pid, before and
+after), and the replica's RSS: the mean of the first and the last 10 s, and their ratio
+(goal: growth under 10%).
 
     python bench/soak.py --bundle runs/demo/bundle [--seconds 60] [--concurrency 32]
 """

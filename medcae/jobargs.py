@@ -178,6 +178,15 @@ def add_output_args(p: argparse.ArgumentParser, out: str | None, out_help: str) 
     o = p.add_argument_group("output and storage")
     o.add_argument("--out", default=out, help=out_help)
     o.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="./mlruns",
+        default=None,
+        metavar="URI",
+        help="log parameters, per-epoch metrics, test metrics and the bundle to MLflow "
+        "(without a value: the file store ./mlruns; or http://..., sqlite:///...)",
+    )
+    o.add_argument(
         "--feature-store",
         "--cache-dir",
         dest="feature_store",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -231,7 +233,7 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     out_dir = tmp_path / "run"
     run, report = run_reaped(
         [sys.executable, "-m", "medcae.cli", "run", "--data", "demo", "--smoke-test"]
-        + ["--out", str(out_dir), "--num-cpus", "4"],
+        + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow", str(tmp_path / "mlruns")],
         tmp_path / "reaper.json",
         capture_output=True,
         text=True,
@@ -249,3 +251,48 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     assert "ray" in log and "Execution plan" in log, log[-3000:]
     for chatter in ("Execution plan", "Registered dataset logger", "Tip:", "Starting execution"):
         assert chatter not in console, console[-4000:]
+    # --mlflow: the run reads back with MLflow's own client
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("medcae-run").experiment_id])
+    result = json.loads(run.stdout.split("MEDCAE_RESULT ", 1)[1].splitlines()[0])
+    assert mlrun.data.params["cae.epochs"] == str(result["epochs"])
+    history = client.get_metric_history(mlrun.info.run_id, "val_loss")
+    assert [m.value for m in history] == pytest.approx([h["val_loss"] for h in result["history"]])
+    assert any(k.endswith("auc") for k in mlrun.data.metrics), mlrun.data.metrics
+    files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "bundle")}
+    assert {"bundle/bundle.json", "bundle/MODEL_CARD.md"} <= files
+
+
+def test_mlflow_logging_reads_back_and_never_fails_the_job(tmp_path, monkeypatch):
+    """Names MLflow refuses are cleaned, not dropped; an unreachable store only warns."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    from medcae.jobs.tracking import log_job, tracking_uri
+
+    uri = tracking_uri(str(tmp_path / "mlruns"))
+    assert uri.startswith("file://") and tracking_uri(None) is None
+    (tmp_path / "f.txt").write_text("x")
+    rid = log_job(
+        uri,
+        "exp",
+        "r",
+        {"cae": {"lr": 0.001, "channels": (32, 16)}},
+        metrics={"frozen final + logreg.auc": 0.9},
+        series={"val_loss": [3.0, 2.0, 1.0]},
+        artifacts={"bundle": tmp_path / "f.txt"},
+    )
+    client = MlflowClient(uri)
+    run = client.get_run(rid)
+    assert run.data.params == {"cae.lr": "0.001", "cae.channels": "(32, 16)"}
+    assert run.data.metrics["frozen_final_logreg.auc"] == 0.9
+    assert [m.step for m in client.get_metric_history(rid, "val_loss")] == [0, 1, 2]
+    assert [a.path for a in client.list_artifacts(rid, "bundle")] == ["bundle/f.txt"]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    start = time.monotonic()
+    down = tracking_uri("http://127.0.0.1:9")  # nothing listens there
+    assert log_job(down, "exp", "r", {"a": 1}) is None  # a warning, not an error
+    assert time.monotonic() - start < 30

@@ -1,6 +1,7 @@
 """The evidence run: smoke mode end to end on Ray, and the aggregation it reports."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
             str(tmp_path / "cache"),
             "--num-cpus",
             "4",
+            "--mlflow",
+            str(tmp_path / "mlruns"),
         ],
         capture_output=True,
         text=True,
@@ -57,6 +60,16 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("medcae-evaluate")
+    (mlrun,) = client.search_runs([exp.experiment_id])
+    assert sum(k.endswith(".auc") for k in mlrun.data.metrics) == 5 * 3, mlrun.data.metrics
+    assert "report/report.md" in {
+        a.path for a in client.list_artifacts(mlrun.info.run_id, "report")
+    }
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}

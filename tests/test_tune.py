@@ -49,7 +49,8 @@ def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
 
     out = tmp_path / "search"
     run, report = run_reaped(
-        _cmd(demo_npz, out, "--num-samples", "6", "--max-concurrent", "2", "--grace-period", "1"),
+        _cmd(demo_npz, out, "--num-samples", "6", "--max-concurrent", "2", "--grace-period", "1")
+        + ["--mlflow", str(tmp_path / "mlruns")],
         tmp_path / "reaper.json",
         capture_output=True,
         text=True,
@@ -72,6 +73,25 @@ def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
     proba = pred.predict_proba(load_dataset(str(demo_npz)).splits["test"].images[:8])
     assert proba.shape == (8, 3)
     assert "model bundle:" in run.stdout and "test (touched once)" in run.stdout
+    # --mlflow: one MLflow run per trial (Ray's callback) and one for the search
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("medcae-tune-search")
+    runs = client.search_runs([exp.experiment_id])
+    trials = [r for r in runs if r.data.tags.get("medcae.summary") != "true"]
+    (best,) = [r for r in runs if r.data.tags.get("medcae.summary") == "true"]
+    assert len(trials) == 6
+    assert all("val_auc" in r.data.metrics for r in trials)
+    steps = max(len(client.get_metric_history(r.info.run_id, "val_auc")) for r in trials)
+    assert steps == 4  # every reported epoch of the longest trial
+    assert best.data.metrics["best_val_auc"] == pytest.approx(summary["best_val_auc"])
+    assert "bundle/MODEL_CARD.md" in {
+        a.path for a in client.list_artifacts(best.info.run_id, "bundle")
+    }
+    # TensorBoard event files, as Ray writes them for each trial
+    assert len(list((out / "search").glob("*/events.out.tfevents*"))) == 6
 
 
 def _terminated(exp: Path) -> int:

@@ -136,8 +136,12 @@ def make_tuner(
     opts: dict[str, Any],
     storage: Path,
     name: str,
+    callbacks: list[Any] | None = None,
 ) -> tune.Tuner:
-    """A Tuner: OptunaSearch (TPE, seeded) limited to ``max_concurrent``, ASHA on val AUC."""
+    """A Tuner: OptunaSearch (TPE, seeded) limited to ``max_concurrent``, ASHA on val AUC.
+
+    ``callbacks`` (e.g. MLflow's) see every trial's reports.
+    """
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=base.to_dict(), stores=stores),
         {"cpu": opts["cpus_per_trial"], "gpu": opts["gpus_per_trial"]},
@@ -176,6 +180,7 @@ def make_tuner(
             storage_path=str(storage),
             verbose=1,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
         ),
     )
 

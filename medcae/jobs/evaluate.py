@@ -101,6 +101,21 @@ def main(a: argparse.Namespace) -> int:
     shutdown_ray()  # no process of a local Ray outlives the job
     wall = time.perf_counter() - start
     table = write_report(out, ds, cfg, rows, examples, budgets, ft_epochs, wall)
+    from medcae.evidence import aggregate
+    from medcae.jobs.tracking import log_job, tracking_uri
+
+    log_job(
+        tracking_uri(a.mlflow),
+        "medcae-evaluate",
+        out.name,
+        {**cfg.to_dict(), "methods": methods, "budgets": budgets, "seeds": len(seeds)},
+        metrics={
+            f"{r['method']}.{r['budget']:g}.{m}": r[m]
+            for r in aggregate(rows)
+            for m in ("auc", "auc_std", "acc", "balanced_acc")
+        },
+        artifacts={"report": out},
+    )
     print(table)
     print(f"\nwall time {wall / 60:.1f} min; report: {out / 'report.md'}; log: {out / 'run.log'}")
     return 0

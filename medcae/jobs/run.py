@@ -18,6 +18,7 @@ from pathlib import Path
 from medcae.jobargs import config_from_args, default_store_root
 from medcae.jobs import check_budget
 from medcae.jobs.logs import print_summary, route_ray_output, setup_run_logging
+from medcae.jobs.tracking import log_job, tracking_uri
 
 RESULT_TAG = "MEDCAE_RESULT"
 
@@ -106,5 +107,29 @@ def main(args: argparse.Namespace) -> int:
         f"model bundle: {res.bundle.resolve()}",
         f"{RESULT_TAG} {json.dumps(summary, default=float)}",
     ]
+    log_job(
+        tracking_uri(args.mlflow),
+        "medcae-run",
+        paths.name or out.name,
+        cfg.to_dict(),
+        metrics=_report_metrics(res.reports),
+        series={k: [h[k] for h in tr.history] for k in ("train_loss", "val_loss")},
+        artifacts={"bundle": res.bundle, "logs": log_file},
+        tags={"data": str(cfg.data), "feature_store": res.store.uri},
+    )
     print_summary(lines)
     return 0
+
+
+def _report_metrics(reports: dict) -> dict[str, float]:
+    """``{"cae.test.auc": 0.93, ...}``: every number in the run's per-method reports."""
+    out = {}
+    for method, report in (reports or {}).items():
+        for key, value in (report or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"{method}.{key}"] = float(value)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        out[f"{method}.{key}.{k}"] = float(v)
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from medcae.jobargs import config_from_args, default_store_root
 from medcae.jobs import check_budget
 from medcae.jobs.logs import print_summary, route_ray_output, setup_run_logging
+from medcae.jobs.tracking import log_job, tracking_uri, tune_callbacks
 
 TUNER_OPTIONS = (
     "num_samples",
@@ -49,11 +50,27 @@ def main(a: argparse.Namespace) -> int:
         sources, space, base, root, ExtractOptions(runtime=base.train.runtime)
     )
     opts = {k: getattr(a, k) for k in TUNER_OPTIONS}
+    uri = tracking_uri(a.mlflow)
+    experiment = f"medcae-tune-{a.name}"
     try:
-        results = mt.make_tuner(space, base, stores, opts, out, a.name).fit()
-        summary = mt.finalize(results, space, base, stores, out, sources[0].name)
+        tuner = mt.make_tuner(
+            space, base, stores, opts, out, a.name, tune_callbacks(uri, experiment)
+        )
+        summary = mt.finalize(tuner.fit(), space, base, stores, out, sources[0].name)
     finally:
         shutdown_ray()  # no process of a local Ray outlives the job
+    log_job(  # the search as a whole, next to one MLflow run per trial
+        uri,
+        experiment,
+        "best",
+        {"best": summary["best_params"], "space": space, "num_samples": a.num_samples},
+        metrics={
+            "best_val_auc": summary["best_val_auc"],
+            **{f"test.{k}": v for k, v in summary["test"].items() if isinstance(v, int | float)},
+        },
+        artifacts={"bundle": Path(summary["bundle"]), "report": out / "trials.csv"},
+        tags={"medcae.summary": "true"},
+    )
     extract = sum(secs.values()) / max(len(secs), 1)
     trial_s = summary["mean_trial_s"]
     lines = [
