@@ -3,8 +3,9 @@
 The classifier is linear on the CAE's code map ``z`` (``latent x h x w``) after a standard
 scaler, so its decision for class ``k`` splits exactly over the locations of the code map:
 
-- ``flatten`` (the default): ``d_k = b_k + sum_loc sum_c w[k, c, loc] * (z[c, loc] - mean) / scale``;
-  a location's contribution is its inner sum over channels.
+- ``flatten`` (the default):
+  ``d_k = b_k + sum_loc sum_c w[k, c, loc] * (z[c, loc] - mean) / scale``; a location's
+  contribution is its inner sum over channels.
 - ``avg``: the pooled code is the mean over locations, so each location contributes
   ``sum_c w[k, c] * (z[c, loc] / (h * w) - mean_c / (h * w)) / scale_c``.
 - ``avgmax``: the average half as for ``avg``; each channel's max term goes, whole, to the
