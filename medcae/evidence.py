@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medcae.cae import ConvAutoEncoder
 from medcae.classifier import sample_budget
 from medcae.config import PipelineConfig
 from medcae.engine import build_cae, channel_stats, embed_all, shuffled_batches
 from medcae.evaluation import fit_and_test
+from medcae.finetune import FinetuneConfig, finetune
 from medcae.metrics import classification_report
 from medcae.trainer import fit_cae
 
@@ -128,52 +128,27 @@ def run_finetune(
     data: dict[str, Any],
     cfg: PipelineConfig,
     names: Sequence[str],
-    epochs: int = 3,
-    lr: float = 1e-4,
-    resolution: int = 64,
+    ft: FinetuneConfig | None = None,
 ) -> dict:
     """Fine-tune the whole backbone + a linear head on the budget's labels; test once.
 
-    The backbone is the pipeline's (ImageNet weights), unfrozen, at ``resolution`` px; the
-    head sits on its globally pooled last layer; AdamW, cross-entropy, batch 32.
+    The recipe is :func:`medcae.finetune.finetune` (frozen batch norm, warm-up and cosine,
+    augmentation, early stopping on validation AUC with the best epoch restored). The row
+    carries ``finetune``: what was trained, for how long, at what cost.
     """
-    from medcae.backbones import build_backbone, get_spec
-    from medcae.preprocess import prepare_batch, to_model_input
-
-    torch.manual_seed(seed)
     y = np.asarray(data["train"]["labels"])
     idx = sample_budget(y, budget, seed)
-    bb = build_backbone(cfg.backbone.name, None, resolution, cfg.backbone.weights).net
-    bb.requires_grad_(True)
-    k = len(names)
-    probe = bb(torch.zeros(1, 3, resolution, resolution))["final"]
-    head = torch.nn.Linear(probe.shape[1], k)
-    params = list(bb.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    spec = get_spec(cfg.backbone.name)
-
-    def logits(images: np.ndarray) -> torch.Tensor:
-        x = to_model_input(prepare_batch(images, resolution), spec.mean, spec.std)
-        return head(bb(x)["final"].mean(dim=(2, 3)))
-
-    images = data["train"]["images"]
-    gen = np.random.default_rng(seed)
-    for _ in range(epochs):
-        bb.train()
-        order = gen.permutation(idx)
-        for b in [order[i : i + 32] for i in range(0, len(order), 32)]:
-            if len(b) < 2:  # batch norm needs two samples in train mode
-                continue
-            loss = F.cross_entropy(logits(images[b]), torch.from_numpy(y[b]).long())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    bb.eval()
-    with torch.no_grad():
-        test = data["test"]["images"]
-        proba = torch.cat([logits(test[i : i + 128]).softmax(1) for i in range(0, len(test), 128)])
-    report = classification_report(np.asarray(data["test"]["labels"]), proba.numpy(), names)
-    return _row("finetune", seed, budget, report, len(idx))
+    model = finetune(
+        cfg.backbone,
+        (np.asarray(data["train"]["images"])[idx], y[idx]),
+        (np.asarray(data["val"]["images"]), np.asarray(data["val"]["labels"])),
+        len(names),
+        ft or FinetuneConfig(),
+        seed,
+    )
+    proba = model.predict_proba(np.asarray(data["test"]["images"]))
+    report = classification_report(np.asarray(data["test"]["labels"]), proba, names)
+    return _row("finetune", seed, budget, report, len(idx)) | {"finetune": model.summary()}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

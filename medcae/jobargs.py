@@ -270,8 +270,15 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
     e.add_argument("--methods", default="frozen_final,frozen_tap,cae,cae_pixels,finetune")
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
-    e.add_argument("--finetune-epochs", type=int, default=3)
-    e.add_argument("--finetune-resolution", type=int, default=64)
+    e.add_argument(
+        "--finetune-epochs", type=int, default=12, help="most fine-tuning epochs (early stopping)"
+    )
+    e.add_argument(
+        "--finetune-resolution",
+        type=int,
+        default=None,
+        help="fine-tuning input side (default: --resolution, the CAE's)",
+    )
     add_cluster_args(p)
     add_runtime_arg(p)
     add_output_args(p, "runs/evaluate", "output folder (report.md, results.csv, run.log, ...)")

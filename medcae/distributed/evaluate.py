@@ -17,6 +17,7 @@ from medcae.evidence import (
     run_feature_method,
     run_finetune,
 )
+from medcae.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,9 @@ def _feature_task(
 
 @ray.remote(num_cpus=1)
 def _finetune_task(
-    seed: int, budget: float, data: dict, cfg: dict, names: list[str], epochs: int, resolution: int
+    seed: int, budget: float, data: dict, cfg: dict, names: list[str], ft: FinetuneConfig
 ) -> dict:
-    return run_finetune(
-        seed, budget, data, PipelineConfig.from_dict(cfg), names, epochs, resolution=resolution
-    )
+    return run_finetune(seed, budget, data, PipelineConfig.from_dict(cfg), names, ft)
 
 
 def run_evaluation(
@@ -57,8 +56,7 @@ def run_evaluation(
     methods: list[str],
     budgets: list[float],
     seeds: list[int],
-    finetune_epochs: int,
-    finetune_resolution: int,
+    finetune: FinetuneConfig,
 ) -> tuple[list[dict], dict[str, Any] | None]:
     """Run all (method, seed) tasks concurrently on Ray; returns per-seed rows and examples."""
     data = {
@@ -80,7 +78,7 @@ def run_evaluation(
     }
     if "finetune" in methods:
         pending |= {
-            _finetune_task.remote(s, b, ref, cfg_d, names, finetune_epochs, finetune_resolution): (
+            _finetune_task.remote(s, b, ref, cfg_d, names, finetune): (
                 "finetune",
                 s,
                 b,

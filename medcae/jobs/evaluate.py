@@ -15,7 +15,10 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medcae.finetune import FinetuneConfig
 
 from medcae.jobargs import config_from_args, default_store_root
 from medcae.jobs.logs import route_ray_output, setup_run_logging
@@ -69,15 +72,18 @@ def main(a: argparse.Namespace) -> int:
     from medcae.distributed.runtime import init_ray, shutdown_ray
     from medcae.distributed.store import ExtractOptions, build_store
     from medcae.evidence import METHODS
+    from medcae.finetune import FinetuneConfig
 
     methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(METHODS)}")
     cfg = config_from_args(a)
-    seeds, budgets, ft_epochs = list(range(a.seeds)), a.budgets, a.finetune_epochs
+    seeds, budgets = list(range(a.seeds)), a.budgets
+    ft = FinetuneConfig(epochs=a.finetune_epochs, resolution=a.finetune_resolution)
     if a.smoke_test:
-        cfg, seeds, budgets, ft_epochs = smoke_config(cfg), [0], SMOKE_BUDGETS, 1
+        cfg, seeds, budgets = smoke_config(cfg), [0], SMOKE_BUDGETS
+        ft = FinetuneConfig(epochs=1, min_steps=2, resolution=32, patience=1)
     cfg = resolved_backbone(cfg)
     sources = list_sources(cfg, a.data_dir, a.smoke_test)  # bad input fails before Ray
     out = Path(a.out)
@@ -95,12 +101,11 @@ def main(a: argparse.Namespace) -> int:
         methods,
         budgets,
         seeds,
-        ft_epochs,
-        a.finetune_resolution if not a.smoke_test else 32,
+        ft,
     )
     shutdown_ray()  # no process of a local Ray outlives the job
     wall = time.perf_counter() - start
-    table = write_report(out, ds, cfg, rows, examples, budgets, ft_epochs, wall)
+    table = write_report(out, ds, cfg, rows, examples, budgets, ft, wall)
     from medcae.evidence import aggregate
     from medcae.jobs.tracking import log_job, tracking_uri
 
@@ -121,6 +126,30 @@ def main(a: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_text(rows: list[dict], ft: FinetuneConfig, resolution: int) -> str:
+    """What the fine-tuning reference trained, for how long, at what cost, per budget."""
+    import numpy as np
+
+    runs = [r for r in rows if r.get("finetune")]
+    head = (
+        f"fine-tuning: the whole backbone + a linear head at {ft.resolution or resolution} px, "
+        f"frozen batch-norm statistics, AdamW (backbone lr {ft.lr:g}, head x{ft.head_lr_mult:g}), "
+        f"warm-up + cosine, augmentation, up to {ft.epochs} epochs of at least "
+        f"{ft.min_steps} steps in all, early stopping on validation AUC (patience "
+        f"{ft.patience}), best epoch restored"
+    )
+    per_budget = {}
+    for r in runs:
+        per_budget.setdefault(r["budget"], []).append(r["finetune"])
+    mean = lambda fs, k: np.mean([f[k] for f in fs])  # noqa: E731
+    parts = [
+        f"{b:g}: best epoch {mean(fs, 'best_epoch'):.1f} of {mean(fs, 'epochs_run'):.1f} run, "
+        f"{mean(fs, 'steps'):.0f} steps, {mean(fs, 'seconds'):.0f} s per run"
+        for b, fs in sorted(per_budget.items())
+    ]
+    return head + (" (" + "; ".join(parts) + ")" if parts else "") + "."
+
+
 def write_report(
     out: Path,
     ds: Any,
@@ -128,7 +157,7 @@ def write_report(
     rows: list[dict],
     examples: dict | None,
     budgets: list[float | int],
-    ft_epochs: int,
+    ft: FinetuneConfig,
     wall: float,
 ) -> str:
     """Write results.csv, the plots and report.md to ``out``; returns the evidence table."""
@@ -176,7 +205,7 @@ def write_report(
         f"{'+'.join(cfg.backbone.taps)} at {cfg.backbone.resolution}px; CAE "
         f"{cfg.cae.channels}->{cfg.cae.latent_channels}, {cfg.cae.epochs} epochs; "
         f"classifier {cfg.classifier.kind} (C on validation AUC); fine-tuning "
-        f"{ft_epochs} epochs of the whole backbone + linear head.\n\n{table}\n\n"
+        f"{finetune_text(rows, ft, cfg.backbone.resolution)}\n\n{table}\n\n"
         "![AUC vs budget](auc_vs_budget.png) ![confusion](confusion_best.png) "
         "![reconstructions](reconstructions.png)\n"
     )
