@@ -6,6 +6,9 @@ Methods (same data, splits, classifier and label budgets):
 - ``frozen_tap``: frozen backbone, the CAE's tap, average+max pooled
 - ``cae``: the paper's method, CAE codes on the tap's feature maps
 - ``cae_pixels``: a CAE on raw pixels, no backbone (does the backbone matter?)
+- ``cae_concat``: CAE codes concatenated with the tap's average+max pooled features
+- ``cae_spread``: semi-supervised: label spreading on a k-NN graph of the CAE codes of every
+  training image (the unlabeled ones included), k and the clamping chosen on validation AUC
 - ``finetune``: supervised fine-tuning of the whole backbone with a linear head on the labels
 
 Each ``run_*`` returns one row per label budget: ``{"method", "seed", "budget", "auc", "acc",
@@ -30,7 +33,16 @@ from medcae.finetune import FinetuneConfig, finetune
 from medcae.metrics import classification_report
 from medcae.trainer import fit_cae
 
-METHODS = ("frozen_final", "frozen_tap", "cae", "cae_pixels", "finetune")
+METHODS = (
+    "frozen_final",
+    "frozen_tap",
+    "cae",
+    "cae_pixels",
+    "cae_concat",
+    "cae_spread",
+    "finetune",
+)
+FEATURE_METHODS = METHODS[:-1]
 SPLITS = ("train", "val", "test")
 
 
@@ -98,14 +110,20 @@ def feature_sets(
         return {s: np.asarray(data[s]["final"]) for s in SPLITS}, None
     if method == "frozen_tap":
         return {s: _pool(data[s]["maps"]) for s in SPLITS}, None
-    if method == "cae":
+    if method in ("cae", "cae_spread"):
         model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
         return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
+    if method == "cae_concat":
+        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
+        return {
+            s: np.concatenate([embed_all(model, data[s]["maps"]), _pool(data[s]["maps"])], axis=1)
+            for s in SPLITS
+        }, model
     if method == "cae_pixels":
         raw = {s: pixels(data[s]["images"]) for s in SPLITS}
         model = train_cae(raw["train"], cfg, seed)
         return {s: embed_all(model, raw[s]) for s in SPLITS}, model
-    raise ValueError(f"unknown feature method {method!r}; expected one of {METHODS[:4]}")
+    raise ValueError(f"unknown feature method {method!r}; expected one of {FEATURE_METHODS}")
 
 
 def run_feature_method(
@@ -119,7 +137,59 @@ def run_feature_method(
     """Rows of one feature method for one seed (one CAE per seed, reused for all budgets)."""
     feats, model = feature_sets(method, seed, data, cfg)
     labels = {s: np.asarray(data[s]["labels"]) for s in SPLITS}
+    if method == "cae_spread":
+        return [spread_row(feats, labels, b, seed, names) for b in budgets], model
     return _rows(method, seed, budgets, feats, labels, cfg, names), model
+
+
+SPREAD_GRID = {"n_neighbors": (7, 15, 30), "alpha": (0.2, 0.5, 0.8)}
+
+
+def spread_row(
+    feats: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    budget: float,
+    seed: int,
+    names: Sequence[str],
+) -> dict:
+    """Label spreading over every training image's codes (only the budget's labels known).
+
+    Codes are standardised and reduced to at most 64 principal components (fitted on the
+    training codes only); test images are classified transductively with the same graph
+    rebuilt on train + test, and validation picks ``n_neighbors`` and ``alpha`` once.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.semi_supervised import LabelSpreading
+
+    from medcae.metrics import auc_score
+
+    y = labels["train"]
+    idx = sample_budget(y, budget, seed)
+    scaler = StandardScaler().fit(feats["train"])
+    dims = min(64, feats["train"].shape[1], len(y) - 1)
+    pca = PCA(dims, random_state=seed).fit(scaler.transform(feats["train"]))
+    z = {s: pca.transform(scaler.transform(feats[s])) for s in SPLITS}
+    known = np.full(len(y), -1)
+    known[idx] = y[idx]
+    k = len(names)
+
+    def proba(params: dict, split: str) -> np.ndarray:
+        x = np.concatenate([z["train"], z[split]])
+        t = np.concatenate([known, np.full(len(z[split]), -1)])
+        model = LabelSpreading(kernel="knn", max_iter=100, **params).fit(x, t)
+        dist = np.nan_to_num(model.label_distributions_[len(y) :], nan=0.0)
+        dist = dist + 1e-9  # a point the graph never reached: uniform
+        return dist / dist.sum(axis=1, keepdims=True)
+
+    grid = [
+        {"n_neighbors": n, "alpha": a}
+        for n in SPREAD_GRID["n_neighbors"]
+        for a in SPREAD_GRID["alpha"]
+    ]
+    best = max(grid, key=lambda g: auc_score(labels["val"], proba(g, "val"), k))
+    report = classification_report(labels["test"], proba(best, "test"), names)
+    return _row("cae_spread", seed, budget, report, len(idx))
 
 
 def run_finetune(

@@ -268,7 +268,10 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         help="fractions (with a dot) and counts per class",
     )
     e.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
-    e.add_argument("--methods", default="frozen_final,frozen_tap,cae,cae_pixels,finetune")
+    e.add_argument(
+        "--methods",
+        default="frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_spread,finetune",
+    )
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
     e.add_argument(
         "--finetune-epochs", type=int, default=12, help="most fine-tuning epochs (early stopping)"

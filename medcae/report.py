@@ -112,6 +112,8 @@ LABELS = {
     "frozen_tap": "frozen backbone, CAE tap",
     "cae": "CAE on tap feature maps (method)",
     "cae_pixels": "CAE on raw pixels",
+    "cae_concat": "CAE codes + pooled tap",
+    "cae_spread": "CAE codes, label spreading (semi-supervised)",
     "finetune": "fine-tuned backbone",
 }
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medcae.evidence import aggregate
@@ -66,17 +67,47 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
     client = MlflowClient((tmp_path / "mlruns").as_uri())
     exp = client.get_experiment_by_name("medcae-evaluate")
     (mlrun,) = client.search_runs([exp.experiment_id])
-    assert sum(k.endswith(".auc") for k in mlrun.data.metrics) == 5 * 3, mlrun.data.metrics
+    assert sum(k.endswith(".auc") for k in mlrun.data.metrics) == 7 * 3, mlrun.data.metrics
     assert "report/report.md" in {
         a.path for a in client.list_artifacts(mlrun.info.run_id, "report")
     }
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
-    assert methods == {"frozen_final", "frozen_tap", "cae", "cae_pixels", "finetune"}
-    assert len(rows) == 5 * 3  # five methods x three budgets x one seed
+    assert methods == {
+        "frozen_final",
+        "frozen_tap",
+        "cae",
+        "cae_pixels",
+        "cae_concat",
+        "cae_spread",
+        "finetune",
+    }
+    assert len(rows) == 7 * 3  # seven methods x three budgets x one seed
     assert all(0.0 <= float(r["auc"]) <= 1.0 for r in rows)
     for png in ("auc_vs_budget.png", "confusion_best.png", "reconstructions.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "Command:" in report and "| method |" in report
+
+
+def test_label_spreading_uses_the_unlabeled_codes():
+    """Two labels per class, clusters that only the unlabeled points reveal: spreading along
+    the k-NN graph classifies the test points that a two-point classifier would not."""
+    from medcae.evidence import spread_row
+
+    rng = np.random.default_rng(0)
+
+    def moons(n):  # two interleaved half circles in 2-D, padded to 6-D with noise
+        t = rng.uniform(0, np.pi, n)
+        y = rng.integers(0, 2, n)
+        x = np.stack([np.cos(t) + y * 1.0, np.sin(t) * (1 - 2 * y) + y * 0.4], 1)
+        x = np.concatenate([x + rng.normal(0, 0.05, x.shape), rng.normal(0, 0.01, (n, 4))], 1)
+        return x, y
+
+    feats, labels = {}, {}
+    for split, n in (("train", 400), ("val", 100), ("test", 200)):
+        feats[split], labels[split] = moons(n)
+    row = spread_row(feats, labels, 2, 0, ["a", "b"])
+    assert row["method"] == "cae_spread" and row["n_labels"] == 4
+    assert row["auc"] > 0.95, row
