@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from medcae.representations import CHOICES as REPRESENTATION_CHOICES
+
 T = TypeVar("T")
 
 #: Images kept per split by ``--smoke-test``, in every job.
@@ -96,10 +98,13 @@ class CAEConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """The small supervised head on CAE codes.
+    """The small supervised head and what it sees.
 
     Attributes:
         kind: ``logreg`` or ``linear_svm``.
+        representation: The classifier's input (:mod:`medcae.representations`): ``auto``
+            (picked on validation by the one-standard-error rule), ``cae``, ``cae_concat``,
+            ``frozen_tap`` or ``frozen_final``.
         budget: Labels to use: a fraction in (0, 1] of each class, or an int count per class.
         C_grid: Inverse regularisation strengths tried; the best on validation AUC is kept.
         seed: Seed of the stratified label sampling.
@@ -109,10 +114,16 @@ class ClassifierConfig:
     budget: float = 1.0
     C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     seed: int = 0
+    representation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in ("logreg", "linear_svm"):
             raise ConfigError(f"classifier.kind must be logreg or linear_svm, got {self.kind!r}")
+        if self.representation not in REPRESENTATION_CHOICES:
+            raise ConfigError(
+                f"classifier.representation must be one of {', '.join(REPRESENTATION_CHOICES)}, "
+                f"got {self.representation!r}"
+            )
         if self.budget <= 0:
             raise ConfigError(f"classifier.budget must be > 0, got {self.budget}")
 

@@ -17,6 +17,7 @@ from medcae.classifier import LinearHead, fit_classifier
 from medcae.config import ClassifierConfig, PipelineConfig
 from medcae.metrics import classification_report
 from medcae.preprocess import PREPARE_VERSION
+from medcae.representations import REPRESENTATIONS, Choice, choose, get_representation
 
 
 @dataclass
@@ -61,6 +62,50 @@ def fit_and_test(
     return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
 
 
+def fit_representations(
+    cfg: ClassifierConfig,
+    arrays: Mapping[str, Mapping[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    label_names: Sequence[str],
+) -> tuple[dict[str, Evaluated], Choice]:
+    """Fit the head on each candidate representation and pick one on validation.
+
+    Args:
+        cfg: Classifier configuration; ``cfg.representation`` ``auto`` fits every registered
+            representation and applies :func:`medcae.representations.choose`, a name fits that
+            one (and ``frozen_final``, the baseline every report shows).
+        arrays: ``{"train"|"val"|"test": {"codes", "tap", "final"}}``.
+        labels: Labels per split.
+        label_names: Class names.
+
+    Returns:
+        The fitted heads by representation name (each with its one test report), and the
+        choice with its reason.
+    """
+    auto = cfg.representation == "auto"
+    names = (
+        list(REPRESENTATIONS) if auto else list(dict.fromkeys([cfg.representation, "frozen_final"]))
+    )
+    feats = {n: {s: get_representation(n).features(arrays[s]) for s in arrays} for n in names}
+    fitted = {n: fit_and_test(cfg, feats[n], labels, label_names) for n in names}
+    if not auto:
+        name = cfg.representation
+        val = {n: float(ev.selection["val_auc"]) for n, ev in fitted.items()}
+        return fitted, Choice(name, f"{name}: set by the run's configuration", val, {})
+    val_proba = {n: fitted[n].head.predict_proba(feats[n]["val"]) for n in names}
+    return fitted, choose(labels["val"], val_proba, len(label_names), seed=cfg.seed)
+
+
+def describe(name: str, backbone: str, taps: str, kind: str) -> str:
+    """A representation's row name in the results table."""
+    return {
+        "frozen_final": f"frozen {backbone} final + {kind}",
+        "frozen_tap": f"frozen {backbone} {taps} avg+max + {kind}",
+        "cae": f"CAE on {taps} + {kind}",
+        "cae_concat": f"CAE on {taps} + pooled {taps} + {kind}",
+    }.get(name, f"{name} + {kind}")
+
+
 OOD_QUANTILE = 0.99
 
 
@@ -75,6 +120,7 @@ def save_model(
     metrics: dict[str, Any] | None = None,
     labels: Mapping[str, np.ndarray] | None = None,
     unlabeled: int = 0,
+    representation: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a model bundle, calibrating the out-of-distribution threshold on validation maps.
 
@@ -95,8 +141,12 @@ def save_model(
             the model card's counts per class and split; without them the card says the
             counts were not recorded.
         unlabeled: Images of the unlabeled pool the auto-encoder also trained on.
+        representation: The head's input and why (:class:`medcae.representations.Choice`
+            as a dict); default: the config's, or ``cae``.
     """
     spec = get_spec(cfg.backbone.name)
+    rep_name = cfg.classifier.representation
+    rep_name = "cae" if rep_name == "auto" else rep_name
     errors = np.asarray(val_errors, np.float64)
     meta = {
         "config": cfg.to_dict(),
@@ -113,6 +163,9 @@ def save_model(
             "std": list(spec.std),
         },
         "classifier": {"kind": cfg.classifier.kind, **fitted.selection},
+        "representation": dict(
+            representation or {"name": rep_name, "reason": f"{rep_name}: set by the config"}
+        ),
         "metrics": {"test": fitted.test, **(metrics or {}), **_intervals(fitted)},
         "ood": {
             "threshold": float(np.quantile(errors, OOD_QUANTILE)),

@@ -9,6 +9,9 @@ Methods (same data, splits, classifier and label budgets):
 - ``cae_concat``: CAE codes concatenated with the tap's average+max pooled features
 - ``cae_spread``: semi-supervised: label spreading on a k-NN graph of the CAE codes of every
   training image (the unlabeled ones included), k and the clamping chosen on validation AUC
+- ``auto``: what ``medcae run`` does by default: ``frozen_final``, ``frozen_tap``, ``cae``
+  and ``cae_concat`` fitted, one picked on validation by the one-standard-error rule
+  (:mod:`medcae.representations`), its test metrics reported (and which one it was)
 - ``finetune``: supervised fine-tuning of the whole backbone with a linear head on the labels
 
 Each ``run_*`` returns one row per label budget: ``{"method", "seed", "budget", "auc", "acc",
@@ -40,6 +43,7 @@ METHODS = (
     "cae_pixels",
     "cae_concat",
     "cae_spread",
+    "auto",
     "finetune",
 )
 FEATURE_METHODS = METHODS[:-1]
@@ -113,6 +117,16 @@ def feature_sets(
     if method in ("cae", "cae_spread"):
         model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
         return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
+    if method == "auto":
+        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
+        return {
+            s: {
+                "codes": embed_all(model, data[s]["maps"]),
+                "tap": _pool(data[s]["maps"]),
+                "final": np.asarray(data[s]["final"]),
+            }
+            for s in SPLITS
+        }, model
     if method == "cae_concat":
         model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
         return {
@@ -139,7 +153,27 @@ def run_feature_method(
     labels = {s: np.asarray(data[s]["labels"]) for s in SPLITS}
     if method == "cae_spread":
         return [spread_row(feats, labels, b, seed, names) for b in budgets], model
+    if method == "auto":
+        return [auto_row(feats, labels, b, seed, cfg, names) for b in budgets], model
     return _rows(method, seed, budgets, feats, labels, cfg, names), model
+
+
+def auto_row(
+    arrays: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    budget: float,
+    seed: int,
+    cfg: PipelineConfig,
+    names: Sequence[str],
+) -> dict:
+    """The default's row: the representation the one-standard-error rule picks on
+    validation, tested once; ``chosen`` names it."""
+    from medcae.evaluation import fit_representations
+
+    clf = replace(cfg.classifier, budget=budget, seed=seed, representation="auto")
+    fitted, choice = fit_representations(clf, arrays, labels, names)
+    ev = fitted[choice.name]
+    return _row("auto", seed, budget, ev.test, ev.selection["n_labels"]) | {"chosen": choice.name}
 
 
 SPREAD_GRID = {"n_neighbors": (7, 15, 30), "alpha": (0.2, 0.5, 0.8)}

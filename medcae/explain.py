@@ -11,6 +11,11 @@ scaler, so its decision for class ``k`` splits exactly over the locations of the
 - ``avgmax``: the average half as for ``avg``; each channel's max term goes, whole, to the
   location that holds the maximum.
 
+A representation that adds the tapped maps' avg+max pooled features (``cae_concat``,
+``frozen_tap``) splits the same way over the tap's locations, summed with the codes' grid
+when both have the same size. ``frozen_final`` (the backbone's pooled last layer) keeps no
+locations: :class:`ExplainUnavailable`.
+
 In every case the contributions plus the intercept equal the decision value (a test checks
 it to 1e-4), so the map is not an approximation. For a binary head the decision is the logit of
 the second class; the map of the first class is its negation. Positive values are evidence for
@@ -46,7 +51,7 @@ class Explanation:
         intercept: The class's intercept; ``contributions.sum() + intercept == decision``.
         decision: The class's decision value (logit for logistic regression).
         image: uint8 ``(R, R, 3)``: the image as the model saw it (prepared to its input).
-        pool: How the code map became the classifier's vector.
+        pool: ``representation/cae pool``: what the classifier's vector was made of.
     """
 
     prediction: Prediction
@@ -73,9 +78,16 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
     name = pred.label if label is None else label
     if name not in predictor.label_names:
         raise ValueError(f"unknown class {name!r}; the model knows {predictor.label_names}")
+    rep = predictor.representation
+    if "final" in rep.parts:
+        raise ExplainUnavailable(
+            f"the representation {rep.name!r} uses the backbone's pooled last layer, which "
+            "keeps no locations: there is no map to draw"
+        )
     k = predictor.label_names.index(name)
+    out = predictor.backbone([image])
+    maps = torch.from_numpy(out["maps"]).float()
     with torch.no_grad():
-        maps = torch.from_numpy(predictor.maps([image])).float()
         z = predictor.cae.encode(maps)[0].numpy().astype(np.float64)  # (latent, h, w)
     head = predictor.head
     binary = head.coef.shape[0] == 1
@@ -83,11 +95,31 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
     sign = -1.0 if binary and k == 0 else 1.0
     w = head.coef[row] / head.scale  # weight per standardised feature, unscaled
     pool = predictor.cae.cfg.pool
-    contrib = sign * _contributions(z, w, head.mean, pool)
+    grids, start = [], 0
+    for part in rep.parts:  # the head's vector is these parts concatenated, in order
+        values, how = (
+            (z, pool) if part == "codes" else (out["maps"][0].astype(np.float64), "avgmax")
+        )
+        c, h, wd = values.shape
+        dim = {"flatten": c * h * wd, "avg": c, "avgmax": 2 * c}[how]
+        grids.append(
+            _contributions(values, w[start : start + dim], head.mean[start : start + dim], how)
+        )
+        start += dim
+    if len({g.shape for g in grids}) > 1:
+        raise ExplainUnavailable(
+            f"the parts of {rep.name!r} have maps of different sizes "
+            f"({[g.shape for g in grids]}): no single grid adds up to the decision"
+        )
+    contrib = sign * np.sum(grids, axis=0)
     intercept = sign * float(head.intercept[row])
-    decision = sign * float(head.decision(predictor.cae.embed(maps).numpy())[0, row])
+    decision = sign * float(head.decision(predictor.features(out, maps))[0, row])
     prepared = prepare_image(image, predictor.extractor.cfg.resolution)
-    return Explanation(pred, name, contrib, intercept, decision, prepared, pool)
+    return Explanation(pred, name, contrib, intercept, decision, prepared, f"{rep.name}/{pool}")
+
+
+class ExplainUnavailable(ValueError):
+    """The bundle's representation has no spatial map to split its decision over."""
 
 
 def _contributions(z: np.ndarray, w: np.ndarray, mean: np.ndarray, pool: str) -> np.ndarray:

@@ -109,6 +109,13 @@ def add_classifier_args(p: argparse.ArgumentParser, kind: bool = True) -> None:
         default=1.0,
         help="labels used: fraction of each class (0.1) or count per class (20)",
     )
+    k.add_argument(
+        "--representation",
+        default="auto",
+        choices=["auto", "cae", "cae_concat", "frozen_tap", "frozen_final"],
+        help="the classifier's input; auto: the simplest within one standard error of the "
+        "best validation AUC",
+    )
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -270,7 +277,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
     e.add_argument(
         "--methods",
-        default="frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_spread,finetune",
+        default="frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_spread,auto,finetune",
     )
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
     e.add_argument(

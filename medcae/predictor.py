@@ -16,6 +16,7 @@ from medcae.card import model_card
 from medcae.classifier import LinearHead
 from medcae.config import PipelineConfig
 from medcae.features import FeatureExtractor
+from medcae.representations import get_representation, tap_pool
 
 ImageLike = np.ndarray | bytes
 
@@ -56,6 +57,10 @@ class Predictor:
         self.label_names = list(label_names)
         self.meta = meta or {}
         self.ood_threshold = float(self.meta.get("ood", {}).get("threshold", np.inf))
+        # Bundles from before the representation choice hold a head on CAE codes.
+        self.representation = get_representation(
+            (self.meta.get("representation") or {}).get("name", "cae")
+        )
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "cpu", runtime: str = "auto") -> Predictor:
@@ -85,7 +90,11 @@ class Predictor:
         return text if isinstance(text, str) else model_card(self.meta)
 
     def maps(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
-        """Backbone feature maps ``(N, C, h, w)`` (float32, as in the feature store).
+        """Backbone feature maps ``(N, C, h, w)`` (float32, as in the feature store)."""
+        return self.backbone(images)["maps"]
+
+    def backbone(self, images: np.ndarray | Sequence[ImageLike]) -> dict[str, np.ndarray]:
+        """The frozen backbone's ``maps`` ``(N, C, h, w)`` and pooled ``final`` ``(N, C')``.
 
         Encoded bytes are decoded as the extraction stage decodes them (an image at least
         twice the resolution shrunk by an integer block mean in its own type); every image is
@@ -95,7 +104,7 @@ class Predictor:
         from medcae.data import decode_image
 
         if isinstance(images, np.ndarray):
-            return self.extractor(images)["maps"]
+            return self.extractor(images)
         side = self.extractor.cfg.resolution  # shrink big scans in their own type, as the store did
         arrays = [
             decode_image(im, reduce_to=side) if isinstance(im, bytes) else np.asarray(im)
@@ -103,7 +112,7 @@ class Predictor:
         ]
         if not arrays:
             raise ValueError("no images to predict")
-        return self.extractor(arrays)["maps"]
+        return self.extractor(arrays)
 
     @torch.no_grad()
     def predict_arrays(self, images: np.ndarray | Sequence[ImageLike]) -> dict[str, np.ndarray]:
@@ -112,12 +121,30 @@ class Predictor:
         Args:
             images: uint8 ``(N, H, W)`` / ``(N, H, W, 3)``, or a list of arrays or encoded bytes.
         """
-        x = torch.from_numpy(self.maps(images)).float()
-        codes = self.cae.embed(x).numpy()
+        out = self.backbone(images)
+        x = torch.from_numpy(out["maps"]).float()
         return {
-            "proba": self.head.predict_proba(codes),
+            "proba": self.head.predict_proba(self.features(out, x)),
             "error": self.cae.reconstruction_error(x).numpy(),
         }
+
+    @torch.no_grad()
+    def features(
+        self, backbone: dict[str, np.ndarray], x: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """The head's input vectors, as the bundle's representation builds them from the
+        backbone's output (``x``: its maps as a tensor, when already made)."""
+        maps = backbone["maps"]
+        parts = self.representation.parts
+        arrays: dict[str, np.ndarray] = {}
+        if "codes" in parts:
+            x = torch.from_numpy(maps).float() if x is None else x
+            arrays["codes"] = self.cae.embed(x).numpy()
+        if "tap" in parts:
+            arrays["tap"] = tap_pool(maps)
+        if "final" in parts:
+            arrays["final"] = backbone["final"]
+        return self.representation.features(arrays)
 
     def predict_proba(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(N, K)``."""

@@ -114,6 +114,7 @@ LABELS = {
     "cae_pixels": "CAE on raw pixels",
     "cae_concat": "CAE codes + pooled tap",
     "cae_spread": "CAE codes, label spreading (semi-supervised)",
+    "auto": "the default (--representation auto)",
     "finetune": "fine-tuned backbone",
 }
 

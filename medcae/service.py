@@ -354,6 +354,7 @@ def model_info(meta: dict[str, Any], model_id: str) -> dict[str, Any]:
         "backbone": cfg.get("backbone"),
         "cae": cfg.get("cae"),
         "classifier": meta.get("classifier"),
+        "representation": meta.get("representation"),
         "metrics": meta.get("metrics", {}).get("test"),
         "ood": meta.get("ood"),
         "created": meta.get("created"),

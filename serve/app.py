@@ -330,7 +330,7 @@ class MedcaeModel:
 
     def _explain(self, image: np.ndarray, label: str | None) -> dict[str, Any]:
         from medcae.data import encode_png
-        from medcae.explain import explain, heatmap_png
+        from medcae.explain import ExplainUnavailable, explain, heatmap_png
 
         if label is not None and label not in self.predictor.label_names:
             raise RequestError(
@@ -338,6 +338,8 @@ class MedcaeModel:
             )
         try:
             exp = explain(self.predictor, image, label)
+        except ExplainUnavailable as err:
+            raise RequestError(422, "no_explanation", str(err)) from err
         except Exception as err:  # the model failed on this image: its request alone fails
             raise RequestError(
                 422, "unprocessable_image", f"the model could not process this image ({err})"

@@ -70,7 +70,7 @@ async function loadModel() {
   $("card").innerHTML = c.ok ? renderMarkdown(await c.text()) : "<p>No model card (" + c.status + ").</p>";
 }
 
-function showResult(body) {
+function showResult(body, file) {
   const p = body.prediction, e = body.explanation;
   $("label").textContent = p.label;
   const bars = $("bars");
@@ -85,14 +85,22 @@ function showResult(body) {
     bars.appendChild(row);
   });
   const ood = $("ood");
-  const err = p.reconstruction_error.toFixed(4), thr = e.ood_threshold.toFixed(4);
+  const err = p.reconstruction_error.toFixed(4);
+  const thr = e ? e.ood_threshold.toFixed(4) : "the bundle's";
   ood.className = p.in_distribution ? "in" : "out";
   ood.textContent = p.in_distribution
     ? `In distribution: reconstruction error ${err} is within the threshold ${thr} (99th percentile on validation).`
     : `Out of distribution: reconstruction error ${err} is above the threshold ${thr}; this image is unlike the training data, do not trust the label.`;
-  $("view").src = "data:image/png;base64," + e.image_png;
-  $("heat").src = "data:image/png;base64," + e.heatmap_png;
-  $("heat-caption").textContent = `Evidence for "${e.label}" (${e.contributions.length}x${e.contributions[0].length} cells, ${e.pool} codes)`;
+  const heat = $("heat").parentElement;
+  if (e) {
+    $("view").src = "data:image/png;base64," + e.image_png;
+    $("heat").src = "data:image/png;base64," + e.heatmap_png;
+    $("heat-caption").textContent = `Evidence for "${e.label}" (${e.contributions.length}x${e.contributions[0].length} cells, ${e.pool})`;
+    heat.classList.remove("hidden");
+  } else {  // this model's representation keeps no locations: no map, the file as it is
+    $("view").src = URL.createObjectURL(file);
+    heat.classList.add("hidden");
+  }
   $("result").classList.remove("hidden");
 }
 
@@ -106,9 +114,17 @@ async function classify(file) {
   let body = null;
   try { body = await r.json(); } catch (err) { body = null; }
   if (r.status === 401 || r.status === 403) { askForKey((body && body.detail) || "API key needed."); return; }
+  if (r.status === 422 && body && body.error === "no_explanation") {
+    r = await fetch("/v1/predict", {method: "POST", body: file, headers: headers({"Content-Type": file.type || "application/octet-stream"})});
+    body = r.ok ? await r.json() : null;
+    if (!r.ok) { status(`Refused (${r.status})`, true); return; }
+    status(file.name + ": done (this model's representation has no evidence map).");
+    showResult(body, file);
+    return;
+  }
   if (!r.ok) { status(`Refused (${r.status}): ` + ((body && body.detail) || r.statusText), true); return; }
   status(file.name + ": done.");
-  showResult(body);
+  showResult(body, file);
 }
 
 const drop = $("drop");

@@ -246,7 +246,13 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     assert report["left"] == [], report  # no Ray process of the job outlives it
     assert "ACC" in run.stdout and "AUC" in run.stdout
     bundle = next(x for x in run.stdout.splitlines() if x.startswith("model bundle: "))
-    assert (Path(bundle.split(": ", 1)[1]) / "bundle.json").is_file()
+    meta = json.loads((Path(bundle.split(": ", 1)[1]) / "bundle.json").read_text())
+    # --representation auto (the default): four candidates fitted, one chosen, and why
+    rep = meta["representation"]
+    assert set(rep["val_auc"]) == {"frozen_final", "frozen_tap", "cae", "cae_concat"}
+    assert rep["name"] in rep["val_auc"] and rep["reason"].startswith(rep["name"])
+    assert meta["config"]["classifier"]["representation"] == rep["name"]
+    assert sum("(chosen)" in line for line in run.stdout.splitlines()) == 1
     log = (out_dir / "run.log").read_text()
     assert "ray" in log and "Execution plan" in log, log[-3000:]
     for chatter in ("Execution plan", "Registered dataset logger", "Tip:", "Starting execution"):

@@ -70,3 +70,30 @@ def test_heatmap_is_a_png_over_the_model_view(predictor, demo_bundle):
     flat = replace(exp, contributions=np.zeros_like(exp.contributions))
     base = np.asarray(Image.open(io.BytesIO(heatmap_png(flat, size=128))).convert("RGB"))
     assert np.abs(np.asarray(img.convert("RGB")).astype(int) - base).max() > 20  # drawn
+
+
+@pytest.mark.parametrize("rep", ["cae_concat", "frozen_tap", "frozen_final"])
+def test_other_representations_predict_and_decompose(predictor, demo_bundle, rep):
+    """A head on another representation: the Predictor builds its vectors, and the map over
+    the tap's locations still adds up to the decision (none for the pooled last layer)."""
+    from medcae.classifier import fit_classifier
+    from medcae.config import ClassifierConfig
+    from medcae.explain import ExplainUnavailable
+
+    images, labels = demo_bundle.test_images, demo_bundle.test_labels
+    meta = {**predictor.meta, "representation": {"name": rep}}
+    other = Predictor(
+        predictor.extractor, predictor.cae, predictor.head, predictor.label_names, meta
+    )
+    x = other.features(other.backbone(images))
+    head, _ = fit_classifier(ClassifierConfig(C_grid=(1.0,)), x, labels, x, labels, 3)
+    other.head = head
+    proba = other.predict_proba(images[:5])
+    np.testing.assert_allclose(proba, head.predict_proba(x[:5]), atol=1e-5)
+    if rep == "frozen_final":
+        with pytest.raises(ExplainUnavailable, match="no map"):
+            explain(other, images[0])
+        return
+    exp = explain(other, images[0])
+    assert exp.contributions.sum() + exp.intercept == pytest.approx(exp.decision, abs=1e-4)
+    assert exp.pool.startswith(rep)

@@ -26,8 +26,9 @@ from medcae.data import Rows, list_rows, list_unlabeled_rows
 from medcae.distributed.runtime import progress_log
 from medcae.distributed.store import ExtractOptions, FeatureStore, build_store
 from medcae.distributed.train import StreamedSplits, TrainOutcome, train_cae
-from medcae.evaluation import fit_and_test, save_model
+from medcae.evaluation import describe, fit_representations, save_model
 from medcae.metrics import format_results
+from medcae.representations import tap_pool
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class CAEStage:
         x = torch.from_numpy(np.ascontiguousarray(batch["maps"], dtype=np.float32))
         out = {k: v for k, v in batch.items() if k != "maps"}
         out["codes"] = self.model.embed(x).numpy()
+        out["tap"] = tap_pool(batch["maps"])
         out["error"] = self.model.reconstruction_error(x).numpy()
         return out
 
@@ -152,7 +154,8 @@ def embed_splits(
     """Codes, errors, pooled final features and labels of ``splits``, each sorted by ``id``.
 
     Returns:
-        ``{split: {"id", "label", "codes" (N, D), "error" (N,), "final" (N, C_final)}}``.
+        ``{split: {"id", "label", "codes" (N, D), "tap" (N, 2C), "error" (N,),
+        "final" (N, C_final)}}``.
     """
     ds = store.split(*splits, columns=("id", "split", "label", "maps", "final"))
     ds = ds.map_batches(
@@ -240,15 +243,15 @@ def run_pipeline(
     emb = embed_splits(store, training.state, cfg.cae)
     _require_labeled(emb, store)
     labels = {s: emb[s]["label"] for s in LABELED}
-    frozen = fit_and_test(
-        cfg.classifier, {s: emb[s]["final"] for s in LABELED}, labels, store.label_names
-    )
-    ours = fit_and_test(
-        cfg.classifier, {s: emb[s]["codes"] for s in LABELED}, labels, store.label_names
-    )
+    fitted, choice = fit_representations(cfg.classifier, emb, labels, store.label_names)
+    ours, frozen = fitted[choice.name], fitted["frozen_final"]
+    cfg = replace(cfg, classifier=replace(cfg.classifier, representation=choice.name))
+    progress_log.info("representation: %s", choice.reason)
+    taps = "+".join(cfg.backbone.taps)
     reports = {
-        f"frozen {cfg.backbone.name} final + {cfg.classifier.kind}": frozen.test,
-        f"CAE on {'+'.join(cfg.backbone.taps)} + {cfg.classifier.kind}": ours.test,
+        describe(name, cfg.backbone.name, taps, cfg.classifier.kind)
+        + (" (chosen)" if name == choice.name else ""): ev.test
+        for name, ev in fitted.items()
     }
     t["classifier_s"] = time.perf_counter() - t2
     progress_log.info("classifier: %s, %.1fs", ours.selection, t["classifier_s"])
@@ -257,6 +260,7 @@ def run_pipeline(
     model.load_state_dict(training.state)
     extra = {
         "baseline_frozen_test": frozen.test,
+        "representations_test": {name: ev.test for name, ev in fitted.items()},
         "cae_history": training.history,
         "num_train_unlabeled": store.count("train", "unlabeled"),
         "feature_store": {"uri": store.uri, "key": store.key, "rows": store.rows},
@@ -273,6 +277,7 @@ def run_pipeline(
         extra,
         labels=labels,
         unlabeled=store.count("unlabeled"),
+        representation=choice.to_dict(),
     )
     progress_log.info("bundle: %s", bundle)
     _write_predictions(

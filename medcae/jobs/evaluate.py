@@ -173,9 +173,10 @@ def write_report(
 
     agg = aggregate(rows)
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(
-            f, fieldnames=[k for k in rows[0] if k != "confusion"], extrasaction="ignore"
+        scalar = dict.fromkeys(  # every row's scalar columns, in first-seen order
+            k for r in rows for k, v in r.items() if not isinstance(v, dict | list)
         )
+        w = csv.DictWriter(f, fieldnames=list(scalar), extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)
     plot_auc_vs_budget(agg, out / "auc_vs_budget.png")

@@ -1,0 +1,153 @@
+"""What the classifier sees: named representations, and the rule that picks one on validation.
+
+Every representation is built from three arrays that one pass of the frozen backbone and the
+trained CAE give per image:
+
+- ``codes``: the CAE's code vector (``cae.pool``: flattened by default);
+- ``tap``: the tapped feature maps, average- and max-pooled per channel;
+- ``final``: the backbone's last layer, average-pooled (the transfer-learning baseline).
+
+``--representation auto`` (the default) fits the classifier on each candidate, its C chosen on
+validation AUC as always, then applies a **one-standard-error rule** (Breiman et al. 1984): it
+takes the *simplest* candidate whose validation AUC is within one standard error of the best
+one, where the standard error is that of the paired difference in AUC, estimated with 200
+seeded bootstrap resamples of the validation split. A small validation split cannot then make
+the run switch to a more complex representation on noise: the more complex one has to be
+better by more than the validation set can tell apart by chance. Candidates, simplest first:
+``frozen_final``, ``frozen_tap``, ``cae``, ``cae_concat``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from medcae.metrics import auc_score
+
+
+@dataclass(frozen=True)
+class Representation:
+    """A named way to turn an image's arrays into the classifier's vector.
+
+    Attributes:
+        name: Registry key.
+        parts: Which of ``codes``, ``tap``, ``final`` it concatenates, in order.
+        description: One line for reports and the model card.
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    description: str
+
+    def features(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``(N, D)`` float32 vectors from ``{"codes", "tap", "final"}`` arrays."""
+        missing = [p for p in self.parts if p not in arrays]
+        if missing:
+            raise KeyError(f"representation {self.name!r} needs {missing}, got {sorted(arrays)}")
+        return np.concatenate(
+            [np.asarray(arrays[p], np.float32).reshape(len(arrays[p]), -1) for p in self.parts],
+            axis=1,
+        )
+
+
+#: Simplest first: the order the one-standard-error rule prefers.
+REPRESENTATIONS: dict[str, Representation] = {
+    r.name: r
+    for r in (
+        Representation("frozen_final", ("final",), "frozen backbone, last layer pooled"),
+        Representation("frozen_tap", ("tap",), "frozen backbone, tapped maps avg+max pooled"),
+        Representation("cae", ("codes",), "CAE codes of the tapped maps (the paper's method)"),
+        Representation("cae_concat", ("codes", "tap"), "CAE codes + tapped maps avg+max pooled"),
+    )
+}
+CHOICES = ("auto", *REPRESENTATIONS)
+
+
+def get_representation(name: str) -> Representation:
+    """The registered representation ``name``.
+
+    Raises:
+        KeyError: An unknown name, listing the known ones.
+    """
+    try:
+        return REPRESENTATIONS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown representation {name!r}; expected one of {', '.join(CHOICES)}"
+        ) from None
+
+
+def tap_pool(maps: np.ndarray) -> np.ndarray:
+    """Average- and max-pooled tapped maps: ``(N, C, h, w)`` -> ``(N, 2C)`` float32."""
+    m = np.asarray(maps, np.float32)
+    return np.concatenate([m.mean(axis=(2, 3)), m.max(axis=(2, 3))], axis=1)
+
+
+@dataclass
+class Choice:
+    """The representation picked, and why.
+
+    Attributes:
+        name: The chosen representation.
+        reason: One sentence for the run's summary and the model card.
+        val_auc: Validation AUC of every candidate.
+        se: Standard error of each candidate's paired AUC difference to the best.
+    """
+
+    name: str
+    reason: str
+    val_auc: dict[str, float]
+    se: dict[str, float]
+
+    def to_dict(self) -> dict:
+        """JSON-ready, for the bundle."""
+        return {"name": self.name, "reason": self.reason, "val_auc": self.val_auc, "se": self.se}
+
+
+def choose(
+    val_labels: np.ndarray,
+    val_proba: Mapping[str, np.ndarray],
+    num_classes: int,
+    resamples: int = 200,
+    seed: int = 0,
+) -> Choice:
+    """Pick by the one-standard-error rule (see the module docstring).
+
+    Args:
+        val_labels: ``(N,)`` validation labels.
+        val_proba: Per candidate (in :data:`REPRESENTATIONS` order or any subset of it), its
+            head's ``(N, K)`` validation probabilities.
+        num_classes: K.
+        resamples: Bootstrap resamples for the standard errors.
+        seed: Seed of the resampling.
+    """
+    order = [n for n in REPRESENTATIONS if n in val_proba] + [
+        n for n in val_proba if n not in REPRESENTATIONS
+    ]
+    y = np.asarray(val_labels)
+    auc = {n: auc_score(y, val_proba[n], num_classes) for n in order}
+    best = max(order, key=lambda n: auc[n])
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[float]] = {n: [] for n in order}
+    for _ in range(resamples):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) < len(np.unique(y)):
+            continue  # a resample missing a class has no AUC
+        ref = auc_score(y[idx], val_proba[best][idx], num_classes)
+        for n in order:
+            diffs[n].append(ref - auc_score(y[idx], val_proba[n][idx], num_classes))
+    se = {n: float(np.std(d)) if d else 0.0 for n, d in diffs.items()}
+    pick = next(n for n in order if auc[best] - auc[n] <= se[n])
+    if pick == best:
+        reason = (
+            f"{pick}: the best validation AUC ({auc[pick]:.4f}); every simpler candidate was "
+            f"more than one standard error below it"
+        )
+    else:
+        reason = (
+            f"{pick}: validation AUC {auc[pick]:.4f}, within one standard error "
+            f"({se[pick]:.4f}) of the best, {best} ({auc[best]:.4f}); the simpler one is kept"
+        )
+    return Choice(pick, reason, auc, se)

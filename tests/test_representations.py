@@ -1,0 +1,84 @@
+"""Representations by name, and the one-standard-error rule that picks one on validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medcae.config import ClassifierConfig, ConfigError
+from medcae.representations import REPRESENTATIONS, choose, get_representation, tap_pool
+
+
+def _proba(y: np.ndarray, signal: float, rng: np.random.Generator) -> np.ndarray:
+    score = signal * y + rng.normal(0, 1, len(y))
+    p1 = 1 / (1 + np.exp(-score))
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def test_a_simpler_candidate_within_one_standard_error_is_kept():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)  # a small validation split
+    base = _proba(y, 2.0, rng)
+    close = np.clip(base + rng.normal(0, 0.02, base.shape), 1e-6, None)
+    close /= close.sum(1, keepdims=True)
+    c = choose(y, {"frozen_final": base, "cae": close}, 2)
+    gap = max(c.val_auc.values()) - c.val_auc["frozen_final"]
+    assert c.name == "frozen_final" and gap <= c.se["frozen_final"], c
+    assert "within one standard error" in c.reason or "best validation AUC" in c.reason
+
+
+def test_a_clearly_better_candidate_wins_and_says_why():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    c = choose(y, {"frozen_final": _proba(y, 0.5, rng), "cae_concat": _proba(y, 4.0, rng)}, 2)
+    assert c.name == "cae_concat"
+    assert c.val_auc["cae_concat"] - c.val_auc["frozen_final"] > c.se["frozen_final"]
+    assert c.reason.startswith("cae_concat: the best validation AUC")
+    assert set(c.to_dict()) == {"name", "reason", "val_auc", "se"}
+
+
+def test_features_and_names():
+    arrays = {
+        "codes": np.ones((3, 4, 2, 2)),
+        "tap": tap_pool(np.arange(3 * 5 * 2 * 2, dtype=float).reshape(3, 5, 2, 2)),
+        "final": np.zeros((3, 7)),
+    }
+    assert arrays["tap"].shape == (3, 10)
+    assert get_representation("cae_concat").features(arrays).shape == (3, 16 + 10)
+    assert get_representation("frozen_final").features(arrays).shape == (3, 7)
+    assert list(REPRESENTATIONS) == ["frozen_final", "frozen_tap", "cae", "cae_concat"]
+    with pytest.raises(KeyError, match="expected one of auto"):
+        get_representation("nope")
+    with pytest.raises(KeyError, match="needs"):
+        get_representation("cae").features({"tap": arrays["tap"]})
+    with pytest.raises(ConfigError, match="representation must be one of"):
+        ClassifierConfig(representation="pixels")
+
+
+def test_fit_representations_auto_and_fixed(demo_bundle):
+    """On real codes of the demo bundle: auto fits all four and picks one, a fixed name fits
+    it and the frozen baseline."""
+    import torch
+
+    from medcae.evaluation import fit_representations
+    from medcae.predictor import Predictor
+
+    pred = Predictor.from_bundle(demo_bundle.path, runtime="torch")
+    images, y = demo_bundle.test_images, demo_bundle.test_labels
+    out = pred.backbone(images)
+    x = torch.from_numpy(out["maps"]).float()
+    arr = {"codes": pred.cae.embed(x).numpy(), "tap": tap_pool(out["maps"]), "final": out["final"]}
+    half = len(y) // 2
+    arrays = {
+        "train": {k: v[:half] for k, v in arr.items()},
+        "val": {k: v[half:] for k, v in arr.items()},
+        "test": {k: v[half:] for k, v in arr.items()},
+    }
+    labels = {"train": y[:half], "val": y[half:], "test": y[half:]}
+    names = pred.label_names
+    fitted, choice = fit_representations(ClassifierConfig(C_grid=(0.1, 1.0)), arrays, labels, names)
+    assert set(fitted) == set(REPRESENTATIONS) and choice.name in fitted
+    fitted, choice = fit_representations(
+        ClassifierConfig(C_grid=(1.0,), representation="frozen_tap"), arrays, labels, names
+    )
+    assert set(fitted) == {"frozen_tap", "frozen_final"} and choice.name == "frozen_tap"
