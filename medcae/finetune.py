@@ -225,7 +225,7 @@ def finetune(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             model.steps += 1
             model.images_seen += len(idx)
         val_auc = auc_score(np.asarray(val[1]), model.predict_proba(val[0]), num_classes)

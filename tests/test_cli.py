@@ -252,7 +252,8 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     assert set(rep["val_auc"]) == {"frozen_final", "frozen_tap", "cae", "cae_concat"}
     assert rep["name"] in rep["val_auc"] and rep["reason"].startswith(rep["name"])
     assert meta["config"]["classifier"]["representation"] == rep["name"]
-    assert sum("(chosen)" in line for line in run.stdout.splitlines()) == 1
+    table = [x for x in run.stdout.splitlines() if not x.startswith("MEDCAE_RESULT")]
+    assert sum("(chosen)" in line for line in table) == 1  # one row of the results table
     log = (out_dir / "run.log").read_text()
     assert "ray" in log and "Execution plan" in log, log[-3000:]
     for chatter in ("Execution plan", "Registered dataset logger", "Tip:", "Starting execution"):
