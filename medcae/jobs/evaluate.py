@@ -132,7 +132,7 @@ def finetune_text(rows: list[dict], ft: FinetuneConfig, resolution: int) -> str:
 
     runs = [r for r in rows if r.get("finetune")]
     head = (
-        f"fine-tuning: the whole backbone + a linear head at {ft.resolution or resolution} px, "
+        f"the whole backbone + a linear head at {ft.resolution or resolution} px, "
         f"frozen batch-norm statistics, AdamW (backbone lr {ft.lr:g}, head x{ft.head_lr_mult:g}), "
         f"warm-up + cosine, augmentation, up to {ft.epochs} epochs of at least "
         f"{ft.min_steps} steps in all, early stopping on validation AUC (patience "
