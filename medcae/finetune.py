@@ -12,8 +12,9 @@ The recipe is meant to be an honest competitor for the few-label methods, not a 
 - **Augmentation** on the normalised batch: a random affine transform (rotation up to 10
   degrees, scale 0.9-1.1, shift up to 6%) and brightness/contrast jitter of 10%. No flips by
   default: left and right are not interchangeable on a chest X-ray.
-- **Enough steps for small budgets:** at least ``min_steps`` optimiser steps however few the
-  labels (40 labels would otherwise give a handful of steps).
+- **Enough steps for small budgets:** every epoch is at least ``min_steps / epochs`` steps
+  long, so a run that goes the distance takes at least ``min_steps`` optimiser steps however
+  few the labels (40 labels would otherwise give 2 steps an epoch).
 - **Early stopping on validation AUC** (``patience`` evaluations without gain), and the best
   evaluated state restored before the test split is touched, once.
 """
@@ -44,7 +45,8 @@ class FinetuneConfig:
         resolution: Input side in pixels; None: the backbone config's (the CAE's).
         epochs: Most passes over the labeled images (each at least ``min_steps / epochs``
             steps long); validation AUC is measured after each.
-        min_steps: Fewest optimiser steps in all, whatever the number of labels.
+        min_steps: Fewest optimiser steps over all ``epochs`` (early stopping may end sooner),
+            whatever the number of labels.
         batch_size: Images per step.
         lr: Backbone learning rate (the head's is ``head_lr_mult`` times it).
         head_lr_mult: Head / backbone learning-rate ratio.

@@ -135,7 +135,7 @@ def finetune_text(rows: list[dict], ft: FinetuneConfig, resolution: int) -> str:
         f"the whole backbone + a linear head at {ft.resolution or resolution} px, "
         f"frozen batch-norm statistics, AdamW (backbone lr {ft.lr:g}, head x{ft.head_lr_mult:g}), "
         f"warm-up + cosine, augmentation, up to {ft.epochs} epochs of at least "
-        f"{ft.min_steps} steps in all, early stopping on validation AUC (patience "
+        f"{-(-ft.min_steps // ft.epochs)} steps, early stopping on validation AUC (patience "
         f"{ft.patience}), best epoch restored"
     )
     per_budget = {}
