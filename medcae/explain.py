@@ -74,7 +74,8 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
     Raises:
         ValueError: An unknown ``label``, naming the known ones.
     """
-    (pred,) = predictor.predict([image])
+    out = predictor.backbone([image])  # one backbone pass for the label and the map
+    (pred,) = predictor.predictions(predictor.head_outputs(out))
     name = pred.label if label is None else label
     if name not in predictor.label_names:
         raise ValueError(f"unknown class {name!r}; the model knows {predictor.label_names}")
@@ -85,7 +86,6 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
             "keeps no locations: there is no map to draw"
         )
     k = predictor.label_names.index(name)
-    out = predictor.backbone([image])
     maps = torch.from_numpy(out["maps"]).float()
     with torch.no_grad():
         z = predictor.cae.encode(maps)[0].numpy().astype(np.float64)  # (latent, h, w)

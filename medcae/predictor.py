@@ -121,10 +121,15 @@ class Predictor:
         Args:
             images: uint8 ``(N, H, W)`` / ``(N, H, W, 3)``, or a list of arrays or encoded bytes.
         """
-        out = self.backbone(images)
-        x = torch.from_numpy(out["maps"]).float()
+        return self.head_outputs(self.backbone(images))
+
+    @torch.no_grad()
+    def head_outputs(self, backbone: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`predict_arrays` from the backbone's output (:meth:`backbone`), for callers
+        that also need the maps and should not run the backbone twice."""
+        x = torch.from_numpy(backbone["maps"]).float()
         return {
-            "proba": self.head.predict_proba(self.features(out, x)),
+            "proba": self.head.predict_proba(self.features(backbone, x)),
             "error": self.cae.reconstruction_error(x).numpy(),
         }
 
@@ -152,7 +157,11 @@ class Predictor:
 
     def predict(self, images: np.ndarray | Sequence[ImageLike]) -> list[Prediction]:
         """Label, probabilities and out-of-distribution flag per image."""
-        out = self.predict_arrays(images)
+        return self.predictions(self.predict_arrays(images))
+
+    def predictions(self, out: dict[str, np.ndarray]) -> list[Prediction]:
+        """:class:`Prediction` per image from :meth:`predict_arrays`' (or
+        :meth:`head_outputs`') arrays."""
         return [
             Prediction(
                 label=self.label_names[int(p.argmax())],
