@@ -360,3 +360,17 @@ def weights_sha256(name: str, weights: str | None = None) -> str:
         return _file_sha256(_lite0_weights_path())
     cached = _torchvision_cache_file(name)
     return _file_sha256(cached) if cached else f"torchvision:{name}:IMAGENET1K_V1"
+
+
+@functools.lru_cache(maxsize=32)
+def tap_channels(name: str, taps: tuple[str, ...], resolution: int = 112) -> tuple[int, ...]:
+    """Channels of each tap, in order (random weights: shapes do not depend on them).
+
+    This is what the hierarchical CAE's ``cae.groups`` needs: the combined map is the taps
+    concatenated on channels in this order.
+
+    Raises:
+        BackboneError: Unknown name or tap.
+    """
+    shapes = build_backbone(name, taps, resolution, "random").tap_shapes()
+    return tuple(shapes[t][0] for t in taps)

@@ -4,6 +4,10 @@ The CAE standardises its input per channel with statistics of the unlabeled trai
 (stored as buffers, so a saved state dict is self-contained), encodes to a ``latent_channels``
 code map, and decodes back to the standardised input. Its pooled code map is the image's
 feature vector for the classifier.
+
+With ``cfg.groups`` (the paper's *hierarchical* form) the maps are several taps concatenated on
+channels; each tap gets its own encoder and decoder on its own channels, and the code map is
+the tap codes concatenated on channels, ``latent_channels`` per tap.
 """
 
 from __future__ import annotations
@@ -33,6 +37,36 @@ def _up_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
+class PerGroup(nn.Module):
+    """One module per channel group: splits the input on channels, concatenates the outputs.
+
+    Args:
+        parts: One module per group.
+        splits: Input channels of each group, in order.
+    """
+
+    def __init__(self, parts: list[nn.Module], splits: tuple[int, ...]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.splits = list(splits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, sum(splits), h, w)`` -> the parts' outputs concatenated on channels."""
+        chunks = torch.split(x, self.splits, dim=1)
+        return torch.cat([p(c) for p, c in zip(self.parts, chunks)], dim=1)
+
+
+def _coder(cin: int, cfg: CAEConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """Encoder and decoder of one CAE on ``cin`` channels."""
+    chans = (cin, *cfg.channels)
+    strides = [2 if (i == 0 and cfg.downsample) else 1 for i in range(len(cfg.channels))]
+    enc = [_block(a, b, s) for a, b, s in zip(chans[:-1], chans[1:], strides)]
+    encoder = nn.Sequential(*enc, nn.Conv2d(chans[-1], cfg.latent_channels, 1))
+    rchans = (cfg.latent_channels, *reversed(cfg.channels))
+    dec = [_up_block(a, b, s) for a, b, s in zip(rchans[:-1], rchans[1:], reversed(strides))]
+    return encoder, nn.Sequential(*dec, nn.Conv2d(rchans[-1], cin, 1))
+
+
 class ConvAutoEncoder(nn.Module):
     """Denoising convolutional auto-encoder.
 
@@ -41,7 +75,7 @@ class ConvAutoEncoder(nn.Module):
         cfg: Shape and noise settings.
 
     Raises:
-        ValueError: If ``in_channels`` is not positive.
+        ValueError: If ``in_channels`` is not positive, or ``cfg.groups`` does not add up to it.
     """
 
     input_mean: torch.Tensor  # buffers, (1, C, 1, 1)
@@ -51,15 +85,22 @@ class ConvAutoEncoder(nn.Module):
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if cfg.groups and sum(cfg.groups) != in_channels:
+            raise ValueError(
+                f"cae.groups {list(cfg.groups)} add up to {sum(cfg.groups)} channels, but the "
+                f"feature maps have {in_channels}: the groups must be the taps' channel counts"
+            )
         self.cfg = cfg
         self.in_channels = in_channels
-        chans = (in_channels, *cfg.channels)
-        strides = [2 if (i == 0 and cfg.downsample) else 1 for i in range(len(cfg.channels))]
-        enc = [_block(a, b, s) for a, b, s in zip(chans[:-1], chans[1:], strides)]
-        self.encoder = nn.Sequential(*enc, nn.Conv2d(chans[-1], cfg.latent_channels, 1))
-        rchans = (cfg.latent_channels, *reversed(cfg.channels))
-        dec = [_up_block(a, b, s) for a, b, s in zip(rchans[:-1], rchans[1:], reversed(strides))]
-        self.decoder = nn.Sequential(*dec, nn.Conv2d(rchans[-1], in_channels, 1))
+        self.encoder: nn.Module
+        self.decoder: nn.Module
+        if len(cfg.groups) > 1:
+            coders = [_coder(c, cfg) for c in cfg.groups]
+            self.encoder = PerGroup([e for e, _ in coders], tuple(cfg.groups))
+            latents = (cfg.latent_channels,) * len(cfg.groups)
+            self.decoder = PerGroup([d for _, d in coders], latents)
+        else:
+            self.encoder, self.decoder = _coder(in_channels, cfg)
         self.register_buffer("input_mean", torch.zeros(1, in_channels, 1, 1))
         self.register_buffer("input_std", torch.ones(1, in_channels, 1, 1))
 
@@ -108,7 +149,8 @@ class ConvAutoEncoder(nn.Module):
             x: Raw feature maps ``(batch, C, h, w)``.
 
         Returns:
-            ``(batch, D)`` with ``D = latent`` (avg), ``2*latent`` (avgmax) or ``latent*h'*w'``.
+            ``(batch, D)`` with ``D = L`` (avg), ``2*L`` (avgmax) or ``L*h'*w'`` (flatten), where
+            ``L`` is ``latent_channels`` times the number of groups (1 without groups).
         """
         z = self.encode(x)
         if self.cfg.pool == "avg":

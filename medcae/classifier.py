@@ -7,6 +7,7 @@ pickle, and prediction needs only NumPy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,36 @@ class LinearHead:
             num_classes=num_classes,
             **{k: np.asarray(arrays[k]) for k in ("mean", "scale", "coef", "intercept", "platt")},
         )
+
+
+def average_heads(heads: Sequence[LinearHead]) -> LinearHead:
+    """One head on the members' features concatenated, deciding by their mean decision.
+
+    Each member's decision (Platt-scaled for SVMs) is linear in its own standardised features,
+    so their mean is one linear head: the members' weights side by side, divided by their
+    number, and the mean intercept. Its probabilities average the members' logits (a
+    geometric mean of their odds), and it saves, serves and explains like any head.
+
+    Args:
+        heads: Fitted heads of one kind and class count, in the order of their features.
+
+    Raises:
+        ValueError: No heads, or heads of different kinds or class counts.
+    """
+    if not heads or len({(h.kind, h.num_classes, h.coef.shape[0]) for h in heads}) != 1:
+        raise ValueError(f"average_heads needs heads of one kind and class count, got {heads!r}")
+    n = len(heads)
+    coef = np.concatenate([h.coef * h.platt[:, :1] for h in heads], axis=1) / n
+    intercept = sum(h.intercept * h.platt[:, 0] + h.platt[:, 1] for h in heads) / n
+    return LinearHead(
+        heads[0].kind,
+        np.concatenate([h.mean for h in heads]),
+        np.concatenate([h.scale for h in heads]),
+        coef,
+        np.asarray(intercept),
+        np.tile([1.0, 0.0], (len(coef), 1)),
+        heads[0].num_classes,
+    )
 
 
 def _fit_once(kind: str, x: np.ndarray, y: np.ndarray, c: float, seed: int, k: int) -> LinearHead:

@@ -74,6 +74,12 @@ class CAEConfig:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         seed: Seed for weights init and noise.
+        groups: The paper's *hierarchical* form: channel counts of the combined taps, in tap
+            order, one CAE each on its own tap's channels, their code maps concatenated. Empty
+            (the default): one CAE on all channels. ``--hierarchical`` fills it from the
+            backbone's taps.
+        patience: Stop when the validation reconstruction loss has not improved for this many
+            epochs, keeping the best epoch's weights (0: train every epoch, keep the last).
     """
 
     channels: tuple[int, ...] = (128, 64)
@@ -86,8 +92,14 @@ class CAEConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    groups: tuple[int, ...] = ()
+    patience: int = 3
 
     def __post_init__(self) -> None:
+        if any(g < 1 for g in self.groups):
+            raise ConfigError(f"cae.groups must be positive channel counts, got {self.groups}")
+        if self.patience < 0:
+            raise ConfigError(f"cae.patience must be >= 0, got {self.patience}")
         if not self.channels or min(self.channels) < 1:
             raise ConfigError(f"cae.channels must be positive ints, got {self.channels}")
         if self.pool not in ("avg", "avgmax", "flatten"):

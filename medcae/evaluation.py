@@ -13,11 +13,18 @@ from medcae.backbones import get_spec, weights_sha256
 from medcae.bundle import write_bundle
 from medcae.cae import ConvAutoEncoder
 from medcae.card import bootstrap_intervals, data_summary
-from medcae.classifier import LinearHead, fit_classifier
+from medcae.classifier import LinearHead, average_heads, fit_classifier
 from medcae.config import ClassifierConfig, PipelineConfig
-from medcae.metrics import classification_report
+from medcae.metrics import auc_score, classification_report
 from medcae.preprocess import PREPARE_VERSION
-from medcae.representations import REPRESENTATIONS, Choice, choose, get_representation
+from medcae.representations import (
+    PRIOR,
+    REPRESENTATIONS,
+    Choice,
+    Representation,
+    choose,
+    get_representation,
+)
 
 
 @dataclass
@@ -87,13 +94,51 @@ def fit_representations(
         list(REPRESENTATIONS) if auto else list(dict.fromkeys([cfg.representation, "frozen_final"]))
     )
     feats = {n: {s: get_representation(n).features(arrays[s]) for s in arrays} for n in names}
-    fitted = {n: fit_and_test(cfg, feats[n], labels, label_names) for n in names}
+    fitted = {
+        n: fit_ensemble(cfg, get_representation(n), arrays, labels, label_names)
+        if get_representation(n).members
+        else fit_and_test(cfg, feats[n], labels, label_names)
+        for n in names
+    }
     if not auto:
         name = cfg.representation
         val = {n: float(ev.selection["val_auc"]) for n, ev in fitted.items()}
         return fitted, Choice(name, f"{name}: set by the run's configuration", val, {})
     val_proba = {n: fitted[n].head.predict_proba(feats[n]["val"]) for n in names}
-    return fitted, choose(labels["val"], val_proba, len(label_names), seed=cfg.seed)
+    return fitted, choose(labels["val"], val_proba, len(label_names), seed=cfg.seed, prior=PRIOR)
+
+
+def fit_ensemble(
+    cfg: ClassifierConfig,
+    rep: Representation,
+    arrays: Mapping[str, Mapping[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    label_names: Sequence[str],
+) -> Evaluated:
+    """Fit one head per member of ``rep`` (each choosing its C on validation), average them
+    into one head on ``rep``'s features, and test that head once.
+
+    ``selection["C"]`` is the first member's C; ``selection["member_C"]`` lists them all.
+    """
+    k = len(label_names)
+    heads, cs = [], []
+    for parts in rep.members:
+        member = Representation(f"{rep.name}:{'+'.join(parts)}", parts, "")
+        f = {s: member.features(arrays[s]) for s in ("train", "val")}
+        head, sel = fit_classifier(cfg, f["train"], labels["train"], f["val"], labels["val"], k)
+        heads.append(head)
+        cs.append(float(sel["C"]))
+    head = average_heads(heads)
+    x = {s: rep.features(arrays[s]) for s in ("val", "test")}
+    proba = head.predict_proba(x["test"])
+    selection = {
+        "C": cs[0],
+        "member_C": cs,
+        "val_auc": auc_score(labels["val"], head.predict_proba(x["val"]), k),
+        "n_labels": sel["n_labels"],
+    }
+    report = classification_report(labels["test"], proba, label_names)
+    return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
 
 
 def describe(name: str, backbone: str, taps: str, kind: str) -> str:
@@ -103,6 +148,7 @@ def describe(name: str, backbone: str, taps: str, kind: str) -> str:
         "frozen_tap": f"frozen {backbone} {taps} avg+max + {kind}",
         "cae": f"CAE on {taps} + {kind}",
         "cae_concat": f"CAE on {taps} + pooled {taps} + {kind}",
+        "cae_ensemble": f"CAE on {taps}, pooled {taps}: two {kind} heads averaged",
     }.get(name, f"{name} + {kind}")
 
 

@@ -5,8 +5,11 @@ Methods (same data, splits, classifier and label budgets):
 - ``frozen_final``: frozen backbone, last layer globally pooled (transfer-learned features)
 - ``frozen_tap``: frozen backbone, the CAE's tap, average+max pooled
 - ``cae``: the paper's method, CAE codes on the tap's feature maps
+- ``cae_hier``: the paper's hierarchical form: one CAE per tap (two or more ``--taps``), codes
+  concatenated
 - ``cae_pixels``: a CAE on raw pixels, no backbone (does the backbone matter?)
 - ``cae_concat``: CAE codes concatenated with the tap's average+max pooled features
+- ``cae_ensemble``: a head on the CAE codes and one on the pooled tap, logits averaged
 - ``cae_spread``: semi-supervised: label spreading on a k-NN graph of the CAE codes of every
   training image (the unlabeled ones included), k and the clamping chosen on validation AUC
 - ``auto``: what ``medcae run`` does by default: ``frozen_final``, ``frozen_tap``, ``cae``
@@ -40,8 +43,10 @@ METHODS = (
     "frozen_final",
     "frozen_tap",
     "cae",
+    "cae_hier",
     "cae_pixels",
     "cae_concat",
+    "cae_ensemble",
     "cae_spread",
     "auto",
     "finetune",
@@ -85,19 +90,48 @@ def _pool(maps: np.ndarray) -> np.ndarray:
     return np.concatenate([m.mean(axis=(2, 3)), m.max(axis=(2, 3))], axis=1)
 
 
-def train_cae(maps: np.ndarray, cfg: PipelineConfig, seed: int) -> ConvAutoEncoder:
-    """Train a CAE on unlabeled maps ``(N, C, h, w)`` with :func:`medcae.trainer.fit_cae`."""
+def train_cae(
+    maps: np.ndarray, cfg: PipelineConfig, seed: int, val_maps: np.ndarray | None = None
+) -> ConvAutoEncoder:
+    """Train a CAE on unlabeled maps ``(N, C, h, w)`` with :func:`medcae.trainer.fit_cae`.
+
+    With ``val_maps`` ``(M, C, h, w)``, ``cfg.cae.patience`` stops it early on their
+    reconstruction loss and keeps the best epoch, as ``medcae run`` does.
+    """
     cae_cfg = replace(cfg.cae, seed=seed)
     model = build_cae(maps.shape[1], cae_cfg, *channel_stats(maps))
     x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
     gen = torch.Generator().manual_seed(seed)
+    val = None
+    if val_maps is not None:
+        v = torch.from_numpy(np.ascontiguousarray(val_maps, dtype=np.float32))
+        val = lambda: [{"maps": v[i : i + 256]} for i in range(0, len(v), 256)]  # noqa: E731
     fit_cae(
         model,
         cae_cfg,
         lambda epoch: shuffled_batches(x, cae_cfg.batch_size, gen),
         in_channels=maps.shape[1],
+        val_batches=val,
     )
     return model.eval()
+
+
+def hierarchical(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with one CAE per tap (``cae.groups`` from the backbone's taps).
+
+    Raises:
+        ValueError: The backbone has fewer than two taps.
+    """
+    from medcae.backbones import tap_channels
+
+    taps = tuple(cfg.backbone.taps)
+    if len(taps) < 2:
+        raise ValueError(
+            f"cae_hier trains one CAE per tap and needs two or more --taps (e.g. "
+            f"--taps stage4,stage5), got {list(taps)}"
+        )
+    groups = tap_channels(cfg.backbone.name, taps, cfg.backbone.resolution)
+    return replace(cfg, cae=replace(cfg.cae, groups=groups))
 
 
 def pixels(images: np.ndarray) -> np.ndarray:
@@ -115,10 +149,22 @@ def feature_sets(
     if method == "frozen_tap":
         return {s: _pool(data[s]["maps"]) for s in SPLITS}, None
     if method in ("cae", "cae_spread"):
-        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
+        model = train_cae(
+            np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"])
+        )
         return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
-    if method == "auto":
-        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
+    if method == "cae_hier":
+        model = train_cae(
+            np.asarray(data["train"]["maps"]),
+            hierarchical(cfg),
+            seed,
+            np.asarray(data["val"]["maps"]),
+        )
+        return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
+    if method in ("auto", "cae_ensemble"):
+        model = train_cae(
+            np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"])
+        )
         return {
             s: {
                 "codes": embed_all(model, data[s]["maps"]),
@@ -128,14 +174,16 @@ def feature_sets(
             for s in SPLITS
         }, model
     if method == "cae_concat":
-        model = train_cae(np.asarray(data["train"]["maps"]), cfg, seed)
+        model = train_cae(
+            np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"])
+        )
         return {
             s: np.concatenate([embed_all(model, data[s]["maps"]), _pool(data[s]["maps"])], axis=1)
             for s in SPLITS
         }, model
     if method == "cae_pixels":
         raw = {s: pixels(data[s]["images"]) for s in SPLITS}
-        model = train_cae(raw["train"], cfg, seed)
+        model = train_cae(raw["train"], cfg, seed, raw["val"])
         return {s: embed_all(model, raw[s]) for s in SPLITS}, model
     raise ValueError(f"unknown feature method {method!r}; expected one of {FEATURE_METHODS}")
 
@@ -155,6 +203,8 @@ def run_feature_method(
         return [spread_row(feats, labels, b, seed, names) for b in budgets], model
     if method == "auto":
         return [auto_row(feats, labels, b, seed, cfg, names) for b in budgets], model
+    if method == "cae_ensemble":
+        return [ensemble_row(feats, labels, b, seed, cfg, names) for b in budgets], model
     return _rows(method, seed, budgets, feats, labels, cfg, names), model
 
 
@@ -174,6 +224,23 @@ def auto_row(
     fitted, choice = fit_representations(clf, arrays, labels, names)
     ev = fitted[choice.name]
     return _row("auto", seed, budget, ev.test, ev.selection["n_labels"]) | {"chosen": choice.name}
+
+
+def ensemble_row(
+    arrays: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    budget: float,
+    seed: int,
+    cfg: PipelineConfig,
+    names: Sequence[str],
+) -> dict:
+    """The ``cae_ensemble`` representation's row (:func:`medcae.evaluation.fit_ensemble`)."""
+    from medcae.evaluation import fit_ensemble
+    from medcae.representations import get_representation
+
+    clf = replace(cfg.classifier, budget=budget, seed=seed)
+    ev = fit_ensemble(clf, get_representation("cae_ensemble"), arrays, labels, names)
+    return _row("cae_ensemble", seed, budget, ev.test, ev.selection["n_labels"])
 
 
 SPREAD_GRID = {"n_neighbors": (7, 15, 30), "alpha": (0.2, 0.5, 0.8)}

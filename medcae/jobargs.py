@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from medcae.config import (
@@ -16,9 +16,11 @@ from medcae.config import (
     BackboneConfig,
     CAEConfig,
     ClassifierConfig,
+    ConfigError,
     PipelineConfig,
     TrainConfig,
 )
+from medcae.representations import CHOICES as REPRESENTATION_CHOICES
 
 #: Images per split kept by ``--smoke-test``, in every job (defined in the core config).
 SMOKE_SIZES = SMOKE_ROWS
@@ -97,6 +99,23 @@ def add_cae_args(p: argparse.ArgumentParser, epochs: int | None = 15) -> None:
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--weight-decay", type=float, default=1e-4)
     c.add_argument("--seed", type=int, default=0)
+    add_hierarchical_arg(c)
+    c.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop the CAE when validation reconstruction has not improved for this many "
+        "epochs, keeping the best epoch (0: off; default 3)",
+    )
+
+
+def add_hierarchical_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--hierarchical",
+        action="store_true",
+        help="the paper's hierarchical form: one CAE per tap (give two or more --taps), "
+        "codes concatenated",
+    )
 
 
 def add_classifier_args(p: argparse.ArgumentParser, kind: bool = True) -> None:
@@ -112,7 +131,7 @@ def add_classifier_args(p: argparse.ArgumentParser, kind: bool = True) -> None:
     k.add_argument(
         "--representation",
         default="auto",
-        choices=["auto", "cae", "cae_concat", "frozen_tap", "frozen_final"],
+        choices=list(REPRESENTATION_CHOICES),
         help="the classifier's input; auto: the simplest within one standard error of the "
         "best validation AUC",
     )
@@ -277,7 +296,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
     e.add_argument(
         "--methods",
-        default="frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_spread,auto,finetune",
+        default="frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_ensemble,cae_spread,auto,"
+        "finetune",
+        help="comma-separated; also cae_hier (one CAE per tap: give two or more --taps)",
     )
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
     e.add_argument(
@@ -308,13 +329,34 @@ def _pick(cls: type, g: dict[str, Any], **flag_of: str) -> dict[str, Any]:
 def config_from_args(a: argparse.Namespace) -> PipelineConfig:
     """Build the pipeline config from parsed flags; flags a job lacks keep the defaults."""
     g = vars(a)
+    backbone = BackboneConfig(
+        **_pick(BackboneConfig, g, name="backbone", weights="backbone_weights")
+    )
     return PipelineConfig(
         data=a.data,
         unlabeled=a.unlabeled,
-        backbone=BackboneConfig(
-            **_pick(BackboneConfig, g, name="backbone", weights="backbone_weights")
-        ),
-        cae=CAEConfig(**_pick(CAEConfig, g, channels="cae_channels")),
+        backbone=backbone,
+        cae=cae_config(g, backbone),
         classifier=ClassifierConfig(**_pick(ClassifierConfig, g, kind="classifier")),
         train=TrainConfig(**_pick(TrainConfig, g)),
     )
+
+
+def cae_config(g: dict[str, Any], backbone: BackboneConfig) -> CAEConfig:
+    """The CAE flags; ``--hierarchical`` becomes ``groups``, the taps' channel counts.
+
+    Raises:
+        ConfigError: ``--hierarchical`` with fewer than two taps.
+    """
+    cae = CAEConfig(**_pick(CAEConfig, g, channels="cae_channels"))
+    if not g.get("hierarchical"):
+        return cae
+    if len(backbone.taps) < 2:
+        raise ConfigError(
+            "--hierarchical trains one CAE per tap and needs two or more --taps "
+            f"(e.g. --taps stage4,stage5), got {list(backbone.taps) or 'the default tap only'}"
+        )
+    from medcae.backbones import tap_channels
+
+    groups = tap_channels(backbone.name, tuple(backbone.taps), backbone.resolution)
+    return replace(cae, groups=groups)

@@ -86,7 +86,14 @@ def _check_args(key: str, kind: str, args: Any, where: str) -> None:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: {key}: choice needs a non-empty list, got {args!r}")
+        if key == "classifier.budget":
+            _check_budgets(args, where)
         return
+    if key == "classifier.budget":
+        raise ConfigError(
+            f"{where}: classifier.budget must be a choice of budgets, e.g. {{choice: [5, 20, 0.1]}}"
+            f" (counts per class and fractions do not lie on one scale), got {kind}"
+        )
     ok = (
         isinstance(args, list)
         and len(args) == 2
@@ -98,6 +105,18 @@ def _check_args(key: str, kind: str, args: Any, where: str) -> None:
             f"{where}: {key}: {kind} needs [low, high] with low < high"
             f"{' and low > 0' if kind == 'loguniform' else ''}, got {args!r}"
         )
+
+
+def _check_budgets(values: list[Any], where: str) -> None:
+    """Each budget is a count per class (an int >= 1) or a fraction of each class in (0, 1]."""
+    for v in values:
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        fraction = isinstance(v, float) and 0 < v <= 1
+        if not (count or fraction):
+            raise ConfigError(
+                f"{where}: classifier.budget: {v!r} is neither a count per class (an int >= 1, "
+                "e.g. 20) nor a fraction of each class (a float in (0, 1], e.g. 0.1)"
+            )
 
 
 def load_space(path: str | Path | None) -> dict[str, dict[str, list[Any]]]:

@@ -30,7 +30,9 @@ from medcae.engine import run_epoch, unwrap
 
 CHECKPOINT_FILE = "state.pt"
 #: Fields that may differ when resuming: more epochs continue a finished run.
-RESUMABLE_CHANGES = frozenset({"epochs"})
+RESUMABLE_CHANGES = frozenset({"epochs", "patience"})
+#: Fields that checkpoints written before they existed lack: read as these values.
+ADDED_FIELDS: dict[str, Any] = {"groups": []}
 
 Batches = Iterable[dict[str, torch.Tensor]]
 
@@ -42,7 +44,12 @@ class CheckpointMismatch(ConfigError):
 
 def resolved_cae_config(cfg: CAEConfig, in_channels: int) -> dict[str, Any]:
     """The CAE config a checkpoint records: every field, plus the input channels."""
-    return {**asdict(cfg), "channels": list(cfg.channels), "in_channels": int(in_channels)}
+    return {
+        **asdict(cfg),
+        "channels": list(cfg.channels),
+        "groups": list(cfg.groups),
+        "in_channels": int(in_channels),
+    }
 
 
 @dataclass
@@ -109,7 +116,7 @@ def check_resumable(
     Raises:
         CheckpointMismatch: Naming each differing field (old vs new) or both fingerprints.
     """
-    old = json.loads(state.get("config", "{}"))
+    old = {**ADDED_FIELDS, **json.loads(state.get("config", "{}"))}
     diffs = [
         f"cae.{k}: checkpoint {old.get(k)!r}, this run {config.get(k)!r}"
         for k in sorted(set(old) | set(config))
@@ -166,6 +173,9 @@ def fit_cae(
         reduce: Maps this worker's ``{"loss", "samples"}`` to the global mean loss (DDP).
         world_size: Workers that each see ``samples`` of the epoch (for the throughput).
 
+    With ``cfg.patience`` and ``val_batches``, training stops early on the validation loss and
+    the model ends with its best epoch's weights (:class:`EarlyStopper`).
+
     Returns:
         The final state.
 
@@ -182,12 +192,17 @@ def fit_cae(
         torch.set_rng_state(start["rng"])
         state.history = json.loads(start["history"])
         state.epoch = state.restored_from = int(start["epoch"])
+    stopper = EarlyStopper(cfg.patience if val_batches is not None else 0, state.history)
     for epoch in range(state.epoch, cfg.epochs):
+        if stopper.done(state.epoch):
+            break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
         train = run_epoch(model, train_batches(epoch), optimizer, device, cfg.noise_std)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": reduce(train)}
         if val_batches is not None:
             metrics["val_loss"] = reduce(run_epoch(model, val_batches(), None, device))
+            stopper.update(epoch + 1, metrics["val_loss"], unwrap(model))
+            metrics["best_epoch"] = stopper.best_epoch
         secs = time.perf_counter() - t0
         metrics |= {
             "samples_per_s": train["samples"] * world_size / max(secs, 1e-9),
@@ -199,4 +214,46 @@ def fit_cae(
         state.history.append(metrics)
         if on_epoch is not None:
             on_epoch(state, metrics)
+        if stopper.done(state.epoch):
+            break
+    stopper.restore(unwrap(model))
     return state
+
+
+class EarlyStopper:
+    """Early stopping on the validation reconstruction loss, keeping the best epoch's weights.
+
+    Training stops once ``patience`` epochs have passed without a lower ``val_loss`` than the
+    best so far; :meth:`restore` then loads the best epoch's weights. The decision is taken
+    from the history alone, so a run resumed from a checkpoint stops where the uninterrupted
+    one would have (the best weights of epochs before the restart live in that run's
+    checkpoints, which the Ray Train driver ranks by ``val_loss``).
+
+    Args:
+        patience: Epochs without improvement before stopping; 0 disables it.
+        history: Metrics of the epochs already done (a resumed run's).
+    """
+
+    def __init__(self, patience: int, history: list[dict[str, Any]]):
+        self.patience = patience
+        scored = [(h["val_loss"], h["epoch"]) for h in history if "val_loss" in h]
+        self.best_loss, self.best_epoch = min(scored) if scored else (float("inf"), 0)
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, val_loss: float, model: nn.Module) -> None:
+        """Record an epoch's validation loss (and the weights, if it is the best yet)."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            if self.patience:
+                self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def done(self, epoch: int) -> bool:
+        """Whether training should stop after ``epoch`` epochs."""
+        return (
+            bool(self.patience) and self.best_epoch > 0 and epoch - self.best_epoch >= self.patience
+        )
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights into ``model`` (when they were seen in this process)."""
+        if self.patience and self.weights is not None:
+            model.load_state_dict(self.weights)

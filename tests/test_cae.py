@@ -68,3 +68,44 @@ def test_run_epoch_accepts_a_plain_list_of_batches_and_loss_falls_on_real_featur
     assert last < 0.6 * first, (first, last)
     assert embed_all(model, maps).shape == (192, 16)
     assert errors_all(model, maps).mean() == pytest.approx(last, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "groups, latent, hw, pool, dim",
+    [
+        ((3, 5), 4, 4, "flatten", 2 * 4 * 4 * 4),
+        ((2, 2, 4), 2, 5, "avgmax", 3 * 2 * 2),
+        ((8,), 3, 4, "avg", 3),  # one group: the plain CAE
+    ],
+)
+def test_hierarchical_cae_one_coder_per_tap(groups, latent, hw, pool, dim):
+    cfg = CAEConfig(channels=(8,), latent_channels=latent, pool=pool, groups=groups)
+    cae = ConvAutoEncoder(sum(groups), cfg).eval()
+    x = torch.randn(3, sum(groups), hw, hw)
+    recon, target = cae(x)
+    assert recon.shape == target.shape == x.shape
+    assert cae.embed(x).shape == (3, dim)
+
+
+def test_hierarchical_codes_of_a_tap_depend_on_that_tap_only():
+    cfg = CAEConfig(channels=(8,), latent_channels=2, groups=(3, 5))
+    cae = ConvAutoEncoder(8, cfg).eval()
+    x = torch.randn(2, 8, 4, 4)
+    y = x.clone()
+    y[:, 3:] = torch.randn(2, 5, 4, 4)  # only the second tap changes
+    zx, zy = cae.encode(x), cae.encode(y)
+    assert torch.equal(zx[:, :2], zy[:, :2])  # the first tap's code channels
+    assert not torch.allclose(zx[:, 2:], zy[:, 2:])
+    # each tap is reconstructed by its own decoder: the first tap's reconstruction is unchanged
+    assert torch.equal(cae(x)[0][:, :3], cae(y)[0][:, :3])
+
+
+def test_hierarchical_groups_must_add_up_to_the_channels():
+    with pytest.raises(ValueError, match=r"add up to 8 channels, but the feature maps have 9"):
+        ConvAutoEncoder(9, CAEConfig(groups=(3, 5)))
+
+
+@pytest.mark.parametrize("kwargs", [{"groups": (0, 4)}, {"patience": -1}])
+def test_bad_groups_or_patience(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        CAEConfig(**kwargs)

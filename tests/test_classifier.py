@@ -75,3 +75,39 @@ def test_report_and_table():
     assert r["per_class"]["normal"]["recall"] == 0.5
     table = format_results({"m": r}, ["normal", "pneumonia"])
     assert "0.750" in table and "P/R pneumonia" in table
+
+
+@pytest.mark.parametrize(
+    "kind, k", [("logreg", 2), ("logreg", 3), ("linear_svm", 2), ("linear_svm", 3)]
+)
+def test_average_heads_decides_by_the_members_mean_decision(kind, k):
+    from medcae.classifier import _fit_once, average_heads
+
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, 90)
+    a = rng.normal(size=(90, 5)) + y[:, None] * 0.8
+    b = rng.normal(size=(90, 3)) * 4 - y[:, None]
+    ha, hb = _fit_once(kind, a, y, 1.0, 0, k), _fit_once(kind, b, y, 0.1, 0, k)
+    both = average_heads([ha, hb])
+    x = np.concatenate([a, b], axis=1)
+
+    def scaled(h, f):  # each member's decision as its probabilities see it
+        return h.decision(f) * h.platt[:, 0] + h.platt[:, 1]
+
+    np.testing.assert_allclose(both.decision(x), (scaled(ha, a) + scaled(hb, b)) / 2, atol=1e-10)
+    p = both.predict_proba(x)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert p.shape == (90, k) and auc_score(y, p, k) > 0.7
+
+
+def test_average_heads_refuses_mixed_heads():
+    from medcae.classifier import _fit_once, average_heads
+
+    rng = np.random.default_rng(0)
+    x, y2, y3 = rng.normal(size=(30, 4)), np.arange(30) % 2, np.arange(30) % 3
+    with pytest.raises(ValueError, match="one kind and class count"):
+        average_heads(
+            [_fit_once("logreg", x, y2, 1.0, 0, 2), _fit_once("logreg", x, y3, 1.0, 0, 3)]
+        )
+    with pytest.raises(ValueError, match="one kind and class count"):
+        average_heads([])

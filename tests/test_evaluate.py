@@ -67,7 +67,7 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
     client = MlflowClient((tmp_path / "mlruns").as_uri())
     exp = client.get_experiment_by_name("medcae-evaluate")
     (mlrun,) = client.search_runs([exp.experiment_id])
-    assert sum(k.endswith(".auc") for k in mlrun.data.metrics) == 8 * 3, mlrun.data.metrics
+    assert sum(k.endswith(".auc") for k in mlrun.data.metrics) == 9 * 3, mlrun.data.metrics
     assert "report/report.md" in {
         a.path for a in client.list_artifacts(mlrun.info.run_id, "report")
     }
@@ -80,13 +80,14 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
         "cae",
         "cae_pixels",
         "cae_concat",
+        "cae_ensemble",
         "cae_spread",
         "auto",
         "finetune",
     }
-    assert len(rows) == 8 * 3  # eight methods x three budgets x one seed
+    assert len(rows) == 9 * 3  # nine methods x three budgets x one seed
     chosen = {r["chosen"] for r in rows if r["method"] == "auto"}
-    assert chosen <= {"frozen_final", "frozen_tap", "cae", "cae_concat"} and chosen
+    assert chosen <= {"frozen_final", "frozen_tap", "cae", "cae_concat", "cae_ensemble"} and chosen
     assert all(0.0 <= float(r["auc"]) <= 1.0 for r in rows)
     for png in ("auc_vs_budget.png", "confusion_best.png", "reconstructions.png"):
         assert (out / png).stat().st_size > 1000

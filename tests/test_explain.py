@@ -72,7 +72,7 @@ def test_heatmap_is_a_png_over_the_model_view(predictor, demo_bundle):
     assert np.abs(np.asarray(img.convert("RGB")).astype(int) - base).max() > 20  # drawn
 
 
-@pytest.mark.parametrize("rep", ["cae_concat", "frozen_tap", "frozen_final"])
+@pytest.mark.parametrize("rep", ["cae_concat", "cae_ensemble", "frozen_tap", "frozen_final"])
 def test_other_representations_predict_and_decompose(predictor, demo_bundle, rep):
     """A head on another representation: the Predictor builds its vectors, and the map over
     the tap's locations still adds up to the decision (none for the pooled last layer)."""

@@ -42,6 +42,7 @@ def test_entry_points_have_help_and_smoke_flag(script):
         (["--data", "notadataset"], "notadataset"),
         (["--data", "{demo}", "--budget", "100000"], "only"),
         (["--data", "{demo}", "--backbone", "alexnet"], "unknown backbone"),
+        (["--data", "{demo}", "--hierarchical"], "needs two or more --taps"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_ray_starts(args, match, demo_npz):

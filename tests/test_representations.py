@@ -46,7 +46,13 @@ def test_features_and_names():
     assert arrays["tap"].shape == (3, 10)
     assert get_representation("cae_concat").features(arrays).shape == (3, 16 + 10)
     assert get_representation("frozen_final").features(arrays).shape == (3, 7)
-    assert list(REPRESENTATIONS) == ["frozen_final", "frozen_tap", "cae", "cae_concat"]
+    assert list(REPRESENTATIONS) == [
+        "frozen_final",
+        "frozen_tap",
+        "cae",
+        "cae_concat",
+        "cae_ensemble",
+    ]
     with pytest.raises(KeyError, match="expected one of auto"):
         get_representation("nope")
     with pytest.raises(KeyError, match="needs"):
@@ -82,3 +88,56 @@ def test_fit_representations_auto_and_fixed(demo_bundle):
         ClassifierConfig(C_grid=(1.0,), representation="frozen_tap"), arrays, labels, names
     )
     assert set(fitted) == {"frozen_tap", "frozen_final"} and choice.name == "frozen_tap"
+
+
+def test_the_default_is_kept_unless_clearly_beaten():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 150)
+    good = _proba(y, 2.0, rng)
+    near = np.clip(good + rng.normal(0, 0.02, good.shape), 1e-6, None)
+    near /= near.sum(1, keepdims=True)
+    # the default a hair below the best on validation: kept, and the reason says so
+    c = choose(y, {"cae": good, "cae_ensemble": near}, 2, prior="cae_ensemble")
+    assert c.name == "cae_ensemble" and c.reason.startswith("cae_ensemble: the default")
+    # the default far below a frozen baseline: the baseline is taken, and the reason says why
+    c = choose(
+        y, {"frozen_final": good, "cae_ensemble": _proba(y, 0.3, rng)}, 2, prior="cae_ensemble"
+    )
+    assert c.name == "frozen_final"
+    assert "more than one standard error" in c.reason and "cae_ensemble" in c.reason
+    gap = c.val_auc["frozen_final"] - c.val_auc["cae_ensemble"]
+    assert gap > c.se["cae_ensemble"]
+
+
+def test_an_ensemble_is_one_linear_head_on_its_parts(demo_bundle):
+    """fit_ensemble on real demo features: its head reads codes + tap, and its validation AUC
+    is that head's on the concatenation."""
+    import torch
+
+    from medcae.evaluation import fit_ensemble
+    from medcae.metrics import auc_score
+    from medcae.predictor import Predictor
+
+    pred = Predictor.from_bundle(demo_bundle.path, runtime="torch")
+    images, y = demo_bundle.test_images, demo_bundle.test_labels
+    out = pred.backbone(images)
+    arr = {
+        "codes": pred.cae.embed(torch.from_numpy(out["maps"]).float()).numpy(),
+        "tap": tap_pool(out["maps"]),
+    }
+    half = len(y) // 2
+    arrays = {
+        "train": {k: v[:half] for k, v in arr.items()},
+        "val": {k: v[half:] for k, v in arr.items()},
+        "test": {k: v[half:] for k, v in arr.items()},
+    }
+    labels = {"train": y[:half], "val": y[half:], "test": y[half:]}
+    rep = get_representation("cae_ensemble")
+    ev = fit_ensemble(ClassifierConfig(C_grid=(0.1, 1.0)), rep, arrays, labels, pred.label_names)
+    x_val = rep.features(arrays["val"])
+    assert ev.head.coef.shape[1] == x_val.shape[1] == arr["codes"].shape[1] + arr["tap"].shape[1]
+    k = len(pred.label_names)
+    assert ev.selection["val_auc"] == pytest.approx(
+        auc_score(labels["val"], ev.head.predict_proba(x_val), k)
+    )
+    assert len(ev.selection["member_C"]) == 2 and ev.test["auc"] > 0.5

@@ -21,6 +21,9 @@ def _yaml(tmp_path, text):
         ("backbone.resolution: {int: [64, 224]}\n", "backbone.resolution"),
         ("- just\n- a list\n", "mapping"),
         ("cae.lr: [unclosed\n", "not valid YAML"),
+        ("classifier.budget: {choice: [20, 1.5]}\n", r"1\.5 is neither a count per class"),
+        ("classifier.budget: {choice: [0, 0.1]}\n", r"0 is neither"),
+        ("classifier.budget: {uniform: [0.01, 0.1]}\n", "must be a choice of budgets"),
     ],
 )
 def test_malformed_space_yaml_names_the_bad_key(tmp_path, text, match):
@@ -64,3 +67,13 @@ def test_backbone_variants_cover_every_choice():
     }
     got = {(v.taps, v.resolution) for v in backbone_variants(space, PipelineConfig())}
     assert got == {(("stage4",), 64), (("stage4",), 112), (("stage5",), 64), (("stage5",), 112)}
+
+
+def test_budgets_in_the_space_may_be_counts_per_class_and_fractions(tmp_path):
+    space = load_space(_yaml(tmp_path, "classifier.budget: {choice: [5, 10, 20, 50, 0.01, 1.0]}\n"))
+    picked = [
+        apply_params(PipelineConfig(), {"classifier.budget": b}).classifier.budget
+        for b in space["classifier.budget"]["choice"]
+    ]
+    assert picked == [5, 10, 20, 50, 0.01, 1.0]
+    assert [type(b) for b in picked[:4]] == [int] * 4  # counts stay counts (20 != 20%)

@@ -7,11 +7,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from medcae.config import CAEConfig
 from medcae.engine import build_cae, channel_stats, shuffled_batches
 from medcae.trainer import (
     CheckpointMismatch,
+    EarlyStopper,
     fit_cae,
     load_checkpoint,
     save_checkpoint,
@@ -76,3 +78,42 @@ def test_resuming_with_other_config_or_data_names_the_difference(
     save_checkpoint(_fit(replace(CFG, epochs=1)).checkpoint(), tmp_path)
     with pytest.raises(CheckpointMismatch, match=match):
         _fit(replace(CFG, **change), start=load_checkpoint(tmp_path), fingerprint=fingerprint)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch():
+    # From epoch 3 on, a huge learning rate wrecks the model: validation loss rises, so training
+    # stops `patience` epochs after the best one and ends with the best epoch's weights.
+    cfg = replace(CFG, epochs=12, patience=2)
+
+    def wreck(state, metrics):
+        if metrics["epoch"] >= 2:
+            for group in state.optimizer.param_groups:
+                group["lr"] = 50.0
+
+    state = _fit(cfg, on_epoch=wreck)
+    losses = [h["val_loss"] for h in state.history]
+    best = int(np.argmin(losses)) + 1
+    assert best <= 3 and state.epoch == best + 2 < 12, losses
+    assert state.history[-1]["best_epoch"] == best
+    x = torch.from_numpy(_maps()[:32])
+    recon, target = state.model.eval()(x)
+    assert nn.functional.mse_loss(recon, target).item() == pytest.approx(losses[best - 1], rel=1e-5)
+
+
+def test_early_stopping_off_trains_every_epoch():
+    state = _fit(replace(CFG, patience=0, epochs=3))
+    assert state.epoch == 3 and len(state.history) == 3
+
+
+def test_a_resumed_run_that_had_stopped_early_does_not_train_on():
+    stopper = EarlyStopper(
+        2, [{"epoch": e, "val_loss": v} for e, v in [(1, 1.0), (2, 0.5), (3, 0.7), (4, 0.8)]]
+    )
+    assert stopper.best_epoch == 2 and stopper.done(4) and not stopper.done(3)
+    model = nn.Linear(1, 1)
+    for epoch, loss in [(5, 0.4), (6, 0.6)]:
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        stopper.update(epoch, loss, model)
+    stopper.restore(model)
+    assert model.weight.item() == 5.0 and stopper.best_epoch == 5

@@ -263,7 +263,8 @@ def train_cae(
     require_placeable(
         worker, "Ray Train worker (--cpus-per-worker / --use-gpu)", count=train.num_workers
     )
-    score = train.checkpoint_score_attribute or None
+    # Early stopping keeps the best epoch: rank the checkpoints by it unless told otherwise.
+    score = train.checkpoint_score_attribute or ("val_loss" if cae.patience else None)
     loop_config: dict[str, Any] = {
         "cae": asdict(cae),
         "in_channels": int(in_channels),

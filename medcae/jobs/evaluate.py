@@ -85,6 +85,10 @@ def main(a: argparse.Namespace) -> int:
         cfg, seeds, budgets = smoke_config(cfg), [0], SMOKE_BUDGETS
         ft = FinetuneConfig(epochs=1, min_steps=2, resolution=32, patience=1)
     cfg = resolved_backbone(cfg)
+    if "cae_hier" in methods:
+        from medcae.evidence import hierarchical
+
+        hierarchical(cfg)  # fewer than two taps: one error line before Ray
     sources = list_sources(cfg, a.data_dir, a.smoke_test)  # bad input fails before Ray
     out = Path(a.out)
     setup_run_logging(out)

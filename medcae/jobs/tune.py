@@ -40,7 +40,8 @@ def main(a: argparse.Namespace) -> int:
         space = {**space, **mt.SMOKE_SPACE}
     base = config_from_args(a)
     sources = list_sources(base, a.data_dir, a.smoke_test)  # bad input fails before Ray
-    check_budget(sources[0], a.budget, a.seed)
+    for b in [a.budget, *space.get("classifier.budget", {}).get("choice", [])]:
+        check_budget(sources[0], b, a.seed)  # counts per class the data cannot give: now
     out = Path(a.out).resolve()
     log_file = setup_run_logging(out)
     init_ray(a.address, a.num_cpus)
