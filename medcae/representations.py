@@ -16,14 +16,12 @@ head on ``codes + tap``, so it is stored, served and explained like ``cae_concat
 validation AUC as always. It **keeps the default representation**, :data:`PRIOR`
 (``cae_ensemble``, chosen on the evidence of docs/RESULTS.md, not on this run's data), unless
 the best candidate's validation AUC beats it by more than one standard error of their paired
-difference: a small validation split must not move the choice on noise, and a data set where the
-CAE truly does not help (a clearly better frozen baseline) still gets the baseline. Only then
-does a **one-standard-error rule** (Breiman et al. 1984) pick: it takes the *simplest* candidate whose validation AUC is within one standard error of the best
-one, where the standard error is that of the paired difference in AUC, estimated with 200
-seeded bootstrap resamples of the validation split. A small validation split cannot then make
-the run switch to a more complex representation on noise: the more complex one has to be
-better by more than the validation set can tell apart by chance. Candidates, simplest first:
-``frozen_final``, ``frozen_tap``, ``cae``, ``cae_concat``, ``cae_ensemble``.
+difference (200 seeded bootstrap resamples of the validation split). A small validation split
+then cannot move the choice on noise, while a data set where the CAE truly does not help (a
+clearly better frozen baseline) still gets the baseline. Only then does a
+**one-standard-error rule** (Breiman et al. 1984) pick among the others: the *simplest*
+candidate within one standard error of the best. Candidates, simplest first: ``frozen_final``,
+``frozen_tap``, ``cae``, ``cae_concat``, ``cae_ensemble``.
 """
 
 from __future__ import annotations
