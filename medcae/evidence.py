@@ -140,19 +140,30 @@ def pixels(images: np.ndarray) -> np.ndarray:
     return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
 
 
+#: Methods built on the one tap CAE of a seed: an evaluation trains it once for all of them.
+SHARED_CAE = ("cae", "cae_concat", "cae_ensemble", "cae_spread", "auto")
+
+
+def _fit_tap_cae(data: dict[str, Any], cfg: PipelineConfig, seed: int) -> ConvAutoEncoder:
+    return train_cae(np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"]))
+
+
 def feature_sets(
-    method: str, seed: int, data: dict[str, Any], cfg: PipelineConfig
-) -> tuple[dict[str, np.ndarray], torch.nn.Module | None]:
-    """Per-split feature vectors of one of the four feature methods (and its CAE, if any)."""
+    method: str,
+    seed: int,
+    data: dict[str, Any],
+    cfg: PipelineConfig,
+    model: torch.nn.Module | None = None,
+) -> tuple[dict[str, Any], torch.nn.Module | None]:
+    """Per-split feature vectors of one feature method (and its CAE, if any).
+
+    Args:
+        model: For the :data:`SHARED_CAE` methods, the seed's tap CAE if already trained.
+    """
     if method == "frozen_final":
         return {s: np.asarray(data[s]["final"]) for s in SPLITS}, None
     if method == "frozen_tap":
         return {s: _pool(data[s]["maps"]) for s in SPLITS}, None
-    if method in ("cae", "cae_spread"):
-        model = train_cae(
-            np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"])
-        )
-        return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
     if method == "cae_hier":
         model = train_cae(
             np.asarray(data["train"]["maps"]),
@@ -161,31 +172,24 @@ def feature_sets(
             np.asarray(data["val"]["maps"]),
         )
         return {s: embed_all(model, data[s]["maps"]) for s in SPLITS}, model
-    if method in ("auto", "cae_ensemble"):
-        model = train_cae(
-            np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"])
-        )
-        return {
-            s: {
-                "codes": embed_all(model, data[s]["maps"]),
-                "tap": _pool(data[s]["maps"]),
-                "final": np.asarray(data[s]["final"]),
-            }
-            for s in SPLITS
-        }, model
-    if method == "cae_concat":
-        model = train_cae(
-            np.asarray(data["train"]["maps"]), cfg, seed, np.asarray(data["val"]["maps"])
-        )
-        return {
-            s: np.concatenate([embed_all(model, data[s]["maps"]), _pool(data[s]["maps"])], axis=1)
-            for s in SPLITS
-        }, model
     if method == "cae_pixels":
         raw = {s: pixels(data[s]["images"]) for s in SPLITS}
         model = train_cae(raw["train"], cfg, seed, raw["val"])
         return {s: embed_all(model, raw[s]) for s in SPLITS}, model
-    raise ValueError(f"unknown feature method {method!r}; expected one of {FEATURE_METHODS}")
+    if method not in SHARED_CAE:
+        raise ValueError(f"unknown feature method {method!r}; expected one of {FEATURE_METHODS}")
+    model = model if model is not None else _fit_tap_cae(data, cfg, seed)
+    codes = {s: embed_all(model, data[s]["maps"]) for s in SPLITS}
+    if method in ("cae", "cae_spread"):
+        return codes, model
+    if method == "cae_concat":
+        return {
+            s: np.concatenate([codes[s], _pool(data[s]["maps"])], axis=1) for s in SPLITS
+        }, model
+    return {
+        s: {"codes": codes[s], "tap": _pool(data[s]["maps"]), "final": np.asarray(data[s]["final"])}
+        for s in SPLITS
+    }, model
 
 
 def run_feature_method(
@@ -195,9 +199,11 @@ def run_feature_method(
     data: dict[str, Any],
     cfg: PipelineConfig,
     names: Sequence[str],
+    model: torch.nn.Module | None = None,
 ) -> tuple[list[dict], torch.nn.Module | None]:
-    """Rows of one feature method for one seed (one CAE per seed, reused for all budgets)."""
-    feats, model = feature_sets(method, seed, data, cfg)
+    """Rows of one feature method for one seed (one CAE per seed, reused for all budgets, and
+    ``model``, the seed's tap CAE, reused when given)."""
+    feats, model = feature_sets(method, seed, data, cfg, model)
     labels = {s: np.asarray(data[s]["labels"]) for s in SPLITS}
     if method == "cae_spread":
         return [spread_row(feats, labels, b, seed, names) for b in budgets], model
@@ -206,6 +212,29 @@ def run_feature_method(
     if method == "cae_ensemble":
         return [ensemble_row(feats, labels, b, seed, cfg, names) for b in budgets], model
     return _rows(method, seed, budgets, feats, labels, cfg, names), model
+
+
+def run_feature_methods(
+    methods: Sequence[str],
+    seed: int,
+    budgets: Sequence[float],
+    data: dict[str, Any],
+    cfg: PipelineConfig,
+    names: Sequence[str],
+) -> tuple[list[dict], dict[str, torch.nn.Module | None]]:
+    """Rows of several feature methods for one seed, the :data:`SHARED_CAE` ones on one CAE.
+
+    Returns:
+        The rows, and each method's CAE (``None`` for the frozen ones).
+    """
+    rows, models, shared = [], {}, None
+    for m in methods:
+        r, model = run_feature_method(m, seed, budgets, data, cfg, names, shared)
+        if m in SHARED_CAE:
+            shared = model
+        rows += r
+        models[m] = model
+    return rows, models
 
 
 def auto_row(

@@ -115,3 +115,25 @@ def test_label_spreading_uses_the_unlabeled_codes():
     row = spread_row(feats, labels, 2, 0, ["a", "b"])
     assert row["method"] == "cae_spread" and row["n_labels"] == 4
     assert row["auc"] > 0.95, row
+
+
+def test_methods_on_the_tap_cae_share_one_cae_per_seed():
+    """cae, cae_concat, cae_ensemble and auto of one seed: one CAE trained, rows for each."""
+    from medcae.config import CAEConfig, PipelineConfig
+    from medcae.distributed.evaluate import task_groups
+    from medcae.evidence import run_feature_methods
+
+    rng = np.random.default_rng(0)
+    data = {}
+    for s, n in (("train", 60), ("val", 30), ("test", 30)):
+        y = np.arange(n) % 2
+        maps = rng.normal(size=(n, 6, 3, 3)).astype(np.float32) + y[:, None, None, None]
+        data[s] = {"maps": maps, "final": maps.mean(axis=(2, 3)), "labels": y}
+    cfg = PipelineConfig(cae=CAEConfig(channels=(8,), latent_channels=2, epochs=2))
+    methods = ["cae", "cae_concat", "cae_ensemble", "auto"]
+    rows, models = run_feature_methods(methods, 0, [5, 1.0], data, cfg, ["a", "b"])
+    assert [r["method"] for r in rows] == [m for m in methods for _ in (5, 1.0)]
+    assert len({id(m) for m in models.values()}) == 1  # one CAE for all four
+    assert all(r["auc"] > 0.8 for r in rows), rows
+    groups = task_groups(["frozen_final", "cae", "cae_pixels", "auto", "finetune", "cae_hier"])
+    assert groups == [["cae", "auto"], ["frozen_final"], ["cae_pixels"], ["cae_hier"]]

@@ -13,8 +13,9 @@ import ray
 from medcae.config import PipelineConfig
 from medcae.data import Dataset
 from medcae.evidence import (
+    SHARED_CAE,
     reconstruction_examples,
-    run_feature_method,
+    run_feature_methods,
     run_finetune,
 )
 from medcae.finetune import FinetuneConfig
@@ -26,20 +27,28 @@ PIXEL_CAE_CHANNELS = (32, 16)
 
 @ray.remote(num_cpus=1)
 def _feature_task(
-    method: str, seed: int, budgets: list, data: dict, cfg: dict, names: list[str]
+    methods: list[str], seed: int, budgets: list, data: dict, cfg: dict, names: list[str]
 ) -> tuple[list[dict], dict | None]:
     config = PipelineConfig.from_dict(cfg)
-    if method == "cae_pixels":  # raw pixels have many positions: stride 2 and a slimmer CAE
+    if methods == ["cae_pixels"]:  # raw pixels have many positions: stride 2 and a slimmer CAE
         config = replace(
             config, cae=replace(config.cae, downsample=True, channels=PIXEL_CAE_CHANNELS)
         )
-    rows, model = run_feature_method(method, seed, budgets, data, config, names)
+    rows, models = run_feature_methods(methods, seed, budgets, data, config, names)
     examples = None
-    if method == "cae" and seed == 0 and model is not None:
+    model = next((models[m] for m in SHARED_CAE if models.get(m) is not None), None)
+    if seed == 0 and model is not None:
         examples = reconstruction_examples(model, data["test"]["maps"]) | {
             "images": np.asarray(data["test"]["images"][:4])
         }
     return rows, examples
+
+
+def task_groups(methods: list[str]) -> list[list[str]]:
+    """Feature methods as tasks: those on the seed's tap CAE together (one CAE), others alone."""
+    shared = [m for m in methods if m in SHARED_CAE]
+    alone = [[m] for m in methods if m not in SHARED_CAE and m != "finetune"]
+    return ([shared] if shared else []) + alone
 
 
 @ray.remote(num_cpus=1)
@@ -71,9 +80,8 @@ def run_evaluation(
     ref = ray.put(data)
     cfg_d, names = cfg.to_dict(), list(ds.label_names)
     pending = {
-        _feature_task.remote(m, s, budgets, ref, cfg_d, names): (m, s)
-        for m in methods
-        if m != "finetune"
+        _feature_task.remote(g, s, budgets, ref, cfg_d, names): ("+".join(g), s)
+        for g in task_groups(methods)
         for s in seeds
     }
     if "finetune" in methods:

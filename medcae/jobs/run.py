@@ -81,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         "final_train_loss": tr.history[-1]["train_loss"],
         "final_val_loss": tr.history[-1]["val_loss"],
         "restored_from_epoch": tr.restored_from,
+        "best_epoch": tr.history[-1].get("best_epoch", len(tr.history)),
         "worker_nodes": tr.worker_nodes,
         "history": tr.history,
         "features_reused": res.store.reused,
@@ -94,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     }
     lines = [
         f"\nTest-set results ({cfg.data}, {len(tr.history)} CAE epochs"
+        + _stopped(tr.history, cfg.cae.epochs)
         + (f", resumed from epoch {tr.restored_from}" if tr.restored_from else "")
         + f", labels: budget {cfg.classifier.budget}):\n",
         res.table,
@@ -133,3 +135,12 @@ def _report_metrics(reports: dict) -> dict[str, float]:
                     if isinstance(v, int | float) and not isinstance(v, bool):
                         out[f"{method}.{key}.{k}"] = float(v)
     return out
+
+
+def _stopped(history: list[dict], epochs: int) -> str:
+    """``, stopped early: best validation reconstruction at epoch 4`` when it did."""
+    best = history[-1].get("best_epoch") if history else None
+    if best is None or (len(history) == epochs and best == epochs):
+        return ""
+    early = "stopped early, " if len(history) < epochs else ""
+    return f", {early}weights of epoch {best} (best validation reconstruction)"
