@@ -6,6 +6,7 @@
     medcae evaluate --data pneumoniamnist       # the method against its baselines
     medcae serve --bundle runs/demo/bundle      # Ray Serve over HTTP
     medcae predict --url URL image.png ...      # classify files through a running server
+    medcae predict --bundle B --data /scans --out preds.parquet   # a whole archive, Ray Data
 
 This module imports no Ray: each job's module (``medcae.jobs.<name>``) is imported only when
 that job runs.
@@ -42,10 +43,36 @@ JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
 }
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+PREDICT_USAGE = (
+    "give image files (and --url, default {url}) to ask a running server, or --bundle, --data "
+    "and --out to predict a whole archive with Ray Data"
+)
+
+
 def _predict(args: argparse.Namespace) -> int:
+    """``medcae predict``: the HTTP client with image files, the batch job with ``--bundle``."""
+    batch = {"--bundle": args.bundle, "--data": args.data, "--out": args.out}
+    usage = PREDICT_USAGE.format(url=DEFAULT_URL)
+    if any(v is not None for v in batch.values()):
+        missing = [flag for flag, v in batch.items() if v is None]
+        if missing or args.images or args.url is not None:
+            problem = (
+                f"missing {', '.join(missing)}"
+                if missing
+                else "image files and --url go without --bundle"
+            )
+            args.parser.error(f"{usage} ({problem})")
+        return _job(args)
+    if not args.images:
+        args.parser.error(f"nothing to predict: {usage}")
+    return _predict_http(args)
+
+
+def _predict_http(args: argparse.Namespace) -> int:
     from medcae.client import ClientError, MedcaeClient
 
-    client = MedcaeClient(args.url, args.timeout, args.api_key)
+    client = MedcaeClient(args.url or DEFAULT_URL, args.timeout, args.api_key)
     failures = 0
     for path in args.images:
         try:
@@ -168,14 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-key", help="print the sha256 digest of an API key read from standard input"
     )
     hk.set_defaults(fn=_hash_key)
-    pr = sub.add_parser("predict", help="classify image files through a running server")
-    pr.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
-    pr.add_argument("--url", default="http://127.0.0.1:8000")
-    pr.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    pr.add_argument(
+    pr = sub.add_parser(
+        "predict",
+        help="classify image files through a running server, or a whole archive with a bundle",
+        description=PREDICT_USAGE.format(url=DEFAULT_URL),
+    )
+    pr.add_argument("images", nargs="*", help="PNG, JPEG or DICOM files, sent to the server")
+    h = pr.add_argument_group("through a running server (HTTP)")
+    h.add_argument("--url", default=None, help=f"the server (default {DEFAULT_URL})")
+    h.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
+    h.add_argument(
         "--api-key", default=None, help="API key of the server (default $MEDCAE_API_KEY)"
     )
-    pr.set_defaults(fn=_predict)
+    jobargs.add_predict_args(pr)
+    pr.set_defaults(fn=_predict, parser=pr)
     return p
 
 

@@ -316,6 +316,37 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     add_smoke_arg(p, "tiny subset, one seed")
 
 
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    """``medcae predict --bundle B --data PATH``: a bundle over a whole archive (Ray Data)."""
+    b = p.add_argument_group("a whole archive, with a bundle (Ray Data)")
+    b.add_argument("--bundle", default=None, help="model bundle folder")
+    b.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a folder of images (recursively: PNG, JPEG, DICOM, ...), a .csv with a 'path' "
+        "column, a .parquet with an 'image' column of encoded bytes, or a glob "
+        "('scans/**/*.dcm'); labels in it are ignored",
+    )
+    b.add_argument(
+        "--out",
+        default=None,
+        help="the Parquet file of predictions, e.g. preds.parquet; preds.skipped.csv and "
+        "preds.log go beside it",
+    )
+    b.add_argument("--csv", action="store_true", help="also write the table as preds.csv")
+    b.add_argument("--batch-size", type=int, default=64, help="images per Predictor call (64)")
+    b.add_argument("--actors", type=int, default=1, help="predictor actors, one bundle each (1)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPUs/torch threads per predictor actor (0: node cores / actors)",
+    )
+    add_runtime_arg(b)
+    add_cluster_args(p)
+
+
 def _pick(cls: type, g: dict[str, Any], **flag_of: str) -> dict[str, Any]:
     """The fields of dataclass ``cls`` that were given as flags (``field=flag`` renames)."""
     out = {}

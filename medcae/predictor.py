@@ -173,6 +173,28 @@ class Predictor:
         ]
 
 
+def check_bundle(
+    path: str | Path, device: str = "cpu", runtime: str = "auto"
+) -> tuple[dict[str, Any], PipelineConfig]:
+    """What :meth:`Predictor.from_bundle` checks, without building the model: for a driver
+    that loads the bundle elsewhere (Ray actors) and should fail first, with one clear line.
+
+    Returns:
+        ``(meta, config)`` of the bundle.
+
+    Raises:
+        BundleError: A missing, incomplete or altered bundle, or other backbone weights.
+        RuntimeUnavailable: ``runtime`` cannot run on ``device`` here.
+    """
+    from medcae.runtimes import resolve_runtime
+
+    meta, _, _ = read_bundle(path)
+    cfg = PipelineConfig.from_dict(meta["config"])
+    _check_backbone_weights(meta, cfg, path)
+    resolve_runtime(runtime, device, cfg.backbone.precision)
+    return meta, cfg
+
+
 def _check_backbone_weights(meta: dict, cfg: PipelineConfig, path: str | Path) -> None:
     """Refuse a bundle whose backbone weights are not the ones it was trained with."""
     from medcae.backbones import RANDOM_WEIGHTS, weights_sha256

@@ -113,7 +113,7 @@ def test_ray_jobs_are_short_shims_with_help_and_smoke_flag(shim):
 def test_cli_and_jobs_import_without_ray():
     code = (
         "import sys, medcae.cli, medcae.jobargs, medcae.jobs.logs, medcae.errors, medcae.jobs.run, "
-        "medcae.jobs.tune, medcae.jobs.evaluate; "
+        "medcae.jobs.tune, medcae.jobs.evaluate, medcae.jobs.predict, medcae.batch; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -247,9 +247,15 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     assert "ACC" in run.stdout and "AUC" in run.stdout
     bundle = next(x for x in run.stdout.splitlines() if x.startswith("model bundle: "))
     meta = json.loads((Path(bundle.split(": ", 1)[1]) / "bundle.json").read_text())
-    # --representation auto (the default): four candidates fitted, one chosen, and why
+    # --representation auto (the default): every candidate fitted, one chosen, and why
     rep = meta["representation"]
-    assert set(rep["val_auc"]) == {"frozen_final", "frozen_tap", "cae", "cae_concat"}
+    assert set(rep["val_auc"]) == {
+        "frozen_final",
+        "frozen_tap",
+        "cae",
+        "cae_concat",
+        "cae_ensemble",
+    }
     assert rep["name"] in rep["val_auc"] and rep["reason"].startswith(rep["name"])
     assert meta["config"]["classifier"]["representation"] == rep["name"]
     table = [x for x in run.stdout.splitlines() if not x.startswith("MEDCAE_RESULT")]

@@ -17,7 +17,7 @@ RAY_FLOORS = [
     {"medcae.distributed.runtime"},
     {"medcae.distributed.extract"},
     {"medcae.distributed.store"},
-    {"medcae.distributed.train"},
+    {"medcae.distributed.train", "medcae.distributed.predict"},
     {"medcae.distributed.pipeline"},
     {"medcae.distributed.tune", "medcae.distributed.evaluate"},
 ]

@@ -409,6 +409,21 @@ def _block_count(table: pa.Table) -> int:
     return max(1, -(-inline // BLOCK_BYTES), by_files)
 
 
+def decoded_images(table: pa.Table, resolution: int, skipped_uri: str) -> ray.data.Dataset:
+    """The rows of ``table`` (:func:`rows_table`) read, decoded and prepared by Ray Data tasks.
+
+    The one read-and-decode stage of the feature store and of batch prediction: columns
+    ``id``, ``split``, ``label`` and ``image`` (uint8 ``(B, resolution, resolution, 3)``).
+    Undecodable rows are left out and recorded under ``skipped_uri`` (:func:`collect_skipped`).
+    """
+    return _rows_dataset(table, _block_count(table)).map_batches(
+        decode_batch,
+        fn_kwargs={"resolution": resolution, "skipped_uri": skipped_uri},
+        batch_size=None,
+        batch_format="numpy",
+    )
+
+
 @dataclass(frozen=True)
 class ExtractOptions:
     """How the backbone stage runs.
@@ -481,12 +496,7 @@ def _extract(
     opts: ExtractOptions,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ds = _rows_dataset(table, _block_count(table)).map_batches(
-        decode_batch,
-        fn_kwargs={"resolution": backbone.resolution, "skipped_uri": f"{tmp}/{SKIPPED_DIR}"},
-        batch_size=None,
-        batch_format="numpy",
-    )
+    ds = decoded_images(table, backbone.resolution, f"{tmp}/{SKIPPED_DIR}")
     device = "cuda" if opts.use_gpu else "cpu"
     runtime, why = resolve_runtime(opts.runtime, device, backbone.precision)
     log.info("backbone runtime: %s (%s)", runtime, why)
@@ -506,7 +516,7 @@ def _extract(
         progress.stop()
         ray.kill(tally)
     secs = time.perf_counter() - t0
-    skipped = _collect_skipped(f"{tmp}/{SKIPPED_DIR}")
+    skipped = collect_skipped(f"{tmp}/{SKIPPED_DIR}")
     total = sum(rows.values())
     progress.done(
         f"{total} images ({len(skipped)} skipped) in {secs:.1f}s, "
@@ -652,7 +662,8 @@ def _summarise(
     return rows, shape, mean.tolist(), std.tolist()
 
 
-def _collect_skipped(uri: str) -> list[tuple[str, str]]:
+def collect_skipped(uri: str) -> list[tuple[str, str]]:
+    """Every ``(file, reason)`` that :func:`decode_batch` recorded under ``uri``, sorted."""
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []

@@ -99,8 +99,9 @@ def setup_console() -> None:
     logging.captureWarnings(True)  # Python warnings: console (unless noise) and run.log
 
 
-def setup_run_logging(out_dir: str | Path) -> Path:
-    """Write everything at INFO and above to ``<out_dir>/run.log``; keep the console quiet.
+def setup_run_logging(out_dir: str | Path, name: str = RUN_LOG) -> Path:
+    """Write everything at INFO and above to ``<out_dir>/<name>`` (``run.log``); keep the
+    console quiet.
 
     Installs :func:`setup_console` if it was not called, flushes its buffered lines into the
     file, attaches the file to the root logger and to Ray's non-propagating loggers, and turns
@@ -113,7 +114,7 @@ def setup_run_logging(out_dir: str | Path) -> Path:
     root = logging.getLogger()
     if not any(h.get_name() == _CONSOLE_NAME for h in root.handlers):
         setup_console()
-    path = Path(out_dir) / RUN_LOG
+    path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     old = _file
     _file = logging.FileHandler(path, encoding="utf-8")
