@@ -23,6 +23,7 @@ Each ``run_*`` returns one row per label budget: ``{"method", "seed", "budget", 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -252,7 +253,11 @@ def auto_row(
     clf = replace(cfg.classifier, budget=budget, seed=seed, representation="auto")
     fitted, choice = fit_representations(clf, arrays, labels, names)
     ev = fitted[choice.name]
-    return _row("auto", seed, budget, ev.test, ev.selection["n_labels"]) | {"chosen": choice.name}
+    return _row("auto", seed, budget, ev.test, ev.selection["n_labels"]) | {
+        "chosen": choice.name,
+        "val_auc": json.dumps({k: round(v, 5) for k, v in choice.val_auc.items()}),
+        "val_se": json.dumps({k: round(v, 5) for k, v in choice.se.items()}),
+    }
 
 
 def ensemble_row(
