@@ -2,7 +2,8 @@
 
 One row per image: ``path``, ``label`` (the class name), ``probabilities`` (in the bundle's
 label order), one ``p_<name>`` column per class, ``reconstruction_error`` and
-``in_distribution``. The files sit beside each other: ``preds.parquet``, ``preds.csv`` (with
+``in_distribution``; with ``vectors`` (``medcae suggest``), also ``vector``: the classifier's
+input vector. The files sit beside each other: ``preds.parquet``, ``preds.csv`` (with
 ``--csv``), ``preds.skipped.csv`` (``path,reason`` of every image that could not be read) and
 ``preds.log``. Each is written to a temporary name and renamed into place. Rows come in the
 order the workers finish them: sort by ``path`` where order matters.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
 from medcae.data import DataError
@@ -34,8 +36,9 @@ if TYPE_CHECKING:
 ROW_GROUP_ROWS = 65_536
 
 
-def prediction_schema(label_names: Sequence[str]) -> pa.Schema:
-    """The schema of the prediction table for a bundle with these class names."""
+def prediction_schema(label_names: Sequence[str], vectors: bool = False) -> pa.Schema:
+    """The schema of the prediction table for a bundle with these class names (and, with
+    ``vectors``, a last column ``vector``: float32 lists, the classifier's input)."""
     return pa.schema(
         [
             ("path", pa.string()),
@@ -44,12 +47,16 @@ def prediction_schema(label_names: Sequence[str]) -> pa.Schema:
             *((f"p_{name}", pa.float64()) for name in label_names),
             ("reconstruction_error", pa.float64()),
             ("in_distribution", pa.bool_()),
+            *([("vector", pa.list_(pa.float32()))] if vectors else []),
         ]
     )
 
 
 def prediction_table(
-    paths: Sequence[str], predictions: Sequence[Prediction], label_names: Sequence[str]
+    paths: Sequence[str],
+    predictions: Sequence[Prediction],
+    label_names: Sequence[str],
+    vectors: np.ndarray | None = None,
 ) -> pa.Table:
     """One row per image from :meth:`medcae.predictor.Predictor.predictions`.
 
@@ -57,9 +64,13 @@ def prediction_table(
         paths: ``N`` image names (file paths, or the listing's ids of in-memory images).
         predictions: ``N`` predictions, in the same order.
         label_names: The bundle's class names: the order of ``probabilities``.
+        vectors: ``(N, D)`` classifier input vectors (``Predictor.predict_arrays``'
+            ``features``) for a ``vector`` column, or None for none.
     """
     if len(paths) != len(predictions):
         raise ValueError(f"{len(paths)} paths for {len(predictions)} predictions")
+    if vectors is not None and len(vectors) != len(paths):
+        raise ValueError(f"{len(paths)} paths for {len(vectors)} vectors")
     probs = [[p.probabilities[name] for name in label_names] for p in predictions]
     columns = {
         "path": [str(p) for p in paths],
@@ -69,7 +80,24 @@ def prediction_table(
         "reconstruction_error": [p.reconstruction_error for p in predictions],
         "in_distribution": [p.in_distribution for p in predictions],
     }
-    return pa.table(columns, schema=prediction_schema(label_names))
+    if vectors is None:
+        return pa.table(columns, schema=prediction_schema(label_names))
+    x = np.asarray(vectors, np.float32)
+    columns["vector"] = _vector_column(x.reshape(len(paths), -1) if len(paths) else x.reshape(0, 0))
+    return pa.table(columns, schema=prediction_schema(label_names, vectors=True))
+
+
+def _vector_column(x: np.ndarray) -> pa.Array:
+    """``(N, D)`` float32 as an Arrow list column, without a Python list per row."""
+    offsets = np.arange(len(x) + 1, dtype=np.int32) * x.shape[1]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(x.ravel()))
+
+
+def list_matrix(table: pa.Table, column: str, dtype: type = np.float32) -> np.ndarray:
+    """A list column of equal-length rows (``vector``, ``probabilities``) as ``(N, D)``."""
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    flat = flat.astype(dtype, copy=False)
+    return flat.reshape(table.num_rows, -1) if table.num_rows else flat.reshape(0, 0)
 
 
 @dataclass(frozen=True)
@@ -154,7 +182,10 @@ def write_parquet(tables: Iterable[pa.Table], path: Path, schema: pa.Schema) -> 
 
 
 def csv_view(table: pa.Table) -> pa.Table:
-    """The table with ``probabilities`` as a JSON list (``[0.2, 0.8]``), which CSV can hold."""
+    """The table with ``probabilities`` as a JSON list (``[0.2, 0.8]``), which CSV can hold
+    (and without ``vector``, which it cannot usefully hold)."""
+    if "vector" in table.column_names:
+        table = table.drop_columns(["vector"])
     probs = [json.dumps(p) for p in table.column("probabilities").to_pylist()]
     i = table.schema.get_field_index("probabilities")
     return table.set_column(i, "probabilities", pa.array(probs, pa.string()))

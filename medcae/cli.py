@@ -7,6 +7,7 @@
     medcae serve --bundle runs/demo/bundle      # Ray Serve over HTTP
     medcae predict --url URL image.png ...      # classify files through a running server
     medcae predict --bundle B --data /scans --out preds.parquet   # a whole archive, Ray Data
+    medcae suggest --bundle B --pool /scans --k 50 --labeled labels.csv   # what to label next
 
 This module imports no Ray: each job's module (``medcae.jobs.<name>``) is imported only when
 that job runs.
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobargs.add_predict_args(pr)
     pr.set_defaults(fn=_predict, parser=pr)
+    sg_help = "which unlabeled images to label next: a bundle ranks a pool (Ray Data)"
+    sg = sub.add_parser("suggest", help=sg_help, description=sg_help)
+    jobargs.add_suggest_args(sg)
+    sg.set_defaults(fn=_job)
     return p
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import fields, replace
 from typing import Any
 
+from medcae.active import HYBRID_MIN_PER_CLASS, STRATEGIES
 from medcae.config import (
     SMOKE_ROWS,
     BackboneConfig,
@@ -301,6 +302,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated; also cae_hier (one CAE per tap: give two or more --taps)",
     )
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
+    add_hierarchical_arg(e)
     e.add_argument(
         "--finetune-epochs", type=int, default=12, help="most fine-tuning epochs (early stopping)"
     )
@@ -335,15 +337,67 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
         "preds.log go beside it",
     )
     b.add_argument("--csv", action="store_true", help="also write the table as preds.csv")
-    b.add_argument("--batch-size", type=int, default=64, help="images per Predictor call (64)")
-    b.add_argument("--actors", type=int, default=1, help="predictor actors, one bundle each (1)")
-    b.add_argument(
+    add_predictor_stage_args(b)
+    add_cluster_args(p)
+
+
+def add_predictor_stage_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The Predictor actor-pool stage (``medcae predict``, ``medcae suggest``)."""
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per Predictor call (%(default)s)"
+    )
+    p.add_argument(
+        "--actors", type=int, default=1, help="predictor actors, one bundle each (%(default)s)"
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
         help="CPUs/torch threads per predictor actor (0: node cores / actors)",
     )
-    add_runtime_arg(b)
+    add_runtime_arg(p)
+
+
+def add_suggest_args(p: argparse.ArgumentParser) -> None:
+    """``medcae suggest --bundle B --pool PATH --k 50``: which pool images to label next."""
+    s = p.add_argument_group("suggestions")
+    s.add_argument("--bundle", required=True, help="model bundle folder")
+    s.add_argument(
+        "--pool",
+        required=True,
+        metavar="PATH",
+        help="the unlabeled images: a folder (recursively), a .csv with a 'path' column, a "
+        ".parquet with an 'image' column or a glob ('scans/**/*.dcm')",
+    )
+    s.add_argument("--k", type=int, default=50, help="how many images to suggest (%(default)s)")
+    s.add_argument(
+        "--labeled",
+        default=None,
+        metavar="CSV",
+        help="images labeled already: a CSV of path,label rows (paths relative to the CSV), "
+        "the format of `medcae run --data`; they are never suggested",
+    )
+    s.add_argument(
+        "--strategy",
+        default="hybrid",
+        help=f"one of {', '.join(STRATEGIES)} (%(default)s); hybrid: typiclust while no "
+        f"label is known or some class has fewer than {HYBRID_MIN_PER_CLASS}, then margin",
+    )
+    s.add_argument(
+        "--include-ood",
+        action="store_true",
+        help="also rank the images the bundle flags as out of distribution",
+    )
+    s.add_argument(
+        "--seed", type=int, default=0, help="seed of random and of the k-means (%(default)s)"
+    )
+    s.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/suggest-<time>): suggestions.csv, suggestions.png, "
+        "out_of_distribution.csv, labels.csv, pool.parquet, skipped.csv, run.log",
+    )
+    add_predictor_stage_args(p.add_argument_group("predictor stage (Ray Data)"))
     add_cluster_args(p)
 
 

@@ -116,7 +116,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict_arrays(self, images: np.ndarray | Sequence[ImageLike]) -> dict[str, np.ndarray]:
-        """Probabilities ``(N, K)`` and reconstruction errors ``(N,)`` for a batch of images.
+        """Probabilities ``(N, K)``, reconstruction errors ``(N,)`` and the head's input vectors
+        ``(N, D)`` (:meth:`head_outputs`) for a batch of images.
 
         Args:
             images: uint8 ``(N, H, W)`` / ``(N, H, W, 3)``, or a list of arrays or encoded bytes.
@@ -126,11 +127,18 @@ class Predictor:
     @torch.no_grad()
     def head_outputs(self, backbone: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """:meth:`predict_arrays` from the backbone's output (:meth:`backbone`), for callers
-        that also need the maps and should not run the backbone twice."""
+        that also need the maps and should not run the backbone twice.
+
+        Returns:
+            ``proba`` ``(N, K)``, ``error`` ``(N,)`` and ``features`` ``(N, D)``: the head's
+            input vectors (:meth:`features`), which ranking for labeling clusters.
+        """
         x = torch.from_numpy(backbone["maps"]).float()
+        features = self.features(backbone, x)
         return {
-            "proba": self.head.predict_proba(self.features(backbone, x)),
+            "proba": self.head.predict_proba(features),
             "error": self.cae.reconstruction_error(x).numpy(),
+            "features": features,
         }
 
     @torch.no_grad()

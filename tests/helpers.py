@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_maps_parquet(folder: Path, maps: np.ndarray, files: int = 3) -> list[Path]:
@@ -30,3 +34,19 @@ def write_maps_parquet(folder: Path, maps: np.ndarray, files: int = 3) -> list[P
         pq.write_table(pa.Table.from_arrays([col], schema=pa.schema([field])), path)
         out.append(path)
     return out
+
+
+def medcae_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``medcae`` in a fresh interpreter that then asserts Ray was never imported (so never
+    started) when the command failed."""
+    code = (
+        "import sys; from medcae.cli import main; rc = main(sys.argv[1:]); "
+        "assert rc == 0 or 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import medcae_subprocess as _medcae
 from PIL import Image
 from test_data import dicom_bytes
 from test_serve import server  # noqa: F401 - the running Serve app, for /v1/predict
@@ -29,7 +28,6 @@ from medcae.cli import main
 from medcae.data import DataError
 from medcae.predictor import Prediction, Predictor
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["normal", "nodule", "ring"]
 GOOD = 12  # images in the folder that decode
 IGNORED = {"broken.png", "notes.txt"}  # the corrupt PNG and the text file
@@ -164,22 +162,6 @@ def test_http_form_is_unchanged(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
     assert main(["predict", "--url", "http://127.0.0.1:9", "--timeout", "2", str(image)]) == 1
     assert "cannot reach the medcae server at http://127.0.0.1:9" in capsys.readouterr().err
-
-
-def _medcae(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``medcae`` in a fresh interpreter that then asserts Ray was never imported (so never
-    started) when the command failed."""
-    code = (
-        "import sys; from medcae.cli import main; rc = main(sys.argv[1:]); "
-        "assert rc == 0 or 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def _run(*args: str, timeout: float = 60, env: dict | None = None):
     )
 
 
-@pytest.mark.parametrize("command", [*JOBS, "serve", "predict"])
+@pytest.mark.parametrize("command", [*JOBS, "serve", "predict", "suggest"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as ex:
         main([command, "--help"])
@@ -113,7 +113,8 @@ def test_ray_jobs_are_short_shims_with_help_and_smoke_flag(shim):
 def test_cli_and_jobs_import_without_ray():
     code = (
         "import sys, medcae.cli, medcae.jobargs, medcae.jobs.logs, medcae.errors, medcae.jobs.run, "
-        "medcae.jobs.tune, medcae.jobs.evaluate, medcae.jobs.predict, medcae.batch; "
+        "medcae.jobs.tune, medcae.jobs.evaluate, medcae.jobs.predict, medcae.batch, "
+        "medcae.jobs.suggest, medcae.active, medcae.suggestions; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -47,6 +47,8 @@ class PredictOptions:
         threads: CPUs (and torch threads) per actor; 0 sizes it from the cluster's nodes.
         runtime: Backbone runtime (``auto``, ``torch``, ``onnxruntime``, ``openvino``).
         csv: Also write the table as CSV.
+        vectors: Also return each image's classifier input vector (a ``vector`` column, for
+            ``medcae suggest``); ``medcae predict`` leaves it off.
     """
 
     batch_size: int = 64
@@ -54,6 +56,7 @@ class PredictOptions:
     threads: int = 0
     runtime: str = "auto"
     csv: bool = False
+    vectors: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,22 +87,26 @@ class PredictStage:
         bundle: Bundle folder (absolute: actors do not share the driver's directory).
         runtime: Backbone runtime.
         threads: Torch intra-op threads in the actor (0 = leave torch's default).
+        vectors: Add the ``vector`` column (the classifier's input vector per image).
 
     Input columns ``id`` and ``image`` (prepared uint8 ``(B, side, side, 3)``) become one
     :func:`medcae.batch.prediction_table` row per image, ``path`` being the ``id``.
     """
 
-    def __init__(self, bundle: str, runtime: str = "auto", threads: int = 0):
+    def __init__(self, bundle: str, runtime: str = "auto", threads: int = 0, vectors: bool = False):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor.from_bundle(bundle, runtime=runtime)
+        self.vectors = vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         paths = [str(p) for p in batch["id"]]
-        preds = self.predictor.predict(batch["image"]) if paths else []
-        return prediction_table(paths, preds, self.predictor.label_names)
+        out = self.predictor.predict_arrays(batch["image"]) if paths else {}
+        preds = self.predictor.predictions(out) if paths else []
+        vectors = out.get("features", np.zeros((0, 0), np.float32)) if self.vectors else None
+        return prediction_table(paths, preds, self.predictor.label_names, vectors)
 
 
 def predict_stage(ds: ray.data.Dataset, bundle: str, opts: PredictOptions) -> ray.data.Dataset:
@@ -111,7 +118,12 @@ def predict_stage(ds: ray.data.Dataset, bundle: str, opts: PredictOptions) -> ra
     require_placeable({"CPU": float(threads)}, "predictor actors (--threads)", count=opts.actors)
     return ds.map_batches(
         PredictStage,
-        fn_constructor_kwargs={"bundle": bundle, "runtime": opts.runtime, "threads": threads},
+        fn_constructor_kwargs={
+            "bundle": bundle,
+            "runtime": opts.runtime,
+            "threads": threads,
+            "vectors": opts.vectors,
+        },
         batch_size=opts.batch_size,
         compute=ray.data.ActorPoolStrategy(size=opts.actors),
         num_cpus=threads,
@@ -127,8 +139,8 @@ def predict_files(
     paths: OutputPaths,
     opts: PredictOptions | None = None,
 ) -> BatchResult:
-    """Predict every listed image with the bundle; write the Parquet file, the skipped list
-    and (``opts.csv``) the CSV.
+    """Predict every listed image with the bundle; write the Parquet file (with a ``vector``
+    column when ``opts.vectors``), the skipped list and (``opts.csv``) the CSV.
 
     Args:
         rows: The listing (:func:`medcae.data.list_unlabeled_rows`); labels are ignored.
@@ -147,7 +159,7 @@ def predict_files(
         ds = decoded_images(table, resolution, str(work / SKIPPED_DIR))
         ds = predict_stage(ds, bundle, opts)
         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-        schema = prediction_schema(label_names)
+        schema = prediction_schema(label_names, opts.vectors)
         n = write_parquet(_counted(batches, progress), paths.parquet, schema)
         decoded_skipped = collect_skipped(str(work / SKIPPED_DIR))
     finally:

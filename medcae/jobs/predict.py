@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     from medcae.data import DataError, list_unlabeled_rows
     from medcae.predictor import check_bundle
 
-    _check_sizes(args)
+    check_stage_sizes(args)
     meta, cfg = check_bundle(args.bundle, runtime=args.runtime)
     rows = list_unlabeled_rows(args.data)  # no image found: DataError
     paths = OutputPaths.beside(args.out)
@@ -43,7 +43,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_sizes(args: argparse.Namespace) -> None:
+def check_stage_sizes(args: argparse.Namespace) -> None:
+    """``--batch-size``, ``--actors`` and ``--threads`` in range, before Ray starts.
+
+    Raises:
+        ConfigError: The first flag out of range, named with its value.
+    """
     from medcae.config import ConfigError
 
     for flag, value, least in (
