@@ -246,8 +246,9 @@ def auto_row(
     cfg: PipelineConfig,
     names: Sequence[str],
 ) -> dict:
-    """The default's row: the representation the one-standard-error rule picks on
-    validation, tested once; ``chosen`` names it."""
+    """The default's row: the representation ``auto`` picks on validation
+    (:func:`medcae.representations.choose`), tested once; ``chosen`` names it, ``val_auc`` and
+    ``val_se`` hold every candidate's validation AUC and standard error (JSON)."""
     from medcae.evaluation import fit_representations
 
     clf = replace(cfg.classifier, budget=budget, seed=seed, representation="auto")

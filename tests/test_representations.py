@@ -62,25 +62,11 @@ def test_features_and_names():
 
 
 def test_fit_representations_auto_and_fixed(demo_bundle):
-    """On real codes of the demo bundle: auto fits all four and picks one, a fixed name fits
+    """On real codes of the demo bundle: auto fits every candidate and picks one, a fixed name fits
     it and the frozen baseline."""
-    import torch
-
     from medcae.evaluation import fit_representations
-    from medcae.predictor import Predictor
 
-    pred = Predictor.from_bundle(demo_bundle.path, runtime="torch")
-    images, y = demo_bundle.test_images, demo_bundle.test_labels
-    out = pred.backbone(images)
-    x = torch.from_numpy(out["maps"]).float()
-    arr = {"codes": pred.cae.embed(x).numpy(), "tap": tap_pool(out["maps"]), "final": out["final"]}
-    half = len(y) // 2
-    arrays = {
-        "train": {k: v[:half] for k, v in arr.items()},
-        "val": {k: v[half:] for k, v in arr.items()},
-        "test": {k: v[half:] for k, v in arr.items()},
-    }
-    labels = {"train": y[:half], "val": y[half:], "test": y[half:]}
+    pred, arrays, labels = _demo_arrays(demo_bundle)
     names = pred.label_names
     fitted, choice = fit_representations(ClassifierConfig(C_grid=(0.1, 1.0)), arrays, labels, names)
     assert set(fitted) == set(REPRESENTATIONS) and choice.name in fitted
@@ -135,32 +121,38 @@ def test_a_small_gap_on_validation_never_moves_the_default(gap, kept):
 def test_an_ensemble_is_one_linear_head_on_its_parts(demo_bundle):
     """fit_ensemble on real demo features: its head reads codes + tap, and its validation AUC
     is that head's on the concatenation."""
-    import torch
-
     from medcae.evaluation import fit_ensemble
     from medcae.metrics import auc_score
+
+    pred, arrays, labels = _demo_arrays(demo_bundle)
+    rep = get_representation("cae_ensemble")
+    ev = fit_ensemble(ClassifierConfig(C_grid=(0.1, 1.0)), rep, arrays, labels, pred.label_names)
+    x_val = rep.features(arrays["val"])
+    v = arrays["val"]
+    assert ev.head.coef.shape[1] == x_val.shape[1] == v["codes"].shape[1] + v["tap"].shape[1]
+    k = len(pred.label_names)
+    assert ev.selection["val_auc"] == pytest.approx(
+        auc_score(labels["val"], ev.head.predict_proba(x_val), k)
+    )
+    assert len(ev.selection["member_C"]) == 2 and ev.test["auc"] > 0.5
+
+
+def _demo_arrays(demo_bundle):
+    """The demo bundle's test images as every representation's arrays, split in half: the
+    first half trains, the second validates and tests."""
+    import torch
+
     from medcae.predictor import Predictor
 
     pred = Predictor.from_bundle(demo_bundle.path, runtime="torch")
     images, y = demo_bundle.test_images, demo_bundle.test_labels
     out = pred.backbone(images)
-    arr = {
-        "codes": pred.cae.embed(torch.from_numpy(out["maps"]).float()).numpy(),
-        "tap": tap_pool(out["maps"]),
-    }
+    x = torch.from_numpy(out["maps"]).float()
+    arr = {"codes": pred.cae.embed(x).numpy(), "tap": tap_pool(out["maps"]), "final": out["final"]}
     half = len(y) // 2
     arrays = {
         "train": {k: v[:half] for k, v in arr.items()},
         "val": {k: v[half:] for k, v in arr.items()},
         "test": {k: v[half:] for k, v in arr.items()},
     }
-    labels = {"train": y[:half], "val": y[half:], "test": y[half:]}
-    rep = get_representation("cae_ensemble")
-    ev = fit_ensemble(ClassifierConfig(C_grid=(0.1, 1.0)), rep, arrays, labels, pred.label_names)
-    x_val = rep.features(arrays["val"])
-    assert ev.head.coef.shape[1] == x_val.shape[1] == arr["codes"].shape[1] + arr["tap"].shape[1]
-    k = len(pred.label_names)
-    assert ev.selection["val_auc"] == pytest.approx(
-        auc_score(labels["val"], ev.head.predict_proba(x_val), k)
-    )
-    assert len(ev.selection["member_C"]) == 2 and ev.test["auc"] > 0.5
+    return pred, arrays, {"train": y[:half], "val": y[half:], "test": y[half:]}
