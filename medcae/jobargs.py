@@ -302,6 +302,13 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated; also cae_hier (one CAE per tap: give two or more --taps)",
     )
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
+    e.add_argument(
+        "--active",
+        action="store_true",
+        help="instead of the methods: the simulated labeling study (10 random labels per "
+        f"class, then 20 per round up to 200, chosen by each of {', '.join(STRATEGIES)}); "
+        "writes active.csv, active.md, active_auc.png",
+    )
     add_hierarchical_arg(e)
     e.add_argument(
         "--finetune-epochs", type=int, default=12, help="most fine-tuning epochs (early stopping)"

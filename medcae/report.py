@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -207,6 +208,62 @@ def plot_reconstructions(ex: dict[str, Any], path: Path) -> Path:
             ax.set_axis_off()
             if j == 0:
                 ax.set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+STRATEGY_STYLES = {  # distinct dashes: two strategies that pick alike still show as two lines
+    "random": {"color": "tab:gray", "linestyle": "-", "marker": "o"},
+    "margin": {"color": "tab:blue", "linestyle": "-", "marker": "s"},
+    "typiclust": {"color": "tab:green", "linestyle": "-", "marker": "^"},
+    "hybrid": {"color": "tab:red", "linestyle": "--", "marker": "x"},
+}
+
+
+def plot_active(agg: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Test AUC against labels, one line per strategy: the mean with a ±1 std band, the AUC
+    of ``random`` at the most labels dashed, half of those labels dotted.
+
+    Args:
+        agg: Rows ``{"strategy", "n_labels", "auc", "auc_std"}``
+            (:func:`medcae.study.summarize`).
+        path: The PNG to write.
+        title: Appended to the plot's title.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for strategy in dict.fromkeys(r["strategy"] for r in agg):
+        rs = sorted((r for r in agg if r["strategy"] == strategy), key=lambda r: r["n_labels"])
+        x = np.array([r["n_labels"] for r in rs])
+        y, sd = np.array([r["auc"] for r in rs]), np.array([r["auc_std"] for r in rs])
+        style = STRATEGY_STYLES.get(strategy, {"marker": "o"})
+        (line,) = ax.plot(x, y, label=strategy, **style)
+        ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.12, linewidth=0)
+    rand = [r for r in agg if r["strategy"] == "random"]
+    if rand:
+        top = max(rand, key=lambda r: r["n_labels"])
+        ax.axhline(top["auc"], color="black", linestyle=":", linewidth=1)
+        ax.annotate(
+            f"random at {top['n_labels']} labels",
+            (ax.get_xlim()[0], top["auc"]),
+            xytext=(4, 3),
+            textcoords="offset points",
+            fontsize=8,
+        )
+        ax.axvline(top["n_labels"] / 2, color="black", linestyle=":", linewidth=1)
+        ax.annotate(
+            f"half: {top['n_labels'] / 2:g} labels",
+            (top["n_labels"] / 2, ax.get_ylim()[0]),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.set_xlabel("labeled training images")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title("Which images to label next" + (f": {title}" if title else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

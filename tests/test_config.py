@@ -36,7 +36,7 @@ def test_core_imports_without_ray():
         "medcae.features, medcae.bundle, medcae.predictor, medcae.data, "
         "medcae.evaluation, medcae.metrics, medcae.errors, medcae.search, medcae.report, "
         "medcae.service, medcae.client, medcae.cli, medcae.evidence, medcae.trainer, "
-        "medcae.shards, medcae.preprocess, medcae.jobargs, medcae.data.rows; "
+        "medcae.shards, medcae.preprocess, medcae.jobargs, medcae.data.rows, medcae.study; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

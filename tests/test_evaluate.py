@@ -95,6 +95,54 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
     assert "Command:" in report and "| method |" in report
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_active_smoke_writes_the_study(demo_npz, tmp_path):
+    """``--active --smoke-test``: every strategy, rounds that grow by the step, the plot."""
+    from medcae.active import STRATEGIES
+    from medcae.study import COLUMNS, SMOKE_STUDY
+
+    out = tmp_path / "active"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "evaluate.py"),
+            "--data",
+            str(demo_npz),
+            "--active",
+            "--smoke-test",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--num-cpus",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "active.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames or ()) == COLUMNS
+    sizes = SMOKE_STUDY.schedule(3)  # the demo's three classes: [6, 10, 14]
+    assert len(rows) == len(STRATEGIES) * len(sizes)  # one seed
+    assert {r["strategy"] for r in rows} == set(STRATEGIES)
+    for s in STRATEGIES:
+        mine = sorted((r for r in rows if r["strategy"] == s), key=lambda r: int(r["round"]))
+        assert [int(r["n_labels"]) for r in mine] == sizes, s
+        assert all(0.0 <= float(r["test_auc"]) <= 1.0 for r in mine)
+    assert len({r["test_auc"] for r in rows if r["round"] == "0"}) == 1  # one shared start
+    assert (out / "active_auc.png").stat().st_size > 1000
+    report = (out / "active.md").read_text()
+    assert "| labels | random | margin | typiclust | hybrid |" in report and "**Goal**" in report
+    log = (out / "run.log").read_text()
+    assert all(f"active: {s}, seed 0 done (" in log for s in STRATEGIES) and "ETA" in log
+
+
 def test_label_spreading_uses_the_unlabeled_codes():
     """Two labels per class, clusters that only the unlabeled points reveal: spreading along
     the k-NN graph classifies the test points that a two-point classifier would not."""

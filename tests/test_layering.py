@@ -19,7 +19,7 @@ RAY_FLOORS = [
     {"medcae.distributed.store"},
     {"medcae.distributed.train", "medcae.distributed.predict"},
     {"medcae.distributed.pipeline"},
-    {"medcae.distributed.tune", "medcae.distributed.evaluate"},
+    {"medcae.distributed.tune", "medcae.distributed.evaluate", "medcae.distributed.study"},
 ]
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from medcae.finetune import FinetuneConfig
+    from medcae.study import StudyConfig
 
 from medcae.jobargs import config_from_args, default_store_root
 from medcae.jobs.logs import route_ray_output, setup_run_logging
@@ -66,11 +67,28 @@ def store_inputs(store, rows) -> tuple:
     return ds, feats
 
 
+def open_store(a: argparse.Namespace, cfg: Any, sources: list) -> tuple:
+    """Ray started, the feature store built (or found cached), its splits read.
+
+    Returns:
+        :func:`store_inputs` of the labeled source.
+    """
+    from medcae.distributed.runtime import init_ray
+    from medcae.distributed.store import ExtractOptions, build_store
+
+    init_ray(a.address, a.num_cpus)
+    route_ray_output()
+    root = a.feature_store or default_store_root()
+    store = build_store(sources[:1], cfg.backbone, root, ExtractOptions(runtime=cfg.train.runtime))
+    return store_inputs(store, sources[0])
+
+
 def main(a: argparse.Namespace) -> int:
+    if a.active:
+        return main_active(a)
     from medcae.distributed.evaluate import run_evaluation
     from medcae.distributed.pipeline import list_sources, resolved_backbone, smoke_config
-    from medcae.distributed.runtime import init_ray, shutdown_ray
-    from medcae.distributed.store import ExtractOptions, build_store
+    from medcae.distributed.runtime import shutdown_ray
     from medcae.evidence import METHODS
     from medcae.finetune import FinetuneConfig
 
@@ -93,11 +111,7 @@ def main(a: argparse.Namespace) -> int:
     out = Path(a.out)
     setup_run_logging(out)
     start = time.perf_counter()
-    init_ray(a.address, a.num_cpus)
-    route_ray_output()
-    root = a.feature_store or default_store_root()
-    store = build_store(sources[:1], cfg.backbone, root, ExtractOptions(runtime=cfg.train.runtime))
-    ds, feats = store_inputs(store, sources[0])
+    ds, feats = open_store(a, cfg, sources)
     rows, examples = run_evaluation(
         ds,
         feats,
@@ -216,3 +230,84 @@ def write_report(
     )
     (out / "report.md").write_text(report)
     return table
+
+
+def main_active(a: argparse.Namespace) -> int:
+    """``--active``: the simulated labeling study (:mod:`medcae.study`) on the store's splits."""
+    from medcae.distributed.pipeline import list_sources, resolved_backbone, smoke_config
+    from medcae.distributed.runtime import shutdown_ray
+    from medcae.distributed.study import run_study
+    from medcae.jobs.tracking import log_job, tracking_uri
+    from medcae.study import SMOKE_STUDY, StudyConfig, summarize
+
+    cfg, seeds, study = config_from_args(a), list(range(a.seeds)), StudyConfig()
+    if a.smoke_test:
+        cfg, seeds, study = smoke_config(cfg), [0], SMOKE_STUDY
+    cfg = resolved_backbone(cfg)
+    sources = list_sources(cfg, a.data_dir, a.smoke_test)  # bad input fails before Ray
+    study.schedule(len(sources[0].label_names))  # so does a start above the last round
+    out = Path(a.out)
+    setup_run_logging(out)
+    start = time.perf_counter()
+    ds, feats = open_store(a, cfg, sources)
+    rows = run_study(feats, cfg, study, seeds, list(ds.label_names))
+    shutdown_ray()  # no process of a local Ray outlives the job
+    wall = time.perf_counter() - start
+    table = write_study(out, ds.name, rows, study, len(seeds), wall)
+    log_job(
+        tracking_uri(a.mlflow),
+        "medcae-evaluate-active",
+        out.name,
+        {**cfg.to_dict(), "study": study.to_dict(), "seeds": len(seeds)},
+        metrics={f"{r['strategy']}.{r['n_labels']}.auc": r["auc"] for r in summarize(rows)},
+        artifacts={"report": out},
+    )
+    print(table)
+    print(f"\nwall time {wall / 60:.1f} min; report: {out / 'active.md'}; log: {out / 'run.log'}")
+    return 0
+
+
+def write_study(
+    out: Path, name: str, rows: list[dict], study: StudyConfig, seeds: int, wall: float
+) -> str:
+    """Write active.csv, active_auc.png and active.md to ``out``; returns the table and the
+    verdict."""
+    from medcae.report import plot_active
+    from medcae.study import COLUMNS, goal, study_table, summarize
+
+    with open(out / "active.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    agg = summarize(rows)
+    plot_active(agg, out / "active_auc.png", f"{name}, {seeds} seed(s)")
+    verdict = goal(agg)
+    table = study_table(agg) + ("\n\n" + verdict.text() if verdict else "")
+    (out / "active.md").write_text(study_text(name, study, seeds, wall, rows, table))
+    return table
+
+
+def study_text(
+    name: str, study: StudyConfig, seeds: int, wall: float, rows: list[dict], table: str
+) -> str:
+    """active.md: the command, the design, the table and the verdict."""
+    from medcae.study import delegation_text
+
+    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)"
+    delegated = delegation_text(rows)
+    return (
+        f"# Which images to label next: {name}\n\nCommand: `{command_line()}`  \n"
+        f"Machine: {machine}  \nWall time: {wall / 60:.1f} min\n\n"
+        f"The training split is the pool and its labels the oracle. Each seed trains its CAE "
+        f"once and draws {study.start_per_class} labels per class at random (the same start "
+        f"for every strategy); each round then labels the {study.step} images the strategy "
+        f"ranks first, up to {study.max_labels} labels. After every round the default head "
+        "(`cae_ensemble`: a logistic head on the CAE codes and one on the pooled tap, logits "
+        "averaged, each C chosen on validation AUC) is refitted on exactly the labeled images "
+        "and scored on the test split, which nothing else sees. `margin` ranks by the current "
+        "head's probabilities, `typiclust` clusters its input vectors (codes + tap, "
+        "standardized)"
+        + (f"; {delegated}" if delegated else "")
+        + f".\n\nTest AUC, mean ± std over {seeds} seed(s) (bold: the best of the row):\n\n"
+        f"{table}\n\n![test AUC against labels](active_auc.png)\n"
+    )
