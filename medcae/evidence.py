@@ -38,6 +38,7 @@ from medcae.engine import build_cae, channel_stats, embed_all, shuffled_batches
 from medcae.evaluation import fit_and_test
 from medcae.finetune import FinetuneConfig, finetune
 from medcae.metrics import classification_report
+from medcae.representations import tap_pool
 from medcae.trainer import fit_cae
 
 METHODS = (
@@ -84,11 +85,6 @@ def _row(method: str, seed: int, budget: float, test: dict[str, Any], n: float) 
         "n_labels": int(n),
         "confusion": test["confusion"],
     }
-
-
-def _pool(maps: np.ndarray) -> np.ndarray:
-    m = np.asarray(maps, np.float32)
-    return np.concatenate([m.mean(axis=(2, 3)), m.max(axis=(2, 3))], axis=1)
 
 
 def train_cae(
@@ -164,7 +160,7 @@ def feature_sets(
     if method == "frozen_final":
         return {s: np.asarray(data[s]["final"]) for s in SPLITS}, None
     if method == "frozen_tap":
-        return {s: _pool(data[s]["maps"]) for s in SPLITS}, None
+        return {s: tap_pool(data[s]["maps"]) for s in SPLITS}, None
     if method == "cae_hier":
         model = train_cae(
             np.asarray(data["train"]["maps"]),
@@ -185,10 +181,14 @@ def feature_sets(
         return codes, model
     if method == "cae_concat":
         return {
-            s: np.concatenate([codes[s], _pool(data[s]["maps"])], axis=1) for s in SPLITS
+            s: np.concatenate([codes[s], tap_pool(data[s]["maps"])], axis=1) for s in SPLITS
         }, model
     return {
-        s: {"codes": codes[s], "tap": _pool(data[s]["maps"]), "final": np.asarray(data[s]["final"])}
+        s: {
+            "codes": codes[s],
+            "tap": tap_pool(data[s]["maps"]),
+            "final": np.asarray(data[s]["final"]),
+        }
         for s in SPLITS
     }, model
 
