@@ -25,6 +25,7 @@ from pathlib import Path
 
 from medcae import jobargs
 from medcae.auth import hash_key, load_key_hashes, require_keys_for
+from medcae.config import ConfigError
 
 #: subcommand -> (flags, one-line help); the body is ``medcae.jobs.<subcommand>.main``.
 JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
@@ -109,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
     from medcae.bundle import read_bundle
     from serve.app import build_app
 
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas {args.replicas}: expected at least 1")
     hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray starts
     require_keys_for(args.host, hashes)
     hosts = allowed_hosts_for(args.host, args.allowed_hosts)
@@ -123,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
             "api_key_sha256": list(hashes),
             "allowed_hosts": list(hosts),
             "cors_origins": args.cors_origins or "",
+            "num_replicas": args.replicas,
         }
         serve.run(build_app(app_args), name="medcae", route_prefix="/")
         keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
@@ -173,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bundle", required=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="model replicas, each loading the bundle on one logical CPU of the cluster",
+    )
     sv.add_argument(
         "--api-keys-file",
         default=None,

@@ -414,4 +414,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for key in ("max_batch_size", "threads"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])
-    return MedcaeModel.bind(**kwargs)
+    replicas = int(args.get("num_replicas", 1))
+    if replicas < 1:
+        raise ValueError(f"num_replicas {replicas}: expected at least 1")
+    return MedcaeModel.options(num_replicas=replicas).bind(**kwargs)

@@ -110,6 +110,23 @@ def test_ray_jobs_are_short_shims_with_help_and_smoke_flag(shim):
     assert f"usage: medcae {SHIMS[shim]}" in out.stdout and "--smoke-test" in out.stdout
 
 
+@pytest.mark.parametrize("shim", ["predict.py", "suggest.py"])
+def test_bundle_job_shims_run_the_cli(shim):
+    """The jobs that start from a bundle (no --smoke-test: they need one) have shims too."""
+    text = (ROOT / "ray_jobs" / shim).read_text()
+    command = shim.removesuffix(".py")
+    assert f'main(["{command}", *sys.argv[1:]])' in text
+    out = _run(f"ray_jobs/{shim}", "--help")
+    assert out.returncode == 0, out.stderr
+    assert f"usage: medcae {command}" in out.stdout and "--bundle" in out.stdout
+
+
+def test_serve_replicas_below_one_is_one_error_line_before_ray(tmp_path):
+    out = _run("-m", "medcae.cli", "serve", "--bundle", str(tmp_path), "--replicas", "0")
+    assert out.returncode == 2
+    assert out.stderr == "error: --replicas 0: expected at least 1\n"
+
+
 def test_cli_and_jobs_import_without_ray():
     code = (
         "import sys, medcae.cli, medcae.jobargs, medcae.jobs.logs, medcae.errors, medcae.jobs.run, "

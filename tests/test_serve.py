@@ -443,10 +443,17 @@ def test_serve_config_yaml_is_consistent():
     assert parse_hosts(app["args"]["allowed_hosts"]) == ("localhost", "127.0.0.1", "::1")
 
 
+def test_build_app_refuses_fewer_than_one_replica():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="num_replicas 0: expected at least 1"):
+        build_app({"bundle": "b", "num_replicas": 0})
+
+
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_medcae_serve_stops_on_ctrl_c_or_sigterm_and_leaves_no_process(demo_bundle, tmp_path, stop):
     """`medcae serve` started as a user would, its own local Ray; Ctrl-C (or SIGTERM from a
-    process manager); nothing remains."""
+    process manager, here with two replicas); nothing remains."""
     import shutil
     import sys
     import tempfile
@@ -458,8 +465,9 @@ def test_medcae_serve_stops_on_ctrl_c_or_sigterm_and_leaves_no_process(demo_bund
     cmd = [sys.executable, "-m", "medcae.cli", "serve", "--bundle", str(demo_bundle.path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_tmp = tempfile.mkdtemp(prefix="mcs", dir="/tmp")  # short: Ray's socket paths
+    replicas = ["--replicas", "2"] if stop == "SIGTERM" else []
     run, report = run_reaped(
-        [*cmd, "--port", str(port)],
+        [*cmd, "--port", str(port), *replicas],
         tmp_path / "reaper.json",
         health_url=f"http://127.0.0.1:{port}/healthz",
         stop_signal=stop,
