@@ -6,7 +6,7 @@ label order), one ``p_<name>`` column per class, ``reconstruction_error`` and
 input vector. The files sit beside each other: ``preds.parquet``, ``preds.csv`` (with
 ``--csv``), ``preds.skipped.csv`` (``path,reason`` of every image that could not be read) and
 ``preds.log``. Each is written to a temporary name and renamed into place. Rows come in the
-order the workers finish them: sort by ``path`` where order matters.
+order of the listing (:mod:`medcae.distributed.predict` preserves it).
 
 Ray-free: the Ray Data stage (:mod:`medcae.distributed.predict`) calls these per batch, and a
 test or a notebook can call them on a list.

@@ -214,7 +214,8 @@ def test_cli_predicts_a_folder(tmp_path, demo_bundle, image_folder):
     assert run.returncode == 0, run.stderr[-3000:]
     table = pq.read_table(out)
     assert table.num_rows == GOOD
-    assert sorted(table.column("path").to_pylist()) == [str(p) for p in _good_files(image_folder)]
+    # in the listing's order: sorted paths
+    assert table.column("path").to_pylist() == [str(p) for p in _good_files(image_folder)]
     assert f"predicted {GOOD} of {GOOD + 1} images" in run.stdout
     assert str(image_folder / "broken.png") in run.stdout and "Traceback" not in run.stderr
     assert "predict: " in run.stderr  # the stage's progress line
@@ -234,8 +235,31 @@ def batch_run(ray_session, demo_bundle, image_folder, tmp_path_factory):
     opts = PredictOptions(batch_size=5, csv=True)
     rows = list_unlabeled_rows(image_folder)
     res = predict_files(rows, str(demo_bundle.path), NAMES, 64, paths, opts)
-    table = pq.read_table(paths.parquet).sort_by("path")
-    return res, table
+    return res, pq.read_table(paths.parquet)  # rows in the listing's order, not re-sorted
+
+
+@pytest.mark.ray
+def test_rows_come_out_in_input_order_whatever_finishes_first(ray_session):
+    """Block 0 takes longest: unordered, it comes out last; in_input_order keeps it first."""
+    import time
+
+    import ray.data
+
+    from medcae.distributed.predict import in_input_order
+
+    def slow_first(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(1.5 if batch["id"][0] == 0 else 0.0)
+        return batch
+
+    def run(ordered: bool) -> list[int]:
+        ds = ray.data.from_items([{"id": i} for i in range(8)], override_num_blocks=4)
+        ds = ds.map_batches(slow_first, batch_size=None, num_cpus=0.25)
+        ds = in_input_order(ds) if ordered else ds
+        return [int(r["id"]) for r in ds.iter_rows()]
+
+    assert run(ordered=False) != list(range(8))  # the test can tell
+    assert run(ordered=True) == list(range(8))
+    assert not ray.data.DataContext.get_current().execution_options.preserve_order  # scoped
 
 
 def _rows_by_path(table: pa.Table) -> dict[str, dict]:
@@ -267,7 +291,7 @@ def test_one_row_per_image_with_the_predictors_probabilities(batch_run, demo_bun
     assert "notes.txt" not in json.dumps(table.to_pylist() + res.skipped)
     # the CSV holds the same table
     with open(res.paths.csv, newline="") as fh:
-        rows = sorted(csv.DictReader(fh), key=lambda r: r["path"])
+        rows = list(csv.DictReader(fh))
     assert [r["path"] for r in rows] == [str(f) for f in files]
     np.testing.assert_allclose([json.loads(r["probabilities"]) for r in rows], proba, rtol=1e-12)
     np.testing.assert_allclose([float(r["p_ring"]) for r in rows], proba[:, 2], rtol=1e-12)
