@@ -236,11 +236,13 @@ def test_forwarded_worker_lines_keep_progress_and_errors():
         "medcae.progress: CAE: 96 maps",
         "2026-01-01 12:00:00,000\tWARNING foo.py:1 -- disk almost full",
         "x/execution_options.py:436: RayDeprecationWarning: `exclude_resources` is deprecated",
+        "WARNING: 8 PYTHON worker processes have been started on node: 85b1 with address: "
+        "192.0.2.2, which is 4x the maximum expected startup concurrency (2).",
         "Traceback (most recent call last):",
         '  File "x.py", line 1, in <module>',
         "ValueError: boom",
     ]
-    assert console_lines(lines) == [lines[3], lines[5], lines[6], *lines[8:]]
+    assert console_lines(lines) == [lines[3], lines[5], lines[6], *lines[9:]]
 
 
 @pytest.mark.ray

@@ -37,6 +37,7 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "ray.air
 NOISE = re.compile(
     r"Progress bars disabled|DeprecationWarning|Token authentication is enabled"
     r"|constructor arguments in the object store"
+    r"|PYTHON worker processes have been started on node"  # Ray's start-up concurrency note
 )
 #: Forwarded worker lines that are medcae's progress (the CAE epochs run in Train workers).
 WORKER_PROGRESS = re.compile(r"^(?:medcae[.:]|CAE training |epoch \d+/\d+ )")
