@@ -185,3 +185,17 @@ def test_methods_on_the_tap_cae_share_one_cae_per_seed():
     assert all(r["auc"] > 0.8 for r in rows), rows
     groups = task_groups(["frozen_final", "cae", "cae_pixels", "auto", "finetune", "cae_hier"])
     assert groups == [["cae", "auto"], ["frozen_final"], ["cae_pixels"], ["cae_hier"]]
+
+
+def test_report_header_names_fine_tuning_only_when_it_ran():
+    from medcae.finetune import FinetuneConfig
+    from medcae.jobs.evaluate import finetune_clause
+
+    ft = FinetuneConfig(epochs=4)
+    frozen = [{"method": "frozen_tap", "budget": 20}, {"method": "cae", "budget": 20}]
+    assert finetune_clause(frozen, ft, 112) == "."
+    summary = {"best_epoch": 3, "epochs_run": 4, "steps": 80, "seconds": 12.0}
+    tuned = [*frozen, {"method": "finetune", "budget": 20, "finetune": summary}]
+    text = finetune_clause(tuned, ft, 112)
+    assert text.startswith("; fine-tuning the whole backbone") and "at 112 px" in text
+    assert "20: best epoch 3.0 of 4.0 run, 80 steps, 12 s per run" in text

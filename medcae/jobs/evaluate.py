@@ -168,6 +168,13 @@ def finetune_text(rows: list[dict], ft: FinetuneConfig, resolution: int) -> str:
     return head + (" (" + "; ".join(parts) + ")" if parts else "") + "."
 
 
+def finetune_clause(rows: list[dict], ft: FinetuneConfig, resolution: int) -> str:
+    """``; fine-tuning ...`` for the report's header when fine-tuning ran, else ``.``."""
+    if not any(r.get("finetune") for r in rows):
+        return "."
+    return f"; fine-tuning {finetune_text(rows, ft, resolution)}"
+
+
 def write_report(
     out: Path,
     ds: Any,
@@ -223,8 +230,8 @@ def write_report(
         f"Wall time: {wall / 60:.1f} min  \nBackbone: {cfg.backbone.name} "
         f"{'+'.join(cfg.backbone.taps)} at {cfg.backbone.resolution}px; CAE "
         f"{cfg.cae.channels}->{cfg.cae.latent_channels}, {cfg.cae.epochs} epochs; "
-        f"classifier {cfg.classifier.kind} (C on validation AUC); fine-tuning "
-        f"{finetune_text(rows, ft, cfg.backbone.resolution)}\n\n{table}\n\n"
+        f"classifier {cfg.classifier.kind} (C on validation AUC)"
+        f"{finetune_clause(rows, ft, cfg.backbone.resolution)}\n\n{table}\n\n"
         "![AUC vs budget](auc_vs_budget.png) ![confusion](confusion_best.png) "
         "![reconstructions](reconstructions.png)\n"
     )
