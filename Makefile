@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format typecheck bench bench-scale serve evaluate clean
+.PHONY: venv demo test test-fast lint format typecheck bench bench-scale bench-predict serve evaluate clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,11 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py e2e
 	$(BIN)/python bench/scale.py stream
+
+# medcae predict on 20,000 PNG files against the Serve endpoint (needs a bundle: make demo)
+bench-predict: $(STAMP)
+	test -f $(BUNDLE)/bundle.json || $(MAKE) demo
+	$(BIN)/python bench/predict_archive.py --bundle $(BUNDLE)
 
 evaluate: $(STAMP)
 	$(BIN)/medcae evaluate --data pneumoniamnist --out docs/results
