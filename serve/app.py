@@ -414,7 +414,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for key in ("max_batch_size", "threads"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])
-    replicas = int(args.get("num_replicas", 1))
+    if "num_replicas" not in args:  # a Serve config's deployment settings (autoscaling) rule
+        return MedcaeModel.bind(**kwargs)
+    replicas = int(args["num_replicas"])
     if replicas < 1:
         raise ValueError(f"num_replicas {replicas}: expected at least 1")
     return MedcaeModel.options(num_replicas=replicas).bind(**kwargs)
