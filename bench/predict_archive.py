@@ -26,7 +26,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from serve_load import free_port  # noqa: E402 - bench/ is the script's own folder
 
 #: The issue's goal: ``medcae predict`` images/s over the endpoint's.
 GOAL_SPEEDUP = 3.0
@@ -113,12 +113,6 @@ def run_batch(bundle: str, pngs: Path, out: Path, extra: list[str]) -> tuple[Mea
     stage = re.search(r"predicted \d+ of \d+ images in ([\d.]+)s", proc.stdout)
     note = f"Ray Data stages alone {float(stage.group(1)):.1f}s" if stage else ""
     return Measured("medcae predict (Ray Data)", rows, secs, cores, note=note), parquet
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(bundle: str, port: int, replicas: int, log: Path) -> subprocess.Popen:
@@ -262,14 +256,10 @@ def main() -> None:
     files = sorted(pngs.rglob("*.png"))
     blobs = [f.read_bytes() for f in files]
     rows = [batch]
-    for name, replicas in (
-        ("Serve /v1/predict, 1 replica (shipped)", 1),
-        (f"Serve /v1/predict, {a.replicas} replicas", a.replicas),
-    ):
-        if replicas == 1 and name.endswith(f"{a.replicas} replicas"):
-            continue
+    for replicas in dict.fromkeys([1, a.replicas]):  # as shipped, then every core
+        name = "1 replica (shipped)" if replicas == 1 else f"{replicas} replicas"
         m, got = run_endpoint(
-            f"{name}, {a.concurrency} clients",
+            f"Serve /v1/predict, {name}, {a.concurrency} clients",
             bundle,
             files,
             blobs,

@@ -35,32 +35,21 @@ def test_aggregate_mean_and_std_over_seeds():
     assert "0.850 ± 0.050" in table and "quoted, not re-run" in table
 
 
+def _evaluate_smoke(demo_npz: Path, tmp_path: Path, out: Path, *extra: str) -> None:
+    """``ray_jobs/evaluate.py --smoke-test`` on the demo set into ``out``; it must succeed."""
+    cmd = [sys.executable, str(ROOT / "ray_jobs" / "evaluate.py"), "--data", str(demo_npz)]
+    cmd += ["--smoke-test", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    run = subprocess.run(
+        [*cmd, "--num-cpus", "4", *extra], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
     out = tmp_path / "ev"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "ray_jobs" / "evaluate.py"),
-            "--data",
-            str(demo_npz),
-            "--smoke-test",
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--num-cpus",
-            "4",
-            "--mlflow",
-            str(tmp_path / "mlruns"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _evaluate_smoke(demo_npz, tmp_path, out, "--mlflow", str(tmp_path / "mlruns"))
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
@@ -103,27 +92,7 @@ def test_active_smoke_writes_the_study(demo_npz, tmp_path):
     from medcae.study import COLUMNS, SMOKE_STUDY
 
     out = tmp_path / "active"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "ray_jobs" / "evaluate.py"),
-            "--data",
-            str(demo_npz),
-            "--active",
-            "--smoke-test",
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--num-cpus",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _evaluate_smoke(demo_npz, tmp_path, out, "--active")
     with open(out / "active.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
