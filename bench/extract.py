@@ -5,7 +5,7 @@ images/s and achieved GFLOP/s (FLOPs counted with torch's FlopCounterMode):
 
   plain     what a user would write: EfficientNet-Lite0 to the final layer, channels_last,
             torch.inference_mode, a for-loop over batches
-  core      medcae.features.FeatureExtractor in-process (prepare + taps + pooled final), with
+  core      medcae.model.features.FeatureExtractor in-process (prepare + taps + pooled final), with
             each runtime: PyTorch, the exported graph on ONNX Runtime and on OpenVINO (fp32),
             and OpenVINO in bf16 (opt-in precision)
   ray       medcae.distributed.store.build_store: the whole extraction stage of a run, from
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from medcae.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from medcae.config import BackboneConfig  # noqa: E402
-from medcae.features import FeatureExtractor  # noqa: E402
-from medcae.preprocess import prepare_batch, to_model_input  # noqa: E402
+from medcae.data.preprocess import prepare_batch, to_model_input  # noqa: E402
+from medcae.model.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from medcae.model.features import FeatureExtractor  # noqa: E402
 
 
 def load_images(n: int) -> tuple[np.ndarray, str]:

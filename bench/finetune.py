@@ -1,6 +1,6 @@
 """The fine-tuning reference on real data: test AUC, epochs and cost per label budget.
 
-Runs :func:`medcae.finetune.finetune` (the recipe ``medcae evaluate`` uses for its
+Runs :func:`medcae.model.finetune.finetune` (the recipe ``medcae evaluate`` uses for its
 ``finetune`` method) on PneumoniaMNIST's official splits, one seed per call, and prints one line
 per budget: labels, test AUC and accuracy, best and run epochs, steps, images seen, seconds.
 
@@ -21,12 +21,12 @@ import torch  # noqa: E402
 
 
 def main() -> None:
-    from medcae.classifier import sample_budget
+    from medcae.cli.args import budgets
     from medcae.config import BackboneConfig
     from medcae.data import load_dataset
-    from medcae.finetune import FinetuneConfig, finetune
-    from medcae.jobargs import budgets
-    from medcae.metrics import classification_report
+    from medcae.metrics.classification import classification_report
+    from medcae.model.classifier import sample_budget
+    from medcae.model.finetune import FinetuneConfig, finetune
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="pneumoniamnist")

@@ -32,7 +32,7 @@ def run(precision: str, seed: int, out: Path, store: Path, a: argparse.Namespace
     cmd = [
         sys.executable,
         "-m",
-        "medcae.cli",
+        "medcae.cli.main",
         "run",
         "--data",
         a.data,

@@ -7,7 +7,7 @@ every Ray process it started; PSS splits the object store's shared pages fairly)
 
 ``stream``: trains the CAE from one feature store (8,000 maps or more) with the object store
 capped (default 256 MB): with the maps held in the object store, streamed from storage by each
-worker (equal shards, :mod:`medcae.shards`), and, for comparison, as a lazy Ray Data dataset
+worker (equal shards, :mod:`medcae.data.shards`), and, for comparison, as a lazy Ray Data dataset
 re-read every epoch; prints samples/s of each (epochs after the first) and the ratios.
 
     python bench/scale.py e2e [--sizes 2000,8000] [--side 1024] [--work /tmp/medcae-scale]
@@ -97,7 +97,7 @@ def run_job(args: list[str], log: Path) -> tuple[dict, Peaks, float]:
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "medcae.cli", "run", *args],
+            [sys.executable, "-m", "medcae.cli.main", "run", *args],
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -91,7 +91,7 @@ def load(url: str, blobs: list[bytes], concurrency: int, requests: int, max_s: f
 def run_serve(bundle: str, batch: int, port: int, threads: int, runtime: str) -> str:
     from ray import serve
 
-    from serve.app import build_app
+    from medcae.serving.app import build_app
 
     serve.run(
         build_app(

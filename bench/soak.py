@@ -112,8 +112,8 @@ def main() -> None:
     from ray import serve
     from serve_load import free_port, sample_pngs, wait_healthy
 
-    from medcae.auth import hash_key
-    from serve.app import build_app
+    from medcae.serving.app import build_app
+    from medcae.serving.auth import hash_key
 
     mix = requests_mix(sample_pngs(8))
     ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})

@@ -10,8 +10,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from medcae.representations import CHOICES as REPRESENTATION_CHOICES
-
 T = TypeVar("T")
 
 #: Images kept per split by ``--smoke-test``, in every job.
@@ -31,18 +29,23 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+#: The classifier's inputs by name (:mod:`medcae.model.representations` registers each; a test
+#: keeps the two lists equal), and ``auto``, which picks one on validation.
+REPRESENTATION_CHOICES = ("auto", "frozen_final", "frozen_tap", "cae", "cae_concat", "cae_ensemble")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Which frozen CNN, where it is tapped, and at what input resolution.
 
     Attributes:
-        name: Registry name (see ``medcae.backbones.BACKBONES``).
+        name: Registry name (see ``medcae.model.backbones.BACKBONES``).
         taps: Layer names whose feature maps feed the CAE (several are resized to the deepest's
             spatial size and concatenated on channels). Empty means the backbone's default.
         resolution: Input side length in pixels; images are resized to it.
         weights: ``None`` for ImageNet weights, a state-dict path, or ``"random"``.
         precision: ``fp32``, or ``bf16`` (opt-in: about 1.8x faster on a CPU with AVX-512 BF16,
-            features differ by up to a few percent; see ``medcae.runtimes``). Part of the feature
+            features differ by up to a few percent; see ``medcae.model.runtimes``). Part of the feature
             store key and of the bundle, so serving computes features as training did.
     """
 
@@ -114,7 +117,7 @@ class ClassifierConfig:
 
     Attributes:
         kind: ``logreg`` or ``linear_svm``.
-        representation: The classifier's input (:mod:`medcae.representations`): ``auto``
+        representation: The classifier's input (:mod:`medcae.model.representations`): ``auto``
             (picked on validation by the one-standard-error rule), ``cae``, ``cae_concat``,
             ``frozen_tap`` or ``frozen_final``.
         budget: Labels to use: a fraction in (0, 1] of each class, or an int count per class.

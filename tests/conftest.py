@@ -77,10 +77,11 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
 
     from medcae.config import CAEConfig, ClassifierConfig, PipelineConfig
     from medcae.data import load_dataset
-    from medcae.engine import build_cae, channel_stats, embed_all, errors_all
-    from medcae.evaluation import fit_and_test, save_model
-    from medcae.features import FeatureExtractor
-    from medcae.trainer import fit_cae
+    from medcae.evaluation.export import save_model
+    from medcae.evaluation.protocol import fit_and_test
+    from medcae.model.epoch import build_cae, channel_stats, embed_all, errors_all
+    from medcae.model.features import FeatureExtractor
+    from medcae.model.trainer import fit_cae
 
     cfg = PipelineConfig(
         data=str(demo_npz),

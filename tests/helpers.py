@@ -40,7 +40,7 @@ def medcae_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedP
     """``medcae`` in a fresh interpreter that then asserts Ray was never imported (so never
     started) when the command failed."""
     code = (
-        "import sys; from medcae.cli import main; rc = main(sys.argv[1:]); "
+        "import sys; from medcae.cli.main import main; rc = main(sys.argv[1:]); "
         "assert rc == 0 or 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
     )
     return subprocess.run(

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from medcae.auth import check_bearer, hash_key, is_loopback, load_key_hashes, require_keys_for
 from medcae.config import ConfigError
-from medcae.service import RequestError
+from medcae.serving.api import RequestError
+from medcae.serving.auth import (
+    check_bearer,
+    hash_key,
+    is_loopback,
+    load_key_hashes,
+    require_keys_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret-key"
@@ -65,7 +71,7 @@ def test_beyond_loopback_needs_keys():
 
 
 def test_serve_cli_refuses_a_public_address_without_keys_before_ray_starts(tmp_path):
-    cmd = [sys.executable, "-m", "medcae.cli", "serve", "--bundle", str(tmp_path), "--host"]
+    cmd = [sys.executable, "-m", "medcae", "serve", "--bundle", str(tmp_path), "--host"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run(
         [*cmd, "0.0.0.0"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
@@ -75,7 +81,7 @@ def test_serve_cli_refuses_a_public_address_without_keys_before_ray_starts(tmp_p
     assert "refusing to serve on 0.0.0.0 without API keys" in text and "--api-keys-file" in text
     assert "Traceback" not in text
     digest = subprocess.run(
-        [sys.executable, "-m", "medcae.cli", "hash-key"],
+        [sys.executable, "-m", "medcae", "hash-key"],
         input=KEY + "\n",
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medcae.backbones import BACKBONES, BackboneError, build_backbone
+from medcae.model.backbones import BACKBONES, BackboneError, build_backbone
 
 
 @pytest.mark.parametrize(

@@ -16,17 +16,17 @@ from PIL import Image
 from test_data import dicom_bytes
 from test_serve import server  # noqa: F401 - the running Serve app, for /v1/predict
 
-from medcae.batch import (
+from medcae.cli.main import main
+from medcae.data import DataError
+from medcae.inference.predictions import (
     OutputPaths,
     atomic_file,
     prediction_schema,
     prediction_table,
-    write_csv,
     write_parquet,
+    write_predictions_csv,
 )
-from medcae.cli import main
-from medcae.data import DataError
-from medcae.predictor import Prediction, Predictor
+from medcae.inference.predictor import Prediction, Predictor
 
 NAMES = ["normal", "nodule", "ring"]
 GOOD = 12  # images in the folder that decode
@@ -127,7 +127,7 @@ def test_parquet_and_csv_are_written_whole_or_not_at_all(tmp_path):
         write_parquet(failing(), out, schema)
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
     assert write_parquet([part, part.slice(0, 0), part], out, schema) == 2
-    write_csv(out, tmp_path / "p.csv")
+    write_predictions_csv(out, tmp_path / "p.csv")
     with open(tmp_path / "p.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [json.loads(r["probabilities"]) for r in rows] == [[0.25, 0.75]] * 2

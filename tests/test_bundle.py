@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from medcae.bundle import BundleError, read_bundle, write_bundle
-from medcae.predictor import Predictor
+from medcae.inference.bundle import BundleError, read_bundle, write_bundle
+from medcae.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_a_bundle_holds_exactly_its_listed_files(tiny_bundle, tmp_path):
 def test_other_backbone_weights_are_refused_naming_both_hashes(tiny_bundle, tmp_path):
     import shutil
 
-    from medcae.backbones import weights_sha256
+    from medcae.model.backbones import weights_sha256
 
     path, _, _ = tiny_bundle
     moved = tmp_path / "moved"

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from medcae.cae import ConvAutoEncoder
 from medcae.config import BackboneConfig, CAEConfig
-from medcae.engine import build_cae, channel_stats, embed_all, errors_all, run_epoch
-from medcae.features import FeatureExtractor
+from medcae.model.cae import ConvAutoEncoder
+from medcae.model.epoch import build_cae, channel_stats, embed_all, errors_all, run_epoch
+from medcae.model.features import FeatureExtractor
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,17 @@ import shutil
 import numpy as np
 import pytest
 
-from medcae.bundle import BundleError, read_bundle, write_bundle
-from medcae.card import (
-    MIN_TEST_PER_CLASS,
+from medcae.inference.bundle import BundleError, read_bundle, write_bundle
+from medcae.inference.card import MIN_TEST_PER_CLASS, model_card
+from medcae.inference.predictor import Predictor
+from medcae.metrics.classification import (
     accuracy,
+    auc_score,
     balanced_accuracy,
     bootstrap_ci,
     bootstrap_intervals,
-    model_card,
     rank_auc,
 )
-from medcae.metrics import auc_score
-from medcae.predictor import Predictor
 
 SECTIONS = (
     "## Model",

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from medcae.classifier import BudgetError, LinearHead, fit_classifier, sample_budget
 from medcae.config import ClassifierConfig
-from medcae.metrics import auc_score, classification_report, format_results
+from medcae.metrics.classification import auc_score, classification_report, format_results
+from medcae.model.classifier import BudgetError, LinearHead, fit_classifier, sample_budget
 
 LABELS = np.array([0] * 100 + [1] * 300 + [2] * 50)
 
@@ -81,7 +81,7 @@ def test_report_and_table():
     "kind, k", [("logreg", 2), ("logreg", 3), ("linear_svm", 2), ("linear_svm", 3)]
 )
 def test_average_heads_decides_by_the_members_mean_decision(kind, k):
-    from medcae.classifier import _fit_once, average_heads
+    from medcae.model.classifier import _fit_once, average_heads
 
     rng = np.random.default_rng(k)
     y = rng.integers(0, k, 90)
@@ -101,7 +101,7 @@ def test_average_heads_decides_by_the_members_mean_decision(kind, k):
 
 
 def test_average_heads_refuses_mixed_heads():
-    from medcae.classifier import _fit_once, average_heads
+    from medcae.model.classifier import _fit_once, average_heads
 
     rng = np.random.default_rng(0)
     x, y2, y3 = rng.normal(size=(30, 4)), np.arange(30) % 2, np.arange(30) % 3

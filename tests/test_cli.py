@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from medcae import jobargs
-from medcae.cli import JOBS, build_parser, main
+from medcae.cli.errors import run_cli, user_message
+from medcae.cli.logs import console_lines
+from medcae.cli.main import JOBS, build_parser, main
 from medcae.data import DataError
-from medcae.errors import run_cli, user_message
-from medcae.jobs.logs import console_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIMS = {"pipeline.py": "run", "train.py": "train", "tune.py": "tune", "evaluate.py": "evaluate"}
@@ -122,16 +122,16 @@ def test_bundle_job_shims_run_the_cli(shim):
 
 
 def test_serve_replicas_below_one_is_one_error_line_before_ray(tmp_path):
-    out = _run("-m", "medcae.cli", "serve", "--bundle", str(tmp_path), "--replicas", "0")
+    out = _run("-m", "medcae", "serve", "--bundle", str(tmp_path), "--replicas", "0")
     assert out.returncode == 2
     assert out.stderr == "error: --replicas 0: expected at least 1\n"
 
 
 def test_cli_and_jobs_import_without_ray():
     code = (
-        "import sys, medcae.cli, medcae.jobargs, medcae.jobs.logs, medcae.errors, medcae.jobs.run, "
-        "medcae.jobs.tune, medcae.jobs.evaluate, medcae.jobs.predict, medcae.batch, "
-        "medcae.jobs.suggest, medcae.active, medcae.suggestions; "
+        "import sys, medcae.cli.main, medcae.cli.args, medcae.cli.logs, medcae.cli.errors, medcae.cli.run, "
+        "medcae.cli.tune, medcae.cli.evaluate, medcae.cli.predict, medcae.inference.predictions, "
+        "medcae.cli.suggest, medcae.labeling.strategies, medcae.labeling.suggestions; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -178,8 +178,8 @@ def test_lost_working_directory_keeps_traceback_in_console_and_run_log(tmp_path)
     """The old behaviour printed only ``error: [Errno 2] No such file or directory``."""
     code = (
         "import os, sys, torch  # a job has torch loaded long before it fails\n"
-        "from medcae.errors import run_cli\n"
-        "from medcae.jobs.logs import setup_run_logging\n"
+        "from medcae.cli.errors import run_cli\n"
+        "from medcae.cli.logs import setup_run_logging\n"
         f"setup_run_logging({str(tmp_path / 'out')!r})\n"
         f"os.makedirs({str(tmp_path / 'gone')!r}); os.chdir({str(tmp_path / 'gone')!r})\n"
         f"os.rmdir({str(tmp_path / 'gone')!r})\n"
@@ -199,7 +199,7 @@ def test_lost_working_directory_keeps_traceback_in_console_and_run_log(tmp_path)
 def test_run_log_takes_ray_lines_and_console_keeps_medcae_progress(tmp_path):
     code = (
         "import logging\n"
-        "from medcae.jobs.logs import setup_console, setup_run_logging\n"
+        "from medcae.cli.logs import setup_console, setup_run_logging\n"
         "setup_console()\n"
         "logging.getLogger('medcae.data').info('EARLY-LOADED')\n"
         f"setup_run_logging({str(tmp_path)!r})\n"
@@ -252,7 +252,7 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
 
     out_dir = tmp_path / "run"
     run, report = run_reaped(
-        [sys.executable, "-m", "medcae.cli", "run", "--data", "demo", "--smoke-test"]
+        [sys.executable, "-m", "medcae", "run", "--data", "demo", "--smoke-test"]
         + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow", str(tmp_path / "mlruns")],
         tmp_path / "reaper.json",
         capture_output=True,
@@ -304,7 +304,7 @@ def test_mlflow_logging_reads_back_and_never_fails_the_job(tmp_path, monkeypatch
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
-    from medcae.jobs.tracking import log_job, tracking_uri
+    from medcae.cli.tracking import log_job, tracking_uri
 
     uri = tracking_uri(str(tmp_path / "mlruns"))
     assert uri.startswith("file://") and tracking_uri(None) is None

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from medcae.client import ClientError, MedcaeClient
+from medcae.serving.client import ClientError, MedcaeClient
 
 
 def _closed_port() -> int:
@@ -28,7 +28,7 @@ def test_cli_predict_exits_1_with_a_message_when_server_is_down(tmp_path):
         [
             sys.executable,
             "-m",
-            "medcae.cli",
+            "medcae.cli.main",
             "predict",
             "--timeout",
             "3",

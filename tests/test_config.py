@@ -32,11 +32,11 @@ def test_unknown_or_bad_fields_are_named(bad, match):
 
 def test_core_imports_without_ray():
     code = (
-        "import sys, medcae.backbones, medcae.cae, medcae.engine, medcae.classifier, "
-        "medcae.features, medcae.bundle, medcae.predictor, medcae.data, "
-        "medcae.evaluation, medcae.metrics, medcae.errors, medcae.search, medcae.report, "
-        "medcae.service, medcae.client, medcae.cli, medcae.evidence, medcae.trainer, "
-        "medcae.shards, medcae.preprocess, medcae.jobargs, medcae.data.rows, medcae.study; "
+        "import sys, medcae.model.backbones, medcae.model.cae, medcae.model.epoch, medcae.model.classifier, "
+        "medcae.model.features, medcae.inference.bundle, medcae.inference.predictor, medcae.data, "
+        "medcae.evaluation.protocol, medcae.metrics.classification, medcae.cli.errors, medcae.tuning.space, medcae.tuning.report, "
+        "medcae.serving.api, medcae.serving.client, medcae.cli.main, medcae.evaluation.comparison, medcae.model.trainer, "
+        "medcae.data.shards, medcae.data.preprocess, medcae.cli.args, medcae.data.rows, medcae.labeling.study; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -32,7 +32,7 @@ from medcae.data import (
     read_header,
 )
 from medcae.data import decode as decode_module
-from medcae.service import Limits, RequestError, decode_request_image
+from medcae.serving.api import Limits, RequestError, decode_request_image
 
 MB = 1024**2
 SC_UID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medcae.evidence import aggregate
-from medcae.report import evidence_table
+from medcae.evaluation.comparison import aggregate
+from medcae.evaluation.report import evidence_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,8 +88,8 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
 @pytest.mark.slow
 def test_active_smoke_writes_the_study(demo_npz, tmp_path):
     """``--active --smoke-test``: every strategy, rounds that grow by the step, the plot."""
-    from medcae.active import STRATEGIES
-    from medcae.study import COLUMNS, SMOKE_STUDY
+    from medcae.labeling.strategies import STRATEGIES
+    from medcae.labeling.study import COLUMNS, SMOKE_STUDY
 
     out = tmp_path / "active"
     _evaluate_smoke(demo_npz, tmp_path, out, "--active")
@@ -115,7 +115,7 @@ def test_active_smoke_writes_the_study(demo_npz, tmp_path):
 def test_label_spreading_uses_the_unlabeled_codes():
     """Two labels per class, clusters that only the unlabeled points reveal: spreading along
     the k-NN graph classifies the test points that a two-point classifier would not."""
-    from medcae.evidence import spread_row
+    from medcae.evaluation.comparison import spread_row
 
     rng = np.random.default_rng(0)
 
@@ -138,7 +138,7 @@ def test_methods_on_the_tap_cae_share_one_cae_per_seed():
     """cae, cae_concat, cae_ensemble and auto of one seed: one CAE trained, rows for each."""
     from medcae.config import CAEConfig, PipelineConfig
     from medcae.distributed.evaluate import task_groups
-    from medcae.evidence import run_feature_methods
+    from medcae.evaluation.comparison import run_feature_methods
 
     rng = np.random.default_rng(0)
     data = {}
@@ -157,8 +157,8 @@ def test_methods_on_the_tap_cae_share_one_cae_per_seed():
 
 
 def test_report_header_names_fine_tuning_only_when_it_ran():
-    from medcae.finetune import FinetuneConfig
-    from medcae.jobs.evaluate import finetune_clause
+    from medcae.evaluation.report import finetune_clause
+    from medcae.model.finetune import FinetuneConfig
 
     ft = FinetuneConfig(epochs=4)
     frozen = [{"method": "frozen_tap", "budget": 20}, {"method": "cae", "budget": 20}]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcae.explain import _contributions, explain, heatmap_png
-from medcae.predictor import Predictor
+from medcae.inference.explain import _contributions, explain, heatmap_png
+from medcae.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_every_class_and_pool_decomposes_exactly(predictor, demo_bundle):
 
 def test_binary_head_explains_either_class(predictor, demo_bundle):
     """A binary head has one weight row: class 0's map is the negation of class 1's."""
-    from medcae.classifier import LinearHead
+    from medcae.model.classifier import LinearHead
 
     h = predictor.head
     binary = LinearHead(
@@ -76,9 +76,9 @@ def test_heatmap_is_a_png_over_the_model_view(predictor, demo_bundle):
 def test_other_representations_predict_and_decompose(predictor, demo_bundle, rep):
     """A head on another representation: the Predictor builds its vectors, and the map over
     the tap's locations still adds up to the decision (none for the pooled last layer)."""
-    from medcae.classifier import fit_classifier
     from medcae.config import ClassifierConfig
-    from medcae.explain import ExplainUnavailable
+    from medcae.inference.explain import ExplainUnavailable
+    from medcae.model.classifier import fit_classifier
 
     images, labels = demo_bundle.test_images, demo_bundle.test_labels
     meta = {**predictor.meta, "representation": {"name": rep}}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from medcae.config import BackboneConfig
-from medcae.finetune import FinetuneConfig, augment, finetune
-from medcae.metrics import auc_score
+from medcae.metrics.classification import auc_score
+from medcae.model.finetune import FinetuneConfig, augment, finetune
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_small_budget_trains_enough_steps_keeps_bn_stats_and_restores_the_best_e
     best = max(h["val_auc"] for h in model.history)
     assert auc_score(val[1], model.predict_proba(val[0]), 3) == pytest.approx(best, abs=1e-6)
     # frozen batch norm: the running statistics are still ImageNet's
-    from medcae.backbones import build_backbone
+    from medcae.model.backbones import build_backbone
 
     fresh = build_backbone(bb.name, None, 32, bb.weights).net
     bns = [

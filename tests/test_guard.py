@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from medcae.auth import allowed_hosts_for, host_allowed, parse_hosts
 from medcae.config import ConfigError
-from medcae.service import RequestError, predict_each
+from medcae.serving.api import RequestError, predict_each
+from medcae.serving.auth import allowed_hosts_for, host_allowed, parse_hosts
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def _asgi_app(hosts, cors):
     """The Serve app's own guard around a minimal FastAPI app (no Ray needed)."""
     from fastapi import FastAPI
 
-    from medcae.guard import Guard, configure_guard
+    from medcae.serving.middleware import Guard, configure_guard
 
     configure_guard(hosts, cors)
     inner = FastAPI()
@@ -102,7 +102,7 @@ def test_no_cors_headers_unless_configured():
 
 
 def test_one_bad_image_in_a_batch_fails_alone(demo_bundle):
-    from medcae.predictor import Predictor
+    from medcae.inference.predictor import Predictor
 
     predictor = Predictor.from_bundle(demo_bundle.path, runtime="torch")
     good = list(demo_bundle.test_images[:3])

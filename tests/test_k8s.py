@@ -315,7 +315,9 @@ def test_image_is_the_dockerfile_install():
     (torch,) = re.findall(r"^TORCH\s*:=\s*(.+)$", (REPO / "Makefile").read_text(), re.M)
     assert f"pip install --no-cache-dir {torch.strip()}" in dockerfile
     assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", dockerfile, re.M)
-    assert re.search(rf"^ENV PYTHONPATH={IMAGE_ROOT}$", dockerfile, re.M)  # serve.app imports
+    assert re.search(
+        rf"^ENV PYTHONPATH={IMAGE_ROOT}$", dockerfile, re.M
+    )  # medcae.serving.app imports
     for folder in ("medcae", "ray_jobs", "serve"):
         assert re.search(rf"^COPY {folder} ", dockerfile, re.M), folder
 
@@ -326,23 +328,23 @@ def test_image_is_the_dockerfile_install():
 def _parse_job(argv: list[str], monkeypatch) -> tuple[str, object]:
     """Run the entry point's ``ray_jobs`` shim with ``main`` replaced, then parse the command
     line it hands over with the real ``medcae`` parser."""
-    import medcae.cli
+    import medcae.cli.main
 
     script = PurePosixPath(argv[1]).relative_to(IMAGE_ROOT)
     assert script.parts[0] == "ray_jobs" and (REPO / script).is_file(), script
     seen: list[list[str]] = []
-    monkeypatch.setattr(medcae.cli, "main", lambda a: seen.append(a) or 0)
+    monkeypatch.setattr(medcae.cli.main, "main", lambda a: seen.append(a) or 0)
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *argv[2:]])
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(SystemExit) as ex:
         runpy.run_path(str(REPO / script), run_name="__main__")
     assert ex.value.code == 0
     (given,) = seen
-    return given[0], medcae.cli.build_parser().parse_args(given)
+    return given[0], medcae.cli.main.build_parser().parse_args(given)
 
 
 def test_rayjob_runs_the_pipeline_with_its_real_flags(docs, monkeypatch):
-    from medcae.jobargs import config_from_args
+    from medcae.cli.args import config_from_args
 
     argv = _job_argv(docs["RayJob"])
     assert argv[0] == "python"
@@ -411,7 +413,9 @@ def test_serve_config_is_the_projects_application(docs, local_serve):
     [
         pytest.param(_set("applications/0/args/limits/max_pixels", 1), id="limit"),
         pytest.param(_set("applications/0/deployments/0/max_queued_requests", 1), id="queue"),
-        pytest.param(_set("applications/0/import_path", "serve.app:app"), id="import-path"),
+        pytest.param(
+            _set("applications/0/import_path", "medcae.serving.app:app"), id="import-path"
+        ),
         pytest.param(_set("applications/0/args/api_key_file", "/k"), id="misspelt-arg"),
         pytest.param(_set("http_options/request_timeout_s", 5), id="timeout"),
     ],
@@ -426,8 +430,8 @@ def test_serve_config_check_sees_a_change(change, docs, local_serve):
 def test_every_serve_arg_reaches_the_app(docs, monkeypatch):
     """The builder passes each argument on (it drops unknown names silently: a misspelt
     ``api_keys_file`` would serve without keys), and the values are valid."""
-    from medcae.auth import parse_hosts
-    from medcae.service import Limits
+    from medcae.serving.api import Limits
+    from medcae.serving.auth import parse_hosts
 
     (app,) = _serve_config(docs["RayService"])["applications"]
     module_name, builder = app["import_path"].split(":")
@@ -478,7 +482,7 @@ def test_api_keys_come_from_the_secret_in_every_pod(docs):
 
 
 def test_service_serves_the_bundle_the_job_writes(docs):
-    from medcae.cli import build_parser
+    from medcae.cli.main import build_parser
 
     out = build_parser().parse_args(["run", *_job_argv(docs["RayJob"])[2:]]).out
     bundle = _serve_config(docs["RayService"])["applications"][0]["args"]["bundle"]

@@ -1,40 +1,56 @@
-"""The house's floors: the core never imports the Ray layer, and imports only run downwards.
+"""The house's floors, folder by folder: imports run downwards only, and Ray stays on top.
 
-Every ``import`` counts, including the ones inside functions, so a cycle cannot hide behind a
-lazy import.
+Every ``import`` counts, including the ones inside functions, so a cycle or an upward import
+cannot hide behind a lazy import.
 """
 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 PKG = ROOT / "medcae"
 
-#: Floors of the Ray layer, lowest first; a module may import only from lower floors.
-RAY_FLOORS = [
-    {"medcae.distributed.runtime"},
-    {"medcae.distributed.extract"},
-    {"medcae.distributed.store"},
-    {"medcae.distributed.train", "medcae.distributed.predict"},
-    {"medcae.distributed.pipeline"},
-    {"medcae.distributed.tune", "medcae.distributed.evaluate", "medcae.distributed.study"},
+#: The package's folders (and its two top-level modules), lowest floor first. A folder may
+#: import its own modules and any folder on a lower floor; nothing on one floor imports another
+#: folder of the same floor.
+FLOORS = [
+    {"config", "data"},
+    {"metrics"},
+    {"model"},
+    {"inference"},
+    {"evaluation", "tuning"},
+    {"labeling"},
+    {"distributed"},  # the Ray layer: Ray Data, Train, Tune
+    {"serving"},  # the Ray Serve app (serving/app.py) and its Ray-free HTTP layer
+    {"cli"},
+    {"__main__"},
+]
+#: Below this floor no module imports Ray.
+RAY_FROM = FLOORS.index({"distributed"})
+#: Inside the Ray layer, modules run one way too, lowest first.
+RAY_LAYER = [
+    {"runtime"},
+    {"extract"},
+    {"store"},
+    {"train", "predict"},
+    {"pipeline"},
+    {"tune", "evaluate", "study"},
 ]
 
 
-def _module_name(path: Path) -> str:
+def _module(path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path) -> set[str]:
     """Every module ``path`` imports (absolute names), at any depth of the file."""
-    tree = ast.parse(path.read_text())
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -44,35 +60,67 @@ def _imports(path: Path) -> set[str]:
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        graph[name] = {m for m in _imports(path) if m in modules and m != name}
-    return graph
+    """Module -> the package modules it imports."""
+    modules = {_module(p): p for p in PKG.rglob("*.py")}
+    return {n: {m for m in _imports(p) if m in modules and m != n} for n, p in modules.items()}
 
 
-#: The command line sits on top with the jobs: it may reach the job layer (lazily).
-CLI = {"medcae.cli", "medcae.errors"}
+def _folder(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
 
 
-def _is_core(name: str) -> bool:
-    return not name.startswith(("medcae.distributed", "medcae.jobs")) and name not in CLI
+def _floor() -> dict[str, int]:
+    return {f: i for i, fl in enumerate(FLOORS) for f in fl}
 
 
-def test_core_never_imports_ray_or_the_ray_layer():
+def test_every_folder_has_a_floor():
+    folders = {_folder(m) for m in _graph() if m != "medcae"}
+    assert folders <= set(_floor()), f"place these on a floor: {sorted(folders - set(_floor()))}"
+
+
+def test_folders_import_only_downwards():
+    floor = _floor()
+    bad = sorted(
+        f"{src} -> {dst}"
+        for src, deps in _graph().items()
+        for dst in deps
+        if src != "medcae"
+        and dst != "medcae"
+        and _folder(src) != _folder(dst)
+        and floor[_folder(dst)] >= floor[_folder(src)]
+    )
+    assert not bad, f"imports that run upwards or sideways between folders: {bad}"
+
+
+def test_nothing_below_the_ray_layer_imports_ray():
+    floor = _floor()
     bad = {}
     for path in PKG.rglob("*.py"):
-        name = _module_name(path)
-        if not _is_core(name):
+        name = _module(path)
+        if name == "medcae" or floor[_folder(name)] >= RAY_FROM:
             continue
-        hits = {
-            m
-            for m in _imports(path)
-            if m == "ray" or m.startswith(("ray.", "medcae.distributed", "medcae.jobs", "serve"))
-        }
+        hits = {m for m in _imports(path) if m == "ray" or m.startswith("ray.")}
         if hits:
             bad[name] = sorted(hits)
-    assert not bad, f"core modules importing the Ray layer: {bad}"
+    assert not bad, f"modules below distributed/ importing Ray: {bad}"
+
+
+def test_serving_imports_ray_only_in_the_serve_app():
+    users = {
+        _module(p)
+        for p in (PKG / "serving").rglob("*.py")
+        if any(m == "ray" or m.startswith("ray.") for m in _imports(p))
+    }
+    assert users == {"medcae.serving.app"}
+
+
+def test_the_ray_layer_imports_run_one_way():
+    level = {f"medcae.distributed.{m}": i for i, ms in enumerate(RAY_LAYER) for m in ms}
+    graph = _graph()
+    known = {m for m in graph if m.startswith("medcae.distributed.")}
+    assert known <= set(level), f"place these modules on a floor: {sorted(known - set(level))}"
+    upward = [(s, d) for s in known for d in graph[s] if d in level and level[d] >= level[s]]
+    assert not upward, f"imports that run upwards or sideways in the Ray layer: {upward}"
 
 
 def test_no_import_cycles():
@@ -93,21 +141,3 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, f"import cycles: {cycles}"
-
-
-def test_ray_layer_imports_run_one_way():
-    floor = {m: i for i, mods in enumerate(RAY_FLOORS) for m in mods}
-    graph = _graph()
-    known = {m for m in graph if m.startswith("medcae.distributed.")}
-    assert known <= set(floor), f"place these modules on a floor: {sorted(known - set(floor))}"
-    upward = [
-        (src, dst)
-        for src in known
-        for dst in graph[src]
-        if dst in floor and floor[dst] >= floor[src]
-    ]
-    assert not upward, f"imports that run upwards or sideways in the Ray layer: {upward}"
-    # The job layer sits on top: nothing below imports it.
-    assert not [
-        s for s, d in graph.items() if s in known and any(x.startswith("medcae.jobs") for x in d)
-    ]

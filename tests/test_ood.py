@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medcae.predictor import Predictor
+from medcae.inference.predictor import Predictor
 
 PHOTOS = (
     "astronaut",

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from medcae.config import PipelineConfig
-from medcae.metrics import classification_report
-from medcae.predictor import Predictor
+from medcae.inference.predictor import Predictor
+from medcae.metrics.classification import classification_report
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "pipeline.py"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medcae.preprocess import prepare_batch, prepare_image, to_model_input
+from medcae.data.preprocess import prepare_batch, prepare_image, to_model_input
 
 
 @pytest.mark.parametrize(

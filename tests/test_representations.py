@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medcae.config import ClassifierConfig, ConfigError
-from medcae.representations import REPRESENTATIONS, choose, get_representation, tap_pool
+from medcae.model.representations import REPRESENTATIONS, choose, get_representation, tap_pool
 
 
 def _proba(y: np.ndarray, signal: float, rng: np.random.Generator) -> np.ndarray:
@@ -64,7 +64,7 @@ def test_features_and_names():
 def test_fit_representations_auto_and_fixed(demo_bundle):
     """On real codes of the demo bundle: auto fits every candidate and picks one, a fixed name fits
     it and the frozen baseline."""
-    from medcae.evaluation import fit_representations
+    from medcae.evaluation.protocol import fit_representations
 
     pred, arrays, labels = _demo_arrays(demo_bundle)
     names = pred.label_names
@@ -103,7 +103,7 @@ def test_a_small_gap_on_validation_never_moves_the_default(gap, kept):
     score = y * 1.5 + rng.normal(0, 1, len(y))
     other = score.copy()
     # move the other candidate's scores until its validation AUC is higher by about `gap`
-    from medcae.metrics import auc_score
+    from medcae.metrics.classification import auc_score
 
     def proba(s):
         p = 1 / (1 + np.exp(-s))
@@ -121,8 +121,8 @@ def test_a_small_gap_on_validation_never_moves_the_default(gap, kept):
 def test_an_ensemble_is_one_linear_head_on_its_parts(demo_bundle):
     """fit_ensemble on real demo features: its head reads codes + tap, and its validation AUC
     is that head's on the concatenation."""
-    from medcae.evaluation import fit_ensemble
-    from medcae.metrics import auc_score
+    from medcae.evaluation.protocol import fit_ensemble
+    from medcae.metrics.classification import auc_score
 
     pred, arrays, labels = _demo_arrays(demo_bundle)
     rep = get_representation("cae_ensemble")
@@ -142,7 +142,7 @@ def _demo_arrays(demo_bundle):
     first half trains, the second validates and tests."""
     import torch
 
-    from medcae.predictor import Predictor
+    from medcae.inference.predictor import Predictor
 
     pred = Predictor.from_bundle(demo_bundle.path, runtime="torch")
     images, y = demo_bundle.test_images, demo_bundle.test_labels
@@ -156,3 +156,10 @@ def _demo_arrays(demo_bundle):
         "test": {k: v[half:] for k, v in arr.items()},
     }
     return pred, arrays, {"train": y[:half], "val": y[half:], "test": y[half:]}
+
+
+def test_config_names_every_registered_representation():
+    from medcae.config import REPRESENTATION_CHOICES
+    from medcae.model.representations import CHOICES
+
+    assert REPRESENTATION_CHOICES == CHOICES

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from medcae.config import BackboneConfig, ConfigError
-from medcae.features import FeatureExtractor
-from medcae.runtimes import RuntimeUnavailable, resolve_runtime
+from medcae.model.features import FeatureExtractor
+from medcae.model.runtimes import RuntimeUnavailable, resolve_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_auto_is_the_fastest_exported_graph_on_cpu(tmp_path):
 def test_without_openvino_auto_takes_onnxruntime():
     code = (
         "import sys; sys.modules['openvino'] = None\n"
-        "from medcae.runtimes import resolve_runtime\n"
+        "from medcae.model.runtimes import resolve_runtime\n"
         "print('RUNTIME', *resolve_runtime('auto', 'cpu'))\n"
     )
     out = subprocess.run(
@@ -102,8 +102,8 @@ def test_without_exported_graph_runtimes_auto_falls_back_and_says_why():
         "sys.modules['onnxruntime'] = None; sys.modules['openvino'] = None\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "from medcae.config import BackboneConfig\n"
-        "from medcae.features import FeatureExtractor\n"
-        "from medcae.runtimes import RuntimeUnavailable\n"
+        "from medcae.model.features import FeatureExtractor\n"
+        "from medcae.model.runtimes import RuntimeUnavailable\n"
         "cfg = BackboneConfig(taps=('stage4',), resolution=32)\n"
         "print('RUNTIME', FeatureExtractor(cfg).runtime)\n"
         "try:\n"

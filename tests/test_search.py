@@ -1,7 +1,7 @@
 import pytest
 
 from medcae.config import ConfigError, PipelineConfig
-from medcae.search import DEFAULT_SPACE, apply_params, backbone_variants, load_space
+from medcae.tuning.space import DEFAULT_SPACE, apply_params, backbone_variants, load_space
 
 
 def _yaml(tmp_path, text):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcae.predictor import Predictor
+from medcae.inference.predictor import Predictor
 
 pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.slow]
 
@@ -83,11 +83,11 @@ def server(ray_session, demo_bundle):
     import httpx
     from ray import serve
 
-    from serve.app import build_app
+    from medcae.serving.app import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    from medcae.auth import hash_key
+    from medcae.serving.auth import hash_key
 
     args = {
         "bundle": str(demo_bundle.path),
@@ -408,7 +408,7 @@ def test_cli_predict_against_the_server(server, demo_bundle, tmp_path):
 
     img = tmp_path / "x.png"
     img.write_bytes(png_bytes(demo_bundle.test_images[0]))
-    cmd = [sys.executable, "-m", "medcae.cli", "predict", "--url", str(server.base_url), str(img)]
+    cmd = [sys.executable, "-m", "medcae", "predict", "--url", str(server.base_url), str(img)]
     out = subprocess.run([*cmd, "--api-key", API_KEY], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "x.png:" in out.stdout and "normal=" in out.stdout
@@ -424,7 +424,7 @@ def test_serve_config_yaml_is_consistent():
     cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
     app = cfg["applications"][0]
     dep = app["deployments"][0]
-    assert app["import_path"] == "serve.app:build_app" and "bundle" in app["args"]
+    assert app["import_path"] == "medcae.serving.app:build_app" and "bundle" in app["args"]
     assert dep["max_ongoing_requests"] >= app["args"]["max_batch_size"]
     assert cfg["http_options"]["host"] == "127.0.0.1"
     assert cfg["http_options"]["request_timeout_s"] > 0 and dep["max_queued_requests"] > 0
@@ -436,15 +436,15 @@ def test_serve_config_yaml_is_consistent():
     # The app's own arguments: every limit is a Limits field (at its default), hosts parse.
     from dataclasses import asdict
 
-    from medcae.auth import parse_hosts
-    from medcae.service import Limits
+    from medcae.serving.api import Limits
+    from medcae.serving.auth import parse_hosts
 
     assert app["args"]["limits"] == asdict(Limits())
     assert parse_hosts(app["args"]["allowed_hosts"]) == ("localhost", "127.0.0.1", "::1")
 
 
 def test_build_app_refuses_fewer_than_one_replica():
-    from serve.app import build_app
+    from medcae.serving.app import build_app
 
     with pytest.raises(ValueError, match="num_replicas 0: expected at least 1"):
         build_app({"bundle": "b", "num_replicas": 0})
@@ -462,7 +462,7 @@ def test_medcae_serve_stops_on_ctrl_c_or_sigterm_and_leaves_no_process(demo_bund
     from reaper import run_reaped
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "medcae.cli", "serve", "--bundle", str(demo_bundle.path)]
+    cmd = [sys.executable, "-m", "medcae", "serve", "--bundle", str(demo_bundle.path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_tmp = tempfile.mkdtemp(prefix="mcs", dir="/tmp")  # short: Ray's socket paths
     replicas = ["--replicas", "2"] if stop == "SIGTERM" else []

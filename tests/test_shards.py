@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import write_maps_parquet
 
-from medcae.shards import ShardFile, list_files, read_maps, shard_batches, shard_plan
+from medcae.data.shards import ShardFile, list_files, read_maps, shard_batches, shard_plan
 
 
 def _store(tmp_path, sizes=(7, 5, 9)) -> tuple[str, np.ndarray]:
@@ -70,7 +70,7 @@ def test_reads_the_registered_ray_tensor_type_too(tmp_path):
     uri, maps = _store(tmp_path)
     code = (
         "import sys, numpy as np, ray.data\n"
-        "from medcae.shards import list_files, read_maps\n"
+        "from medcae.data.shards import list_files, read_maps\n"
         f"f = list_files({uri!r}, ['train'])\n"
         "x = np.concatenate([read_maps(g.path, 0, g.rows) for g in f])\n"
         "print(x.shape, float(x.sum()))\n"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcae.active import STRATEGIES, hybrid_choice
 from medcae.config import ClassifierConfig, ConfigError
-from medcae.report import plot_active
-from medcae.study import (
+from medcae.labeling.report import plot_active
+from medcae.labeling.strategies import STRATEGIES, hybrid_choice
+from medcae.labeling.study import (
     COLUMNS,
     SMOKE_STUDY,
     StudyConfig,

@@ -12,7 +12,17 @@ import pytest
 from helpers import medcae_subprocess
 from PIL import Image
 
-from medcae.active import (
+from medcae.config import ConfigError
+from medcae.data import DataError, list_rows
+from medcae.inference.predictions import (
+    list_matrix,
+    prediction_schema,
+    prediction_table,
+    write_parquet,
+    write_predictions_csv,
+)
+from medcae.inference.predictor import Prediction, Predictor
+from medcae.labeling.strategies import (
     HYBRID_MIN_PER_CLASS,
     STRATEGIES,
     Pool,
@@ -21,11 +31,7 @@ from medcae.active import (
     hybrid_choice,
     suggest,
 )
-from medcae.batch import list_matrix, prediction_schema, prediction_table, write_csv, write_parquet
-from medcae.config import ConfigError
-from medcae.data import DataError, list_rows
-from medcae.predictor import Prediction, Predictor
-from medcae.suggestions import (
+from medcae.labeling.suggestions import (
     SUGGESTION_COLUMNS,
     SuggestPaths,
     contact_sheet,
@@ -189,7 +195,7 @@ def test_prediction_table_carries_vectors_only_when_asked(tmp_path):
     write_parquet([table, table.slice(1, 2)], tmp_path / "p.parquet", table.schema)
     back = pq.read_table(tmp_path / "p.parquet")
     np.testing.assert_array_equal(list_matrix(back, "vector"), np.concatenate([x, x[1:]]))
-    write_csv(tmp_path / "p.parquet", tmp_path / "p.csv")  # CSV leaves the vectors out
+    write_predictions_csv(tmp_path / "p.parquet", tmp_path / "p.csv")  # CSV leaves the vectors out
     assert "vector" not in (tmp_path / "p.csv").read_text().splitlines()[0]
 
 

@@ -38,7 +38,7 @@ def _maps(n: int, seed: int) -> np.ndarray:
 
 def test_one_and_two_workers_are_equivalent(ray_session, tmp_path):
     from medcae.distributed.train import train_cae
-    from medcae.engine import build_cae, channel_stats, errors_all
+    from medcae.model.epoch import build_cae, channel_stats, errors_all
 
     train, val = _maps(512, 0), _maps(128, 1)
     mean, std = channel_stats(train)
@@ -66,9 +66,9 @@ def test_two_workers_streaming_their_shards_from_storage_learn_the_same(ray_sess
     """Stores larger than the object store: each worker reads its equal shard from Parquet."""
     from helpers import write_maps_parquet
 
+    from medcae.data.shards import list_files
     from medcae.distributed.train import StreamedSplits, train_cae
-    from medcae.engine import channel_stats
-    from medcae.shards import list_files
+    from medcae.model.epoch import channel_stats
 
     train, val = _maps(512, 0), _maps(128, 1)
     write_maps_parquet(tmp_path / "store" / "split=train", train, files=5)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from medcae.config import CAEConfig
-from medcae.engine import build_cae, channel_stats, shuffled_batches
-from medcae.trainer import (
+from medcae.model.epoch import build_cae, channel_stats, shuffled_batches
+from medcae.model.trainer import (
     CheckpointMismatch,
     EarlyStopper,
     fit_cae,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medcae.predictor import Predictor
+from medcae.inference.predictor import Predictor
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

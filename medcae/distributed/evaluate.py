@@ -12,13 +12,13 @@ import ray
 
 from medcae.config import PipelineConfig
 from medcae.data import Dataset
-from medcae.evidence import (
+from medcae.evaluation.comparison import (
     SHARED_CAE,
     reconstruction_examples,
     run_feature_methods,
     run_finetune,
 )
-from medcae.finetune import FinetuneConfig
+from medcae.model.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import ray
 
 from medcae.config import BackboneConfig
 from medcae.distributed.runtime import require_placeable, stage_threads
-from medcae.features import FeatureExtractor
+from medcae.model.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 

@@ -19,16 +19,17 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from medcae.backbones import get_spec
-from medcae.cae import ConvAutoEncoder
 from medcae.config import SMOKE_ROWS, CAEConfig, PipelineConfig
 from medcae.data import Rows, list_rows, list_unlabeled_rows
 from medcae.distributed.runtime import progress_log
 from medcae.distributed.store import ExtractOptions, FeatureStore, build_store
 from medcae.distributed.train import StreamedSplits, TrainOutcome, train_cae
-from medcae.evaluation import describe, fit_representations, save_model
-from medcae.metrics import format_results
-from medcae.representations import tap_pool
+from medcae.evaluation.export import save_model
+from medcae.evaluation.protocol import describe, fit_representations
+from medcae.metrics.classification import format_results
+from medcae.model.backbones import get_spec
+from medcae.model.cae import ConvAutoEncoder
+from medcae.model.representations import tap_pool
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 The files are read and decoded by the feature store's stage
 (:func:`medcae.distributed.store.decoded_images`), so an image is prepared exactly as for
 training and serving; each actor of the pool loads the bundle once
-(:meth:`medcae.predictor.Predictor.from_bundle`). The driver streams the predictions into one
-Parquet file (:func:`medcae.batch.write_parquet`), never holding more than a row group.
+(:meth:`medcae.inference.predictor.Predictor.from_bundle`). The driver streams the predictions into one
+Parquet file (:func:`medcae.inference.predictions.write_parquet`), never holding more than a row group.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from medcae.batch import (
-    OutputPaths,
-    prediction_schema,
-    prediction_table,
-    write_csv,
-    write_parquet,
-    write_skipped,
-)
 from medcae.data import Rows
 from medcae.distributed.runtime import Progress, require_placeable, stage_threads
 from medcae.distributed.store import SKIPPED_DIR, collect_skipped, decoded_images, rows_table
-from medcae.predictor import Predictor
+from medcae.inference.predictions import (
+    OutputPaths,
+    prediction_schema,
+    prediction_table,
+    write_parquet,
+    write_predictions_csv,
+    write_skipped,
+)
+from medcae.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class PredictStage:
         vectors: Add the ``vector`` column (the classifier's input vector per image).
 
     Input columns ``id`` and ``image`` (prepared uint8 ``(B, side, side, 3)``) become one
-    :func:`medcae.batch.prediction_table` row per image, ``path`` being the ``id``.
+    :func:`medcae.inference.predictions.prediction_table` row per image, ``path`` being the ``id``.
     """
 
     def __init__(self, bundle: str, runtime: str = "auto", threads: int = 0, vectors: bool = False):
@@ -155,7 +155,7 @@ def predict_files(
         bundle: Absolute bundle folder.
         label_names: The bundle's class names (the table's columns).
         resolution: The bundle backbone's input side (images are prepared for it while decoded).
-        paths: Where the files go (:meth:`medcae.batch.OutputPaths.beside`).
+        paths: Where the files go (:meth:`medcae.inference.predictions.OutputPaths.beside`).
         opts: Stage options.
     """
     opts = opts or PredictOptions()
@@ -181,7 +181,7 @@ def predict_files(
     )
     write_skipped(paths.skipped, skipped)
     if opts.csv:
-        write_csv(paths.parquet, paths.csv)
+        write_predictions_csv(paths.parquet, paths.csv)
     return BatchResult(paths, n, len(table), skipped, secs, opts.csv)
 
 

@@ -2,7 +2,7 @@
 
 One road for every source and every scale. The driver holds only the listing (names, labels,
 splits, and the encoded bytes of small in-memory sets). Ray Data tasks read and decode files
-and prepare each image once (:func:`medcae.preprocess.prepare_image`); the frozen backbone
+and prepare each image once (:func:`medcae.data.preprocess.prepare_image`); the frozen backbone
 runs as an actor-pool ``map_batches`` stage; the maps are written as Parquet, partitioned by
 split, under ``<root>/<key>/``.
 
@@ -35,14 +35,14 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from medcae.backbones import get_spec, weights_sha256
 from medcae.config import BackboneConfig
 from medcae.data import DataError, ImageDecodeError, Rows, decode_image
+from medcae.data.preprocess import PREPARE_VERSION, prepare_image
+from medcae.data.shards import ShardFile, list_files
 from medcae.distributed.extract import backbone_dict, backbone_stage
 from medcae.distributed.runtime import Progress
-from medcae.preprocess import PREPARE_VERSION, prepare_image
-from medcae.runtimes import resolve_runtime
-from medcae.shards import ShardFile, list_files
+from medcae.model.backbones import get_spec, weights_sha256
+from medcae.model.runtimes import resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class FeatureStore:
 
     def files(self, *names: str) -> tuple[ShardFile, ...]:
         """The Parquet files of the named splits with their row counts (for workers that
-        stream their shard straight from storage, :mod:`medcae.shards`)."""
+        stream their shard straight from storage, :mod:`medcae.data.shards`)."""
         return tuple(list_files(self.uri, [n for n in names if self.rows.get(n)]))
 
     def arrays(
@@ -434,7 +434,7 @@ class ExtractOptions:
         use_gpu: One GPU per actor.
         threads: CPUs (and torch threads) per actor; 0 sizes it from the cluster's nodes.
         lock_timeout_s: How long to wait for another run building the same entry.
-        runtime: Inference runtime of the backbone (:mod:`medcae.runtimes`).
+        runtime: Inference runtime of the backbone (:mod:`medcae.model.runtimes`).
     """
 
     batch_size: int = 64

@@ -1,5 +1,5 @@
 """The labeling study on Ray: one task per seed builds the representation (its CAE trained
-once), then one task per (strategy, seed) runs the rounds (:mod:`medcae.study`)."""
+once), then one task per (strategy, seed) runs the rounds (:mod:`medcae.labeling.study`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import ray
 
 from medcae.config import ClassifierConfig, PipelineConfig
-from medcae.evidence import feature_sets
-from medcae.study import REPRESENTATION, StudyConfig, run_rounds
+from medcae.evaluation.comparison import feature_sets
+from medcae.labeling.study import REPRESENTATION, StudyConfig, run_rounds
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from medcae.config import CAEConfig, TrainConfig
+from medcae.data.shards import ShardFile, shard_batches, shard_plan
 from medcae.distributed.runtime import require_placeable
 from medcae.distributed.store import storage_uri
-from medcae.engine import build_cae
-from medcae.shards import ShardFile, shard_batches, shard_plan
-from medcae.trainer import (
+from medcae.model.epoch import build_cae
+from medcae.model.trainer import (
     CHECKPOINT_FILE,
     TrainerState,
     check_resumable,
@@ -145,7 +145,7 @@ def _worker_log() -> logging.Logger:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: feeds :func:`medcae.trainer.fit_cae` with this worker's shards.
+    """Ray Train worker: feeds :func:`medcae.model.trainer.fit_cae` with this worker's shards.
 
     Args:
         config: ``{"cae": CAEConfig dict, "in_channels": C, "mean": [C], "std": [C],

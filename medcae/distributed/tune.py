@@ -25,13 +25,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from medcae.classifier import fit_classifier
 from medcae.config import PipelineConfig
 from medcae.data import Rows
 from medcae.distributed.store import ExtractOptions, FeatureStore, build_store, load_store
-from medcae.engine import build_cae, embed_all, errors_all, shuffled_batches
-from medcae.search import apply_params, backbone_variants
-from medcae.trainer import TrainerState, fit_cae, load_checkpoint, save_checkpoint
+from medcae.model.classifier import fit_classifier
+from medcae.model.epoch import build_cae, embed_all, errors_all, shuffled_batches
+from medcae.model.trainer import TrainerState, fit_cae, load_checkpoint, save_checkpoint
+from medcae.tuning.space import apply_params, backbone_variants
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def cae_maps(store: FeatureStore) -> np.ndarray:
 
 
 def trial(params: dict[str, Any], base: dict, stores: dict[str, str]) -> None:
-    """One Tune trial: :func:`~medcae.trainer.fit_cae` on the store's maps; after each epoch
+    """One Tune trial: :func:`~medcae.model.trainer.fit_cae` on the store's maps; after each epoch
     the classifier is fitted on the budget and scored on validation (ASHA reads it)."""
     torch.set_num_threads(
         max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
@@ -237,11 +237,12 @@ def finalize(
     data_name: str,
 ) -> dict[str, Any]:
     """Best trial -> bundle (its checkpoint reused), test split touched once; tables and plots."""
-    from medcae.evaluation import fit_and_test, save_model
-    from medcae.report import importances, plot_history, plot_importance, write_csv
+    from medcae.evaluation.export import save_model
+    from medcae.evaluation.protocol import fit_and_test
+    from medcae.tuning.report import importances, plot_history, plot_importance, write_trials_csv
 
     rows = trials_table(results)
-    write_csv(rows, out / "trials.csv")
+    write_trials_csv(rows, out / "trials.csv")
     best = best_of(results)
     cfg = apply_params(base, best.config)
     store = load_store(stores[_variant(cfg)])

@@ -1,0 +1,250 @@
+"""The ``medcae`` command: the Ray jobs, the model server and its HTTP client.
+
+    medcae run --data pneumoniamnist           # the whole method: features, CAE, classifier, bundle
+    medcae train --data /scans --num-workers 4  # the same job, at scale; resumable by --name
+    medcae tune --data pneumoniamnist           # Ray Tune + Optuna search
+    medcae evaluate --data pneumoniamnist       # the method against its baselines
+    medcae serve --bundle runs/demo/bundle      # Ray Serve over HTTP
+    medcae serve-config > config.yaml           # the shipped config, for `serve run config.yaml`
+    medcae predict --url URL image.png ...      # classify files through a running server
+    medcae predict --bundle B --data /scans --out preds.parquet   # a whole archive, Ray Data
+    medcae suggest --bundle B --pool /scans --k 50 --labeled labels.csv   # what to label next
+
+This module imports no Ray: each job's module (``medcae.cli.<name>``) is imported only when
+that job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from medcae.cli import args as jobargs
+from medcae.config import ConfigError
+from medcae.serving.auth import hash_key, load_key_hashes, require_keys_for
+
+#: subcommand -> (flags, one-line help); the body is ``medcae.cli.<subcommand>.main``.
+JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
+    "run": (
+        jobargs.add_run_args,
+        "the main job: frozen-backbone features, CAE, classifier, bundle",
+    ),
+    "train": (
+        jobargs.add_run_args,
+        "the same job as run (its scaling, checkpoint and failure flags): resumable by --name",
+    ),
+    "tune": (jobargs.add_tune_args, "hyperparameter search: Ray Tune + Optuna (TPE) + ASHA"),
+    "evaluate": (
+        jobargs.add_evaluate_args,
+        "the method against frozen features, pixels, fine-tuning",
+    ),
+}
+
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+PREDICT_USAGE = (
+    "give image files (and --url, default {url}) to ask a running server, or --bundle, --data "
+    "and --out to predict a whole archive with Ray Data"
+)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``medcae predict``: the HTTP client with image files, the batch job with ``--bundle``."""
+    batch = {"--bundle": args.bundle, "--data": args.data, "--out": args.out}
+    usage = PREDICT_USAGE.format(url=DEFAULT_URL)
+    if any(v is not None for v in batch.values()):
+        missing = [flag for flag, v in batch.items() if v is None]
+        if missing or args.images or args.url is not None:
+            problem = (
+                f"missing {', '.join(missing)}"
+                if missing
+                else "image files and --url go without --bundle"
+            )
+            args.parser.error(f"{usage} ({problem})")
+        return _job(args)
+    if not args.images:
+        args.parser.error(f"nothing to predict: {usage}")
+    return _predict_http(args)
+
+
+def _predict_http(args: argparse.Namespace) -> int:
+    from medcae.serving.client import ClientError, MedcaeClient
+
+    client = MedcaeClient(args.url or DEFAULT_URL, args.timeout, args.api_key)
+    failures = 0
+    for path in args.images:
+        try:
+            out = client.predict_file(path)
+        except (ClientError, OSError) as err:
+            print(f"{path}: error: {err}", file=sys.stderr)
+            failures += 1
+            continue
+        p = out["prediction"]
+        probs = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
+        ood = "" if p["in_distribution"] else "  [out of distribution]"
+        print(f"{path}: {p['label']}  {probs}{ood}")
+    return 1 if failures else 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key on standard input (e.g. `echo -n KEY | medcae hash-key`)")
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    sys.stdout.write((resources.files("medcae.serving") / "config.yaml").read_text("utf-8"))
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from medcae.inference.bundle import read_bundle
+    from medcae.serving.app import build_app
+    from medcae.serving.auth import allowed_hosts_for
+
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas {args.replicas}: expected at least 1")
+    hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray starts
+    require_keys_for(args.host, hashes)
+    hosts = allowed_hosts_for(args.host, args.allowed_hosts)
+    read_bundle(args.bundle)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        # SIGTERM (kill, systemd, Slurm) takes the same way out as Ctrl-C; set after Ray's
+        # start, which installs a handler of its own that would abort the driver.
+        signal.signal(signal.SIGTERM, _interrupt)
+        app_args = {
+            "bundle": str(Path(args.bundle).resolve()),
+            "api_key_sha256": list(hashes),
+            "allowed_hosts": list(hosts),
+            "cors_origins": args.cors_origins or "",
+            "num_replicas": args.replicas,
+        }
+        serve.run(build_app(app_args), name="medcae", route_prefix="/")
+        keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
+        print(
+            f"serving {args.bundle} at http://{args.host}:{args.port}, {keys}, "
+            f"hosts {','.join(hosts)}; Ctrl-C stops"
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from medcae.distributed.runtime import shutdown_ray
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            serve.shutdown()
+        finally:
+            shutdown_ray()  # no process of the local Ray it started outlives `medcae serve`
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    from medcae.cli.logs import setup_console
+
+    setup_console()  # quiet console now; each job opens <out>/run.log once its input checks out
+    module = "run" if args.command == "train" else args.command  # one job, two names
+    return importlib.import_module(f"medcae.cli.{module}").main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medcae",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="`medcae <command> --help` lists the flags of one command.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (add_args, help_) in JOBS.items():
+        jp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add_args(jp)
+        jp.set_defaults(fn=_job)
+    sv = sub.add_parser("serve", help="serve a model bundle over HTTP with Ray Serve")
+    sv.add_argument("--bundle", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="model replicas, each loading the bundle on one logical CPU of the cluster",
+    )
+    sv.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file of API key sha256 digests, one per line (or $MEDCAE_API_KEYS_FILE / "
+        "$MEDCAE_API_KEY_SHA256); required to serve beyond loopback",
+    )
+    sv.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host header values accepted, comma-separated (name, *.domain, or * for any); "
+        "default $MEDCAE_ALLOWED_HOSTS, else the loopback names and --host; required with "
+        "--host 0.0.0.0",
+    )
+    sv.add_argument(
+        "--cors-origins",
+        default=None,
+        help="origins that get CORS headers, comma-separated (default: none)",
+    )
+    sv.set_defaults(fn=_serve)
+    sc_help = "print the shipped Ray Serve config (for `serve run` / `serve deploy`)"
+    sc = sub.add_parser("serve-config", help=sc_help, description=sc_help)
+    sc.set_defaults(fn=_serve_config)
+    hk = sub.add_parser(
+        "hash-key", help="print the sha256 digest of an API key read from standard input"
+    )
+    hk.set_defaults(fn=_hash_key)
+    pr = sub.add_parser(
+        "predict",
+        help="classify image files through a running server, or a whole archive with a bundle",
+        description=PREDICT_USAGE.format(url=DEFAULT_URL),
+    )
+    pr.add_argument("images", nargs="*", help="PNG, JPEG or DICOM files, sent to the server")
+    h = pr.add_argument_group("through a running server (HTTP)")
+    h.add_argument("--url", default=None, help=f"the server (default {DEFAULT_URL})")
+    h.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
+    h.add_argument(
+        "--api-key", default=None, help="API key of the server (default $MEDCAE_API_KEY)"
+    )
+    jobargs.add_predict_args(pr)
+    pr.set_defaults(fn=_predict, parser=pr)
+    sg_help = "which unlabeled images to label next: a bundle ranks a pool (Ray Data)"
+    sg = sub.add_parser("suggest", help=sg_help, description=sg_help)
+    jobargs.add_suggest_args(sg)
+    sg.set_defaults(fn=_job)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code."""
+    from medcae.cli.errors import run_cli
+
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""From a fitted evaluation to a model bundle: the metadata, the OOD threshold, the card's intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcae.config import PipelineConfig
+from medcae.data.preprocess import PREPARE_VERSION
+from medcae.evaluation.protocol import Evaluated
+from medcae.inference.bundle import write_bundle
+from medcae.inference.card import data_summary
+from medcae.metrics.intervals import bootstrap_intervals
+from medcae.model.backbones import get_spec, weights_sha256
+from medcae.model.cae import ConvAutoEncoder
+
+#: The OOD threshold: this quantile of the validation maps' reconstruction errors.
+OOD_QUANTILE = 0.99
+
+
+def save_model(
+    path: str | Path,
+    cfg: PipelineConfig,
+    data_name: str,
+    label_names: Sequence[str],
+    cae: ConvAutoEncoder,
+    fitted: Evaluated,
+    val_errors: np.ndarray,
+    metrics: dict[str, Any] | None = None,
+    labels: Mapping[str, np.ndarray] | None = None,
+    unlabeled: int = 0,
+    representation: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a model bundle, calibrating the out-of-distribution threshold on validation maps.
+
+    The model card's test intervals are bootstrapped from ``fitted.test_labels`` and
+    ``fitted.test_proba`` when the fit kept them (:func:`fit_and_test` does).
+
+    Args:
+        path: Bundle folder.
+        cfg: Resolved pipeline config (backbone taps filled in).
+        data_name: Name of the labeled data set.
+        label_names: Class names.
+        cae: Trained auto-encoder.
+        fitted: The fitted head with its selection and test report.
+        val_errors: The CAE's reconstruction errors ``(M,)`` of the validation maps; the
+            threshold is their ``OOD_QUANTILE`` quantile.
+        metrics: Extra metrics stored next to the test report (baselines, history).
+        labels: ``{"train"|"val"|"test": (N,)}`` labels of the images each split used, for
+            the model card's counts per class and split; without them the card says the
+            counts were not recorded.
+        unlabeled: Images of the unlabeled pool the auto-encoder also trained on.
+        representation: The head's input and why (:class:`medcae.model.representations.Choice`
+            as a dict); default: the config's, or ``cae``.
+    """
+    spec = get_spec(cfg.backbone.name)
+    rep_name = cfg.classifier.representation
+    rep_name = "cae" if rep_name == "auto" else rep_name
+    errors = np.asarray(val_errors, np.float64)
+    meta = {
+        "config": cfg.to_dict(),
+        "data": data_name,
+        "label_names": list(label_names),
+        "in_channels": cae.in_channels,
+        "preprocessing": {
+            "resolution": cfg.backbone.resolution,
+            "prepare": "medcae.data.preprocess.prepare_image",
+            "prepare_version": PREPARE_VERSION,
+            "weights_sha256": weights_sha256(cfg.backbone.name, cfg.backbone.weights),
+            "grayscale_to_rgb": True,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
+        "classifier": {"kind": cfg.classifier.kind, **fitted.selection},
+        "representation": dict(
+            representation or {"name": rep_name, "reason": f"{rep_name}: set by the config"}
+        ),
+        "metrics": {"test": fitted.test, **(metrics or {}), **_intervals(fitted)},
+        "ood": {
+            "threshold": float(np.quantile(errors, OOD_QUANTILE)),
+            "quantile": OOD_QUANTILE,
+            "calibrated_on": "val",
+        },
+    }
+    if labels is not None:
+        meta["data_summary"] = data_summary(label_names, labels, unlabeled)
+    return write_bundle(path, meta, cae.state_dict(), fitted.head.to_arrays())
+
+
+def _intervals(fitted: Evaluated) -> dict[str, Any]:
+    """``{"test_ci": ...}`` bootstrapped from the fit's test predictions, if it kept them."""
+    if fitted.test_labels is None or fitted.test_proba is None:
+        return {}
+    return {"test_ci": bootstrap_intervals(fitted.test_labels, fitted.test_proba)}

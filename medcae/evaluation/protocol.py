@@ -1,0 +1,146 @@
+"""Fit the classifier on a label budget, choose its input and C on validation, and test once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medcae.config import ClassifierConfig
+from medcae.metrics.classification import auc_score, classification_report
+from medcae.model.classifier import LinearHead, average_heads, fit_classifier
+from medcae.model.representations import (
+    PRIOR,
+    REPRESENTATIONS,
+    Choice,
+    Representation,
+    choose,
+    get_representation,
+)
+
+
+@dataclass
+class Evaluated:
+    """A fitted head with its validation choice and its one test report.
+
+    Attributes:
+        head: The fitted classifier.
+        selection: ``{"C", "val_auc", "n_labels"}`` of the validation choice.
+        test: The test report (:func:`medcae.metrics.classification.classification_report`).
+        test_labels: ``(N,)`` test labels the report was computed on.
+        test_proba: ``(N, K)`` the head's test probabilities, rows as ``test_labels``.
+    """
+
+    head: LinearHead
+    selection: dict[str, float]
+    test: dict[str, Any]
+    test_labels: np.ndarray | None = None
+    test_proba: np.ndarray | None = None
+
+
+def fit_and_test(
+    cfg: ClassifierConfig,
+    feats: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    label_names: Sequence[str],
+) -> Evaluated:
+    """Fit on the train budget, pick C on val, then evaluate on test exactly once.
+
+    Args:
+        cfg: Classifier configuration.
+        feats: ``{"train"|"val"|"test": (N, D)}`` feature vectors.
+        labels: ``{"train"|"val"|"test": (N,)}`` labels.
+        label_names: Class names.
+    """
+    k = len(label_names)
+    head, selection = fit_classifier(
+        cfg, feats["train"], labels["train"], feats["val"], labels["val"], k
+    )
+    proba = head.predict_proba(feats["test"])
+    report = classification_report(labels["test"], proba, label_names)
+    return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
+
+
+def fit_representations(
+    cfg: ClassifierConfig,
+    arrays: Mapping[str, Mapping[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    label_names: Sequence[str],
+) -> tuple[dict[str, Evaluated], Choice]:
+    """Fit the head on each candidate representation and pick one on validation.
+
+    Args:
+        cfg: Classifier configuration; ``cfg.representation`` ``auto`` fits every registered
+            representation and applies :func:`medcae.model.representations.choose`, a name fits that
+            one (and ``frozen_final``, the baseline every report shows).
+        arrays: ``{"train"|"val"|"test": {"codes", "tap", "final"}}``.
+        labels: Labels per split.
+        label_names: Class names.
+
+    Returns:
+        The fitted heads by representation name (each with its one test report), and the
+        choice with its reason.
+    """
+    auto = cfg.representation == "auto"
+    names = (
+        list(REPRESENTATIONS) if auto else list(dict.fromkeys([cfg.representation, "frozen_final"]))
+    )
+    feats = {n: {s: get_representation(n).features(arrays[s]) for s in arrays} for n in names}
+    fitted = {
+        n: fit_ensemble(cfg, get_representation(n), arrays, labels, label_names)
+        if get_representation(n).members
+        else fit_and_test(cfg, feats[n], labels, label_names)
+        for n in names
+    }
+    if not auto:
+        name = cfg.representation
+        val = {n: float(ev.selection["val_auc"]) for n, ev in fitted.items()}
+        return fitted, Choice(name, f"{name}: set by the run's configuration", val, {})
+    val_proba = {n: fitted[n].head.predict_proba(feats[n]["val"]) for n in names}
+    return fitted, choose(labels["val"], val_proba, len(label_names), seed=cfg.seed, prior=PRIOR)
+
+
+def fit_ensemble(
+    cfg: ClassifierConfig,
+    rep: Representation,
+    arrays: Mapping[str, Mapping[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    label_names: Sequence[str],
+) -> Evaluated:
+    """Fit one head per member of ``rep`` (each choosing its C on validation), average them
+    into one head on ``rep``'s features, and test that head once.
+
+    ``selection["C"]`` is the first member's C; ``selection["member_C"]`` lists them all.
+    """
+    k = len(label_names)
+    heads, cs = [], []
+    for parts in rep.members:
+        member = Representation(f"{rep.name}:{'+'.join(parts)}", parts, "")
+        f = {s: member.features(arrays[s]) for s in ("train", "val")}
+        head, sel = fit_classifier(cfg, f["train"], labels["train"], f["val"], labels["val"], k)
+        heads.append(head)
+        cs.append(float(sel["C"]))
+    head = average_heads(heads)
+    x = {s: rep.features(arrays[s]) for s in ("val", "test")}
+    proba = head.predict_proba(x["test"])
+    selection = {
+        "C": cs[0],
+        "member_C": cs,
+        "val_auc": auc_score(labels["val"], head.predict_proba(x["val"]), k),
+        "n_labels": sel["n_labels"],
+    }
+    report = classification_report(labels["test"], proba, label_names)
+    return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
+
+
+def describe(name: str, backbone: str, taps: str, kind: str) -> str:
+    """A representation's row name in the results table."""
+    return {
+        "frozen_final": f"frozen {backbone} final + {kind}",
+        "frozen_tap": f"frozen {backbone} {taps} avg+max + {kind}",
+        "cae": f"CAE on {taps} + {kind}",
+        "cae_concat": f"CAE on {taps} + pooled {taps} + {kind}",
+        "cae_ensemble": f"CAE on {taps}, pooled {taps}: two {kind} heads averaged",
+    }.get(name, f"{name} + {kind}")

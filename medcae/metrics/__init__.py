@@ -1,0 +1,1 @@
+"""The statistics every table, report and card reads: metrics and their intervals."""

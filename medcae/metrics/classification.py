@@ -1,0 +1,117 @@
+"""Classification metrics (AUC, accuracy, balanced accuracy) and a plain-text results table.
+
+The run's table, the evaluation report, the labeling study and the model card read the same
+functions; their intervals are in :mod:`medcae.metrics.intervals`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def auc_score(y: np.ndarray, proba: np.ndarray, num_classes: int) -> float:
+    """ROC AUC: binary on the positive class, else one-vs-rest macro average.
+
+    Args:
+        y: ``(N,)`` labels.
+        proba: ``(N, K)`` class probabilities.
+        num_classes: K.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if num_classes == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    return float(
+        roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(num_classes)))
+    )
+
+
+def classification_report(
+    y: np.ndarray, proba: np.ndarray, label_names: Sequence[str]
+) -> dict[str, object]:
+    """ACC (argmax, i.e. 0.5 for binary), AUC, balanced accuracy, per-class precision/recall.
+
+    Args:
+        y: ``(N,)`` labels.
+        proba: ``(N, K)`` probabilities.
+        label_names: K class names.
+    """
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
+    k = len(label_names)
+    pred = proba.argmax(axis=1)
+    prec, rec, _, support = precision_recall_fscore_support(
+        y, pred, labels=list(range(k)), zero_division=0
+    )
+    return {
+        "acc": float((pred == y).mean()),
+        "auc": auc_score(y, proba, k),
+        "balanced_acc": float(balanced_accuracy_score(y, pred)),
+        "per_class": {
+            n: {"precision": float(p), "recall": float(r), "support": int(s)}
+            for n, p, r, s in zip(label_names, prec, rec, support)
+        },
+        "confusion": confusion_matrix(y, pred, labels=list(range(k))).tolist(),
+    }
+
+
+def format_results(rows: dict[str, dict[str, Any]], label_names: Sequence[str]) -> str:
+    """Render ``{method: report}`` as an aligned text table with per-class precision/recall."""
+    head = ["method", "ACC", "AUC", "BalACC"] + [f"P/R {n}" for n in label_names]
+    lines = [head]
+    for method, r in rows.items():
+        pc = r["per_class"]
+        lines.append(
+            [method, f"{r['acc']:.3f}", f"{r['auc']:.3f}", f"{r['balanced_acc']:.3f}"]
+            + [f"{pc[n]['precision']:.2f}/{pc[n]['recall']:.2f}" for n in label_names]
+        )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    fmt = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
+    return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])
+
+
+def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
+    """Argmax accuracy, as :func:`medcae.metrics.classification.classification_report` reports ``acc``."""
+    return float((proba.argmax(axis=1) == y).mean())
+
+
+def balanced_accuracy(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (scikit-learn's balanced accuracy)."""
+    pred = proba.argmax(axis=1)
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
+def rank_auc(y: np.ndarray, proba: np.ndarray) -> float:
+    """ROC AUC as :func:`auc_score` defines it, from ranks (fast enough to run
+    a thousand times): binary on the positive class, else the one-vs-rest macro average.
+
+    Args:
+        y: ``(N,)`` labels.
+        proba: ``(N, K)`` class probabilities.
+
+    Returns:
+        The AUC, or nan if a class of the one-vs-rest average (or either binary class) is
+        missing from ``y``.
+    """
+    from scipy.stats import rankdata
+
+    k = proba.shape[1]
+    scores = []
+    for c in [1] if k == 2 else range(k):
+        pos = y == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if not n_pos or not n_neg:
+            return float("nan")
+        ranks = rankdata(proba[:, c])  # ties share their mean rank: they count one half
+        scores.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(scores))

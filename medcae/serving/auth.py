@@ -1,0 +1,206 @@
+"""Optional API keys for the HTTP endpoint, sent as ``Authorization: Bearer <key>``.
+
+Keys are configured as sha256 hex digests, never in clear (``medcae hash-key`` prints one):
+
+- a file of digests, one per line (``#`` starts a comment), given as ``--api-keys-file`` /
+  the Serve app's ``api_keys_file`` argument, or ``$MEDCAE_API_KEYS_FILE``;
+- ``$MEDCAE_API_KEY_SHA256``, comma-separated digests.
+
+A presented key is hashed and compared with every configured digest in constant time. Serving
+on an address other than loopback without any key is refused (:func:`require_keys_for`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from medcae.config import ConfigError
+from medcae.serving.api import RequestError
+
+KEYS_FILE_ENV = "MEDCAE_API_KEYS_FILE"
+KEY_HASHES_ENV = "MEDCAE_API_KEY_SHA256"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """The sha256 hex digest that configures ``key``."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _digest(text: str, where: str) -> str:
+    value = text.strip().lower()
+    if not _DIGEST.match(value):
+        shown = value if len(value) <= 16 else value[:8] + "..."
+        raise ConfigError(
+            f"{where}: expected a sha256 hex digest (64 hex characters), got {shown!r} "
+            f"({len(value)} characters); make one with `medcae hash-key`"
+        )
+    return value
+
+
+def load_key_hashes(
+    path: str | Path | None = None,
+    extra: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> tuple[str, ...]:
+    """The configured key digests: ``path`` (else ``$MEDCAE_API_KEYS_FILE``), ``extra`` and
+    ``$MEDCAE_API_KEY_SHA256``. Empty when none is configured.
+
+    Raises:
+        ConfigError: A missing or unreadable file, or a line that is not a sha256 digest
+            (named by file and line).
+    """
+    env = os.environ if environ is None else environ
+    out: list[str] = []
+    path = path or env.get(KEYS_FILE_ENV) or None
+    if path:
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"API keys file {path}: cannot read it ({err})") from err
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0]
+            if line.strip():
+                out.append(_digest(line, f"API keys file {path}, line {n}"))
+    for i, part in enumerate(extra):
+        out.append(_digest(part, f"api_key_sha256, item {i + 1}"))
+    for i, part in enumerate(env.get(KEY_HASHES_ENV, "").split(",")):
+        if part.strip():
+            out.append(_digest(part, f"${KEY_HASHES_ENV}, item {i + 1}"))
+    return tuple(dict.fromkeys(out))
+
+
+def check_bearer(header: str | None, hashes: Iterable[str]) -> None:
+    """Accept the request when no keys are configured or its bearer key matches one.
+
+    Raises:
+        RequestError: 401 ``missing_api_key`` without a bearer key, 403 ``bad_api_key`` for
+            a key that matches none.
+    """
+    hashes = tuple(hashes)
+    if not hashes:
+        return
+    scheme, _, key = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise RequestError(401, "missing_api_key", "send an API key: Authorization: Bearer <key>")
+    presented = hash_key(key.strip()).encode()
+    ok = False
+    for digest in hashes:  # every digest compared, in constant time
+        ok |= hmac.compare_digest(presented, digest.encode())
+    if not ok:
+        raise RequestError(403, "bad_api_key", "the API key is not valid for this server")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) binds to loopback only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_keys_for(host: str, hashes: Iterable[str]) -> None:
+    """Refuse to serve beyond loopback without API keys.
+
+    Raises:
+        ConfigError: ``host`` is not loopback and no key is configured; the message says how
+            to configure one.
+    """
+    if not is_loopback(host) and not tuple(hashes):
+        raise ConfigError(
+            f"refusing to serve on {host} without API keys: anyone who can reach it could use "
+            f"the model. Make a key's digest with `medcae hash-key`, then pass "
+            f"--api-keys-file FILE (one digest per line), or set ${KEYS_FILE_ENV} or "
+            f"${KEY_HASHES_ENV}; or serve on 127.0.0.1"
+        )
+
+
+HOSTS_ENV = "MEDCAE_ALLOWED_HOSTS"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$|^[0-9a-f:.]+$")
+
+
+def _host_name(text: str) -> str:
+    """``Example.ORG.`` -> ``example.org``, ``[::1]`` -> ``::1``."""
+    return text.strip().strip("[]").rstrip(".").lower()
+
+
+def parse_hosts(value: str | Iterable[str] | None, where: str = "allowed_hosts") -> tuple[str, ...]:
+    """Host names a server answers to: ``name``, ``*.domain`` (its subdomains) or ``*`` (any).
+
+    Args:
+        value: Comma-separated text or a list.
+        where: The setting's name, for the error message.
+
+    Raises:
+        ConfigError: An entry that is not a host name, an address or a ``*.`` pattern.
+    """
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        name = _host_name(str(item))
+        if not name:
+            continue
+        if name != "*" and not _HOST_NAME.match(name):
+            raise ConfigError(
+                f"{where}: {str(item)[:60]!r} is not a host name, an address, '*.domain' or '*'"
+            )
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+def allowed_hosts_for(
+    bind: str, given: str | Iterable[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[str, ...]:
+    """The Host header values a server bound to ``bind`` accepts.
+
+    ``given`` (else ``$MEDCAE_ALLOWED_HOSTS``) when set; otherwise the loopback names, plus
+    ``bind`` itself when it is a specific address or name.
+
+    Raises:
+        ConfigError: ``bind`` is a wildcard address (``0.0.0.0``, ``::``) and no host names
+            are given: which names clients use cannot be guessed, and accepting any would let
+            a DNS-rebinding page reach the server.
+    """
+    env = os.environ if environ is None else environ
+    hosts = parse_hosts(given) or parse_hosts(env.get(HOSTS_ENV), f"${HOSTS_ENV}")
+    if hosts:
+        return hosts
+    name = _host_name(bind)
+    if name in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"serving on {bind} (every interface) needs the host names clients use: pass "
+            f"--allowed-hosts NAME[,NAME...] (or set ${HOSTS_ENV}); '*' accepts any Host header"
+        )
+    return tuple(dict.fromkeys((*LOOPBACK_NAMES, *parse_hosts([name]))))
+
+
+def host_allowed(header: str | None, allowed: Iterable[str]) -> bool:
+    """Whether a request's ``Host`` header (port ignored) names this server.
+
+    A missing or malformed header is refused unless ``allowed`` holds ``*``.
+    """
+    allowed = tuple(allowed)
+    if "*" in allowed:
+        return True
+    text = (header or "").strip()
+    if text.startswith("["):  # [v6]:port
+        name = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        name = text.rsplit(":", 1)[0]
+    else:
+        name = text
+    name = _host_name(name)
+    if not name or not _HOST_NAME.match(name):
+        return False
+    return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
