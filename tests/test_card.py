@@ -10,14 +10,8 @@ import pytest
 from medcae.inference.bundle import BundleError, read_bundle, write_bundle
 from medcae.inference.card import MIN_TEST_PER_CLASS, model_card
 from medcae.inference.predictor import Predictor
-from medcae.metrics.classification import (
-    accuracy,
-    auc_score,
-    balanced_accuracy,
-    bootstrap_ci,
-    bootstrap_intervals,
-    rank_auc,
-)
+from medcae.metrics.classification import accuracy, auc_score, balanced_accuracy, rank_auc
+from medcae.metrics.intervals import bootstrap_ci, bootstrap_intervals
 
 SECTIONS = (
     "## Model",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from medcae import jobargs
+from medcae.cli import args as jobargs
 from medcae.cli.errors import run_cli, user_message
 from medcae.cli.logs import console_lines
 from medcae.cli.main import JOBS, build_parser, main
@@ -129,7 +129,8 @@ def test_serve_replicas_below_one_is_one_error_line_before_ray(tmp_path):
 
 def test_cli_and_jobs_import_without_ray():
     code = (
-        "import sys, medcae.cli.main, medcae.cli.args, medcae.cli.logs, medcae.cli.errors, medcae.cli.run, "
+        "import sys, medcae.cli.main, medcae.cli.args, medcae.cli.logs, medcae.cli.errors, "
+        "medcae.cli.run, "
         "medcae.cli.tune, medcae.cli.evaluate, medcae.cli.predict, medcae.inference.predictions, "
         "medcae.cli.suggest, medcae.labeling.strategies, medcae.labeling.suggestions; "
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
@@ -253,12 +254,12 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     out_dir = tmp_path / "run"
     run, report = run_reaped(
         [sys.executable, "-m", "medcae", "run", "--data", "demo", "--smoke-test"]
-        + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow", str(tmp_path / "mlruns")],
+        + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow"],
         tmp_path / "reaper.json",
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=ROOT,
+        cwd=tmp_path,  # --mlflow without a value: ./mlruns.db here
         env={**os.environ, "MEDCAE_CACHE_DIR": str(tmp_path / "cache")},
     )
     console = run.stdout + run.stderr
@@ -284,30 +285,40 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     assert "ray" in log and "Execution plan" in log, log[-3000:]
     for chatter in ("Execution plan", "Registered dataset logger", "Tip:", "Starting execution"):
         assert chatter not in console, console[-4000:]
-    # --mlflow: the run reads back with MLflow's own client
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    # --mlflow: the SQLite database in the working folder reads back with MLflow's own client
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     (mlrun,) = client.search_runs([client.get_experiment_by_name("medcae-run").experiment_id])
-    result = json.loads(run.stdout.split("MEDCAE_RESULT ", 1)[1].splitlines()[0])
-    assert mlrun.data.params["cae.epochs"] == str(result["epochs"])
+    line = run.stdout.split("MEDCAE_RESULT ", 1)[1].splitlines()[0]
+    assert len(line) < 2000, len(line)  # short: the history and config are in results.json
+    result = json.loads(line)
+    full = json.loads(Path(result["results"]).read_text())
+    assert Path(result["results"]) == out_dir / "results.json"
+    assert run.stdout.splitlines()[-2:] == [
+        f"results: {out_dir / 'results.json'}",
+        f"model bundle: {result['bundle']}",
+    ]
+    assert mlrun.data.params["cae.epochs"] == str(result["epochs"]) == str(len(full["history"]))
     history = client.get_metric_history(mlrun.info.run_id, "val_loss")
-    assert [m.value for m in history] == pytest.approx([h["val_loss"] for h in result["history"]])
+    assert [m.value for m in history] == pytest.approx([h["val_loss"] for h in full["history"]])
     assert any(k.endswith("auc") for k in mlrun.data.metrics), mlrun.data.metrics
     files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "bundle")}
     assert {"bundle/bundle.json", "bundle/MODEL_CARD.md"} <= files
 
 
 def test_mlflow_logging_reads_back_and_never_fails_the_job(tmp_path, monkeypatch):
-    """Names MLflow refuses are cleaned, not dropped; an unreachable store only warns."""
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    """Names MLflow refuses are cleaned, not dropped; an unreachable store only warns; a folder
+    is MLflow's file store, which medcae allows for itself."""
     from mlflow.tracking import MlflowClient
 
     from medcae.cli.tracking import log_job, tracking_uri
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # recorded, so what medcae sets is undone
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     uri = tracking_uri(str(tmp_path / "mlruns"))
     assert uri.startswith("file://") and tracking_uri(None) is None
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # set by medcae, not by this test
     (tmp_path / "f.txt").write_text("x")
     rid = log_job(
         uri,
@@ -329,3 +340,21 @@ def test_mlflow_logging_reads_back_and_never_fails_the_job(tmp_path, monkeypatch
     down = tracking_uri("http://127.0.0.1:9")  # nothing listens there
     assert log_job(down, "exp", "r", {"a": 1}) is None  # a warning, not an error
     assert time.monotonic() - start < 30
+
+
+def test_mlflow_without_a_value_is_a_sqlite_database_in_the_working_folder(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from medcae.cli.main import build_parser
+    from medcae.cli.tracking import log_job, tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # recorded, so what medcae sets is undone
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    args = build_parser().parse_args(["run", "--data", "demo", "--mlflow"])
+    uri = tracking_uri(args.mlflow)
+    assert uri == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    rid = log_job(uri, "exp", "r", {"a": 1}, metrics={"auc": 0.5})
+    assert (tmp_path / "mlruns.db").is_file()
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # no retired store involved
+    assert MlflowClient(uri).get_run(rid).data.metrics == {"auc": 0.5}

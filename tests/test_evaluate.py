@@ -49,11 +49,10 @@ def _evaluate_smoke(demo_npz: Path, tmp_path: Path, out: Path, *extra: str) -> N
 @pytest.mark.slow
 def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
     out = tmp_path / "ev"
-    _evaluate_smoke(demo_npz, tmp_path, out, "--mlflow", str(tmp_path / "mlruns"))
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    _evaluate_smoke(demo_npz, tmp_path, out, "--mlflow", f"sqlite:///{tmp_path / 'mlruns.db'}")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     exp = client.get_experiment_by_name("medcae-evaluate")
     (mlrun,) = client.search_runs([exp.experiment_id])
     assert sum(k.endswith(".auc") for k in mlrun.data.metrics) == 9 * 3, mlrun.data.metrics

@@ -133,7 +133,8 @@ def _result(log: Path) -> dict:
     text = log.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith(TAG)]
     assert lines, text[-4000:]
-    return json.loads(lines[-1][len(TAG) :])
+    short = json.loads(lines[-1][len(TAG) :])
+    return {**json.loads(Path(short["results"]).read_text()), **short}  # history: results.json
 
 
 def _wait_for_checkpoint(run: Path, epoch: int, proc: subprocess.Popen, log: Path, timeout=240):

@@ -50,7 +50,7 @@ def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
     out = tmp_path / "search"
     run, report = run_reaped(
         _cmd(demo_npz, out, "--num-samples", "6", "--max-concurrent", "2", "--grace-period", "1")
-        + ["--mlflow", str(tmp_path / "mlruns")],
+        + ["--mlflow", f"sqlite:///{tmp_path / 'mlruns.db'}"],
         tmp_path / "reaper.json",
         capture_output=True,
         text=True,
@@ -74,10 +74,9 @@ def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
     assert proba.shape == (8, 3)
     assert "model bundle:" in run.stdout and "test (touched once)" in run.stdout
     # --mlflow: one MLflow run per trial (Ray's callback) and one for the search
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     exp = client.get_experiment_by_name("medcae-tune-search")
     runs = client.search_runs([exp.experiment_id])
     trials = [r for r in runs if r.data.tags.get("medcae.summary") != "true"]

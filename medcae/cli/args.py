@@ -11,6 +11,7 @@ import os
 from dataclasses import fields, replace
 from typing import Any
 
+from medcae.cli.tracking import DEFAULT_URI
 from medcae.config import (
     REPRESENTATION_CHOICES,
     SMOKE_ROWS,
@@ -207,11 +208,12 @@ def add_output_args(p: argparse.ArgumentParser, out: str | None, out_help: str) 
     o.add_argument(
         "--mlflow",
         nargs="?",
-        const="./mlruns",
+        const=DEFAULT_URI,
         default=None,
         metavar="URI",
         help="log parameters, per-epoch metrics, test metrics and the bundle to MLflow "
-        "(without a value: the file store ./mlruns; or http://..., sqlite:///...)",
+        "(without a value: the SQLite database ./mlruns.db; or http://..., sqlite:///..., "
+        "or a folder for MLflow's file store)",
     )
     o.add_argument(
         "--feature-store",

@@ -4,7 +4,9 @@
 Rows are listed (and bad input refused) before Ray starts; then the feature store is built or
 reused, Ray Train trains the CAE with checkpoints under ``--storage-path/--name`` (the same
 pair resumes a killed run), a Ray Data stage embeds every split, the classifier is fitted and
-the bundle written. The last stdout line is ``MEDCAE_RESULT {json}``.
+the bundle written. The console ends with the results table, a short ``MEDCAE_RESULT {json}``
+line (scalars; ``results`` names ``results.json``, which holds the history, reports and
+config), then ``results:`` and ``model bundle:``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     finally:  # flush worker logs before the summary, so it is the last thing printed; and
         shutdown_ray()  # no process of a local Ray outlives the job
     tr = res.training
+    results = out / "results.json"  # the whole result: history, reports, config, skipped files
     summary = {
         "bundle": str(res.bundle.resolve()),
         "name": paths.name,
@@ -83,16 +86,14 @@ def main(args: argparse.Namespace) -> int:
         "restored_from_epoch": tr.restored_from,
         "best_epoch": tr.history[-1].get("best_epoch", len(tr.history)),
         "worker_nodes": tr.worker_nodes,
-        "history": tr.history,
         "features_reused": res.store.reused,
         "feature_store": res.store.uri,
         "feature_rows": res.store.rows,
-        "skipped": res.store.skipped,
+        "skipped": len(res.store.skipped),
         "timings": res.timings,
-        "reports": res.reports,
-        "config": cfg.to_dict(),
+        "results": str(results.resolve()),
         "log": str(log_file.resolve()),
-    }
+    }  # short and machine-readable: the history, reports and config are in results.json
     lines = [
         f"\nTest-set results ({cfg.data}, {len(tr.history)} CAE epochs"
         + _stopped(tr.history, cfg.cae.epochs)
@@ -106,8 +107,9 @@ def main(args: argparse.Namespace) -> int:
         f"total {res.timings['total_s']:.1f}s)",
         f"resume with: --storage-path {paths.storage_path} --name {paths.name}",
         f"log: {log_file.resolve()}",
-        f"model bundle: {res.bundle.resolve()}",
         f"{RESULT_TAG} {json.dumps(summary, default=float)}",
+        f"results: {results.resolve()}",
+        f"model bundle: {res.bundle.resolve()}",
     ]
     log_job(
         tracking_uri(args.mlflow),

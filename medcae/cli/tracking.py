@@ -1,9 +1,11 @@
 """Experiment tracking with MLflow (``--mlflow [URI]`` on ``run``, ``tune`` and ``evaluate``).
 
-Without a value the store is ``./mlruns``, a local file store. MLflow 3 keeps its file store in
-maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``; a local path given
-here is an explicit choice, so that variable is set for it. Any other URI (``http://...``,
-``sqlite:///...``, ``databricks``) goes to MLflow as it is.
+Without a value the store is ``mlruns.db`` in the working folder, a SQLite database (MLflow's
+recommended local backend, artifacts beside it in ``./mlruns``): ``mlflow ui --backend-store-uri
+sqlite:///mlruns.db`` and a user's own ``MlflowClient`` read it as it is. A local folder given
+here is MLflow's file store, which MLflow 3 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``: it is
+an explicit choice, so medcae sets that variable for its own writes (a reader needs it too). Any
+other URI (``http://...``, ``sqlite:///...``, ``databricks``) goes to MLflow as it is.
 
 What is logged, per job:
 
@@ -27,16 +29,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "./mlruns"
+#: ``--mlflow`` without a value: this SQLite database in the working folder.
+DEFAULT_URI = "sqlite:///mlruns.db"
 _MAX_PARAM = 500  # MLflow's limit on a parameter value's length
 
 
 def tracking_uri(value: str | None) -> str | None:
     """The URI to track to, or None when tracking is off.
 
-    A local path (the default ``./mlruns`` included) becomes an absolute ``file:`` URI, so
-    that Ray's callback (which may run elsewhere in the process tree) writes to the same place,
-    and MLflow's file store is allowed for it.
+    A relative SQLite path (the default ``sqlite:///mlruns.db`` included) and a local folder
+    become absolute, so that Ray's callback (which may run elsewhere in the process tree)
+    writes to the same place; a folder becomes a ``file:`` URI and MLflow's file store is
+    allowed for it.
     """
     if not value:
         return None
@@ -46,6 +50,8 @@ def tracking_uri(value: str | None) -> str | None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(value[len("sqlite:///") :]).expanduser().resolve())
     if "://" in value or value.startswith(("databricks", "file:")):
         if value.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
