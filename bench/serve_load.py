@@ -139,7 +139,8 @@ def main() -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "serve" / "baseline.py"),
+            "-m",
+            "medcae.serving.baseline",
             "--bundle",
             bundle,
             "--port",
