@@ -1,4 +1,9 @@
-"""Shared fixtures: one Ray instance per test session, tiny real data, the real data file."""
+"""Shared fixtures: one Ray instance per test session, tiny real data, the real data file, a
+real bundle and the Serve app that serves it; markers for every test that starts Ray.
+
+This file sits at the root of ``tests/`` so that pytest (import mode "prepend") puts that folder
+on ``sys.path``: ``import helpers`` then works from every test folder.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medcae.config import BackboneConfig
+pytest.register_assert_rewrite("helpers")  # before its first import: its asserts explain themselves
+
+from helpers import API_KEY, LIMITS, ORIGIN, ROOT, free_port  # noqa: E402
+
+from medcae.config import BackboneConfig  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses ``ray_session`` (directly or through another fixture) is a ``ray``
+    test, and every test of the running Serve app (``server``) a ``serve`` and ``ray`` test,
+    so ``-m "not ray"`` deselects everything that starts Ray."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "server" in fixtures:
+            item.add_marker(pytest.mark.serve)
+            item.add_marker(pytest.mark.ray)
+        elif "ray_session" in fixtures:
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +48,7 @@ def ray_session():
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1])}},
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         )
     yield ray
     ray.shutdown()
@@ -117,3 +140,36 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
         labels["test"],
         fitted.head.predict_proba(codes["test"]),
     )
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, demo_bundle):
+    """The Serve app of ``demo_bundle`` on a free loopback port, in the session's Ray, with the
+    limits, key and allowed origin of ``helpers`` (LIMITS, API_KEY, ORIGIN); an ``httpx``
+    client that sends the key. One per test module."""
+    import httpx
+    from ray import serve
+
+    from medcae.serving.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from medcae.serving.auth import hash_key
+
+    args = {
+        "bundle": str(demo_bundle.path),
+        "max_batch_size": 8,
+        "limits": LIMITS,
+        "cors_origins": [ORIGIN],
+    }
+    serve.run(
+        build_app(args | {"api_key_sha256": hash_key(API_KEY)}), name="medcae", route_prefix="/"
+    )
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=60,
+        headers={"Authorization": f"Bearer {API_KEY}"},  # every test through it sends the key
+    )
+    yield client
+    client.close()
+    serve.shutdown()

@@ -7,7 +7,11 @@ cannot hide behind a lazy import.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
+import pytest
 from helpers import ROOT
 
 PKG = ROOT / "medcae"
@@ -38,6 +42,53 @@ RAY_LAYER = [
     {"pipeline"},
     {"tune", "evaluate", "study"},
 ]
+
+
+#: Modules that import without Ray, checked in a fresh interpreter per folder: the floors below
+#: distributed/, serving/'s Ray-free HTTP layer and the command line (its Ray waits inside the
+#: functions that need it). ``medcae.data`` alone also leaves its lazy dependencies unloaded.
+#: id -> (modules, top-level packages that must stay unimported)
+IMPORTS_WITHOUT_RAY = {
+    "data-package": (["medcae.data"], ("ray", "pydicom", "pyarrow")),
+    "data": (["medcae.data.preprocess", "medcae.data.rows", "medcae.data.shards"], ("ray",)),
+    "metrics": (["medcae.metrics.classification"], ("ray",)),
+    "model": (
+        [
+            "medcae.model.backbones",
+            "medcae.model.cae",
+            "medcae.model.classifier",
+            "medcae.model.epoch",
+            "medcae.model.features",
+            "medcae.model.trainer",
+        ],
+        ("ray",),
+    ),
+    "inference": (
+        ["medcae.inference.bundle", "medcae.inference.predictions", "medcae.inference.predictor"],
+        ("ray",),
+    ),
+    "evaluation": (["medcae.evaluation.comparison", "medcae.evaluation.protocol"], ("ray",)),
+    "tuning": (["medcae.tuning.report", "medcae.tuning.space"], ("ray",)),
+    "labeling": (
+        ["medcae.labeling.strategies", "medcae.labeling.study", "medcae.labeling.suggestions"],
+        ("ray",),
+    ),
+    "serving": (["medcae.serving.api", "medcae.serving.client"], ("ray",)),
+    "cli": (
+        [
+            "medcae.cli.args",
+            "medcae.cli.errors",
+            "medcae.cli.evaluate",
+            "medcae.cli.logs",
+            "medcae.cli.main",
+            "medcae.cli.predict",
+            "medcae.cli.run",
+            "medcae.cli.suggest",
+            "medcae.cli.tune",
+        ],
+        ("ray",),
+    ),
+}
 
 
 def _module(path) -> str:
@@ -141,3 +192,19 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("folder", list(IMPORTS_WITHOUT_RAY))
+def test_imports_without_ray(folder):
+    """Importing these modules in a fresh interpreter loads no Ray (so never starts one), and
+    ``medcae.data`` alone none of its lazy dependencies either."""
+    modules, unloaded = IMPORTS_WITHOUT_RAY[folder]
+    code = (
+        f"import sys, {', '.join(modules)}; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {unloaded!r}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

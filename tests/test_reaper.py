@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reaper import run_reaped
+from helpers.reaper import run_reaped
 
 
 def test_an_orphaned_process_is_reported_and_killed(tmp_path):
@@ -14,3 +14,45 @@ def test_an_orphaned_process_is_reported_and_killed(tmp_path):
     assert len(report["left"]) == 1 and marker in report["left"][0]
     clean, report = run_reaped(["bash", "-c", "exit 0"], tmp_path / "c.json", timeout=60)
     assert report["left"] == []
+
+
+def test_a_server_counts_as_served_only_after_its_health_url_answered_200(tmp_path):
+    """A server whose health URL answers 404 is stopped unserved, and ``during`` never runs;
+    one that answers 200 is served, ``during`` runs against it, then the signal stops it."""
+    import socket
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "healthz").write_text("ok")
+    server = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    server += ["--directory", str(tmp_path)]
+    base = f"http://127.0.0.1:{port}"
+
+    calls = []
+    _, report = run_reaped(
+        server,
+        tmp_path / "a.json",
+        health_url=f"{base}/nothing-here",
+        health_timeout_s=8,
+        settle_s=5,
+        during=lambda: calls.append(1),
+        timeout=120,
+    )
+    assert report["served"] is False and calls == [] and report["left"] == []
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as r:
+            return r.read().decode()
+
+    _, report = run_reaped(
+        server,
+        tmp_path / "b.json",
+        health_url=f"{base}/healthz",
+        settle_s=5,
+        during=fetch,
+        timeout=120,
+    )
+    assert report["served"] is True and report["during"] == "ok" and report["left"] == []

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 WRAPPER = r"""
 import ctypes, json, os, signal, subprocess, sys, time, urllib.request
@@ -20,17 +23,21 @@ import psutil
 
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 cmd, report, url, settle = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
-stop = getattr(signal, sys.argv[5])
+stop, health_wait = getattr(signal, sys.argv[5]), float(sys.argv[6])
 proc = subprocess.Popen(cmd)
 if url:  # a server: wait until it answers, then stop it as a user (Ctrl-C) or a system would
-    deadline = time.monotonic() + 240
+    served, deadline = False, time.monotonic() + health_wait
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            urllib.request.urlopen(url, timeout=2)
+            with urllib.request.urlopen(url, timeout=2) as r:
+                served = r.status == 200  # served: the health check answered 200, nothing less
             break
         except Exception:
             time.sleep(1)
-    served = proc.poll() is None
+    if served:  # the test's own checks run against the live server; it says when to stop
+        open(report + ".ready", "w").close()
+        while not os.path.exists(report + ".stop") and proc.poll() is None:
+            time.sleep(0.2)
     proc.send_signal(stop)
 else:
     served = None
@@ -66,14 +73,23 @@ def run_reaped(
     health_url: str = "",
     settle_s: float = 20.0,
     stop_signal: str = "SIGINT",
+    during: Callable[[], Any] | None = None,
+    health_timeout_s: float = 240,
+    timeout: float = 600,
     **kwargs,
 ) -> tuple[subprocess.CompletedProcess, dict]:
     """``subprocess.run`` of ``cmd`` under the wrapper; returns the result and its report:
-    ``{"rc", "served", "left": [pid and command line of each leftover process]}``.
+    ``{"rc", "served", "left": [pid and command line of each leftover process], "during": ...}``.
 
-    With ``health_url``, the command is a server: once the URL answers it gets ``stop_signal``.
+    With ``health_url``, the command is a server: ``served`` is true only once that URL
+    answered 200; then ``during()`` runs here against the live server (its return value is the
+    report's ``during``; an exception in it still stops the server) and the server gets
+    ``stop_signal``.
     """
-    res = subprocess.run(
+    report = Path(report)
+    if kwargs.pop("capture_output", False):
+        kwargs |= {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-c",
@@ -83,7 +99,22 @@ def run_reaped(
             health_url,
             str(settle_s),
             stop_signal,
+            str(health_timeout_s),
         ],
         **kwargs,
     )
-    return res, json.loads(Path(report).read_text())
+    ready, stop = Path(f"{report}.ready"), Path(f"{report}.stop")
+    outcome: Any = None
+    deadline = time.monotonic() + timeout
+    try:
+        while health_url and proc.poll() is None and not ready.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd[:4]}: not served within {timeout:g} s")
+            time.sleep(0.2)
+        if ready.exists() and during is not None:
+            outcome = during()
+    finally:
+        stop.touch()
+        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return res, {**json.loads(report.read_text()), "during": outcome}

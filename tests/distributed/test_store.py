@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from PIL import Image
 
 from medcae.config import BackboneConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = BackboneConfig(taps=("stage4",), resolution=32)
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from PIL import Image
 
 from medcae.config import PipelineConfig
 from medcae.inference.predictor import Predictor
 from medcae.metrics.classification import classification_report
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "pipeline.py"
 
 
@@ -21,20 +21,6 @@ def _cli(*args, timeout=120):
     return subprocess.run(
         [sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
-
-
-@pytest.mark.parametrize("script", sorted((ROOT / "ray_jobs").glob("*.py")), ids=lambda p: p.name)
-def test_entry_points_have_help_and_smoke_flag(script):
-    out = subprocess.run(
-        [sys.executable, str(script), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    # the jobs that start from a bundle need one, so they have no --smoke-test
-    flag = "--bundle" if script.stem in ("predict", "suggest") else "--smoke-test"
-    assert out.returncode == 0 and flag in out.stdout
 
 
 @pytest.mark.parametrize(

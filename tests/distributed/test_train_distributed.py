@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from medcae.config import CAEConfig, TrainConfig
 from medcae.distributed.train import registered_epoch
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "train.py"
 TAG = "MEDCAE_RESULT"
 EPOCHS = 12

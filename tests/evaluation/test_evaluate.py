@@ -1,18 +1,16 @@
 """The evidence run: smoke mode end to end on Ray, and the aggregation it reports."""
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from medcae.evaluation.comparison import aggregate
 from medcae.evaluation.report import evidence_table
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_aggregate_mean_and_std_over_seeds():

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import png_bytes
 
 from medcae.inference.bundle import BundleError, read_bundle, write_bundle
 from medcae.inference.predictor import Predictor
@@ -21,16 +22,8 @@ def test_bundle_round_trip_gives_identical_predictions(tiny_bundle):
 
 
 def test_predictor_takes_encoded_bytes(tiny_bundle):
-    import io
-
-    from PIL import Image
-
     path, images, expected = tiny_bundle
-    blobs = []
-    for im in images[:4]:
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="PNG")
-        blobs.append(buf.getvalue())
+    blobs = [png_bytes(im) for im in images[:4]]
     pred = Predictor.from_bundle(path)
     np.testing.assert_allclose(pred.predict_proba(blobs), expected[:4], atol=1e-6)
     out = pred.predict(blobs[:1])[0]
@@ -139,8 +132,6 @@ def test_crash_mid_write_keeps_the_old_bundle(tiny_bundle, tmp_path):
 def test_bytes_and_arrays_take_the_same_path_at_any_size(demo_bundle):
     """Images smaller and larger than the backbone resolution, as arrays and as PNG bytes,
     alone and mixed in one call, give the same probabilities (no preprocessing drift)."""
-    import io
-
     from PIL import Image
 
     pred = Predictor.from_bundle(demo_bundle.path)
@@ -148,15 +139,10 @@ def test_bytes_and_arrays_take_the_same_path_at_any_size(demo_bundle):
     small = np.stack([np.asarray(Image.fromarray(a).resize((28, 28))) for a in base])
     large = np.stack([np.asarray(Image.fromarray(a).resize((150, 150))) for a in base])
 
-    def png(a):
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        return buf.getvalue()
-
     for arr in (small, large):
         np.testing.assert_allclose(
-            pred.predict_proba([png(a) for a in arr]), pred.predict_proba(arr), atol=1e-5
+            pred.predict_proba([png_bytes(a) for a in arr]), pred.predict_proba(arr), atol=1e-5
         )
-    mixed = pred.predict_proba([small[0], png(large[1]), small[2]])
+    mixed = pred.predict_proba([small[0], png_bytes(large[1]), small[2]])
     np.testing.assert_allclose(mixed[0], pred.predict_proba(small[:1])[0], atol=1e-5)
     np.testing.assert_allclose(mixed[1], pred.predict_proba(large[1:2])[0], atol=1e-5)

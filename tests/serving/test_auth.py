@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from medcae.config import ConfigError
 from medcae.serving.api import RequestError
@@ -19,7 +19,6 @@ from medcae.serving.auth import (
     require_keys_for,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret-key"
 DIGEST = hash_key(KEY)
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from medcae.inference.predictor import Predictor
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "ray_jobs" / "tune.py"
 
 
@@ -45,7 +45,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
-    from reaper import run_reaped
+    from helpers.reaper import run_reaped
 
     out = tmp_path / "search"
     run, report = run_reaped(

@@ -11,10 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import dicom_bytes
 from helpers import medcae_subprocess as _medcae
 from PIL import Image
-from test_data import dicom_bytes
-from test_serve import server  # noqa: F401 - the running Serve app, for /v1/predict
 
 from medcae.cli.main import main
 from medcae.data import DataError
@@ -302,7 +301,7 @@ def test_one_row_per_image_with_the_predictors_probabilities(batch_run, demo_bun
 @pytest.mark.ray
 @pytest.mark.serve
 @pytest.mark.slow
-def test_same_probabilities_as_the_http_endpoint(batch_run, server, image_folder):  # noqa: F811
+def test_same_probabilities_as_the_http_endpoint(batch_run, server, image_folder):
     _, table = batch_run
     rows = _rows_by_path(table)
     for name in ("a/patient0/0.png", "b/patient1/9.jpg", "b/1.2.840.99"):

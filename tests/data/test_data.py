@@ -3,40 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    dicom_bytes,
+    encode,
+    noise_png,
+    write_class_folder,
+    write_npz,
+    write_parquet,
+)
 from PIL import Image
 
 from medcae import data
 from medcae.data import DataError, ImageDecodeError, decode, medmnist
 from medcae.data.splits import _split_counts, _stratified_split
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def encode(img: Image.Image | np.ndarray, fmt: str = "PNG") -> bytes:
-    """Encode a PIL image (or a uint8 array) into bytes."""
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def noise_png(seed: int, size: int = 16, mode: str = "L") -> bytes:
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    return encode(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -53,60 +41,6 @@ def png_header_only(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 16))
         + chunk(b"IEND", b"")
     )
-
-
-def dicom_bytes(
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    window: tuple[float, float] | None = None,
-    slope: float = 2,
-    intercept: float = -100,
-    with_pixels: bool = True,
-) -> bytes:
-    """A small 16-bit Explicit VR Little Endian DICOM file (multi-frame if pixels is 3-D)."""
-    from pydicom.dataset import Dataset as DicomDataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = DicomDataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Modality, ds.Rows, ds.Columns = "CT", pixels.shape[-2], pixels.shape[-1]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if with_pixels:
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def write_npz(path: Path, sizes=(12, 4, 6), shape=(8, 8), classes: int = 2, **extra) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in zip(data.SPLITS, sizes):
-        arrays[f"{split}_images"] = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(n) % classes).astype(np.uint8)[:, None]
-    arrays.update(extra)
-    np.savez(path, **arrays)
-    return path
-
-
-def write_class_folder(root: Path, counts: dict[str, int]) -> Path:
-    for cls, n in counts.items():
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            (root / cls / f"{i}.png").write_bytes(noise_png(len(cls) * 100 + i))
-    return root
 
 
 # --------------------------------------------------------------------------- .npz and names
@@ -398,14 +332,6 @@ def test_max_pixels_guard(monkeypatch):
 # --------------------------------------------------------------------------- parquet
 
 
-def write_parquet(path: Path, columns: dict) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(columns), path)
-    return path
-
-
 def test_parquet_string_labels_and_split_column(tmp_path):
     labels = ["pneumonia", "normal"] * 4
     splits = ["train"] * 4 + ["val", "val", "test", "test"]
@@ -485,15 +411,3 @@ def test_fingerprint_changes_with_one_pixel(tmp_path):
     assert data.load_dataset(tmp_path / "f.npz").fingerprint() == before
     ds.splits["test"].images[0, 0, 0] ^= 1
     assert ds.fingerprint() != before
-
-
-def test_import_does_not_pull_ray_or_lazy_deps():
-    code = (
-        "import sys, medcae.data; "
-        "print([m for m in ('ray', 'pydicom', 'pyarrow') if m in sys.modules])"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == "[]"

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 RAY = str(Path(sys.executable).with_name("ray"))
 HOST = "127.0.0.1"
 WORKER_PORTS = 40  # per node: enough for a few Train workers and Ray Data tasks
@@ -160,7 +161,7 @@ def start_node(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env or node_env(token),
-            cwd=REPO,
+            cwd=ROOT,
             start_new_session=True,
         )
     return RayNode(proc, temp_dir, ports, log, head)

@@ -17,9 +17,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster_utils import REPO, node_env, port_free, wait_gone
+from helpers import ROOT
+from helpers.cluster import node_env, port_free, wait_gone
 
-SCRIPT = REPO / "hpc" / "medcae.sbatch"
+SCRIPT = ROOT / "hpc" / "medcae.sbatch"
 
 FAKE_SRUN = """\
 #!/usr/bin/env bash
@@ -156,7 +157,7 @@ def _run_script(tmp_path: Path, entry: list[str], timeout: float, **extra: str):
         FAKE_SLURM_LOG=str(log),
         SLURM_JOB_ID=str(job),
         SLURM_JOB_NODELIST="fake-node-[1-2]",
-        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_SUBMIT_DIR=str(ROOT),
         SLURM_CPUS_PER_TASK="2",
         MEDCAE_NODE_PORT_STRIDE="100",  # both fake nodes share this host
         MEDCAE_JOIN_TIMEOUT="150",

@@ -12,11 +12,22 @@ import io
 import struct
 import time
 import tracemalloc
-import warnings
 import zlib
 
 import numpy as np
 import pytest
+from helpers import (
+    MB,
+    deflated_bomb,
+    dicom,
+    encapsulated_dicom,
+    encode,
+    file_meta,
+    image_dataset,
+    native_dicom,
+    save_dicom,
+    with_jpeg_size,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -33,39 +44,6 @@ from medcae.data import (
 )
 from medcae.data import decode as decode_module
 from medcae.serving.api import Limits, RequestError, decode_request_image
-
-MB = 1024**2
-SC_UID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-
-
-def dicom(float_pixels: np.ndarray | None = None, **fields: tuple[str, object]) -> bytes:
-    """An 8x8 12-bit MONOCHROME2 DICOM; ``fields`` add or override elements as (VR, value)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns = 8, 8
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if float_pixels is None:
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = (np.arange(64, dtype=np.uint16) * 50).tobytes()
-        ds["PixelData"].VR = "OW"  # explicit: the writer then never reads BitsAllocated
-    else:
-        ds.BitsAllocated = 32
-        ds.FloatPixelData = float_pixels.astype("<f4").tobytes()
-    for keyword, (vr, value) in fields.items():
-        ds.add_new(keyword, vr, value)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _seq(*items):
@@ -156,84 +134,6 @@ def test_alpha_is_dropped_and_multiframe_takes_the_first_frame():
 # --------------------------------------------------------------------------- builders
 
 
-def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **options: object) -> bytes:
-    """One image encoded by Pillow."""
-    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **options)
-    return buf.getvalue()
-
-
-def image_dataset(rows: int, cols: int, *, bits: int = 16, samples: int = 1, frames: int = 1):
-    """A pydicom Dataset with the image pixel module filled in (no pixel data yet)."""
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, samples
-    ds.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    return ds
-
-
-def save_dicom(ds, transfer_syntax: str) -> bytes:
-    """``ds`` as a DICOM file whose file meta names ``transfer_syntax``."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SC_UID
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds.file_meta = meta
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def native_dicom(
-    pixels: np.ndarray,
-    transfer_syntax: str = "1.2.840.10008.1.2.1",
-    pixel_data: bytes | None = None,
-) -> bytes:
-    """uint8/uint16 ``(rows, cols)`` or ``(frames, rows, cols)`` as native (uncompressed) DICOM.
-
-    ``pixel_data`` replaces the pixel bytes (to make them disagree with the header).
-    """
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    ds = image_dataset(*pixels.shape[-2:], bits=pixels.dtype.itemsize * 8, frames=frames)
-    ds.PixelData = pixels.tobytes() if pixel_data is None else pixel_data
-    ds["PixelData"].VR = "OW" if pixels.dtype.itemsize == 2 else "OB"
-    return save_dicom(ds, transfer_syntax)
-
-
-def encapsulated_dicom(
-    frames: list[bytes],
-    rows: int,
-    cols: int,
-    transfer_syntax: str,
-    *,
-    samples: int = 1,
-    bits: int = 8,
-    has_bot: bool = True,
-    number_of_frames: int | None = None,
-) -> bytes:
-    """Encoded frames (JPEG, JPEG 2000, RLE, ...) encapsulated in a DICOM file."""
-    from pydicom.encaps import encapsulate
-
-    n = len(frames) if number_of_frames is None else number_of_frames
-    ds = image_dataset(rows, cols, bits=bits, samples=samples, frames=n)
-    ds.PixelData = encapsulate(frames, has_bot=has_bot)
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    return save_dicom(ds, transfer_syntax)
-
-
 def rle_dicom(pixels: np.ndarray, *, header_bits: int | None = None) -> bytes:
     """``(rows, cols)`` uint8/uint16 RLE Lossless; ``header_bits`` then overrides BitsAllocated."""
     from pydicom.dataset import FileMetaDataset
@@ -248,53 +148,6 @@ def rle_dicom(pixels: np.ndarray, *, header_bits: int | None = None) -> bytes:
     if header_bits is not None:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = header_bits, header_bits, header_bits - 1
     return save_dicom(ds, RLELossless)
-
-
-def file_meta(transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the file meta group naming ``transfer_syntax``."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SC_UID
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    fp.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(fp, meta)
-    return fp.getvalue()
-
-
-def deflated_bomb(
-    rows: int, cols: int, frames: int = 1, declare: tuple[int, int] | None = None
-) -> bytes:
-    """A deflated DICOM whose zero pixel data inflates to ``rows * cols * frames * 2`` bytes;
-    ``declare`` puts another (rows, cols) in its header (a header that lies)."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, image_dataset(*(declare or (rows, cols)), frames=frames))
-    size = rows * cols * frames * 2
-    pixel_element = b"\xe0\x7f\x10\x00OW\0\0" + struct.pack("<I", size)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [deflate.compress(body.getvalue() + pixel_element)]
-    zeros = bytes(4 * MB)
-    for _ in range(size // len(zeros)):
-        parts.append(deflate.compress(zeros))
-    parts += [deflate.compress(bytes(size % len(zeros))), deflate.flush()]
-    return file_meta(DeflatedExplicitVRLittleEndian) + b"".join(parts)
-
-
-def with_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
-    """A baseline JPEG whose SOF0 header declares another size (its scan data is unchanged)."""
-    sof = jpeg.index(b"\xff\xc0")
-    return jpeg[: sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9 :]
 
 
 def with_j2k_size(j2k: bytes, width: int, height: int) -> bytes:

@@ -1,22 +1,16 @@
 """The HTTP client and `medcae predict` when no server is there."""
 
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 from medcae.serving.client import ClientError, MedcaeClient
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the with-block ends
-
-
 def test_client_reports_a_down_server_clearly():
-    client = MedcaeClient(f"http://127.0.0.1:{_closed_port()}", timeout=3)
+    client = MedcaeClient(f"http://127.0.0.1:{free_port()}", timeout=3)
     with pytest.raises(ClientError, match="cannot reach the medcae server"):
         client.health()
 
@@ -33,7 +27,7 @@ def test_cli_predict_exits_1_with_a_message_when_server_is_down(tmp_path):
             "--timeout",
             "3",
             "--url",
-            f"http://127.0.0.1:{_closed_port()}",
+            f"http://127.0.0.1:{free_port()}",
             str(img),
         ],
         capture_output=True,

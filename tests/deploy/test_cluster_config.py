@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
 RAY_BIN = "~/medcae/.venv/bin/ray"
 
 
 @pytest.fixture(scope="module")
 def raw() -> dict:
-    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
 
 
 @pytest.fixture(scope="module")

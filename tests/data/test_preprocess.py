@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import png_bytes
 
 from medcae.data.preprocess import prepare_batch, prepare_image, to_model_input
 
@@ -56,17 +57,11 @@ def test_model_input_refuses_unprepared_images(rng):
 def test_big_array_and_its_png_are_prepared_alike(shape, dtype):
     """A big array shrinks by the same integer block mean as its decoded PNG (reduce_to), so
     the Predictor gives the same answer for both forms."""
-    import io
-
-    from PIL import Image
-
     from medcae.data import decode_image
 
     rng = np.random.default_rng(0)
     arr = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    decoded = decode_image(buf.getvalue(), reduce_to=112)
+    decoded = decode_image(png_bytes(arr), reduce_to=112)
     k = min(shape[:2]) // 112
     assert decoded.shape[:2] == (shape[0] // k, shape[1] // k)
     a, b = prepare_image(arr, 112), prepare_image(decoded, 112)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data import noise_png, write_class_folder, write_npz, write_parquet
+from helpers import noise_png, write_class_folder, write_npz, write_parquet
 
 from medcae import data
 from medcae.data import DataError, decode_image, list_rows, list_unlabeled_rows

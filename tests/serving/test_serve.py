@@ -7,52 +7,31 @@ import io
 import os
 import signal
 import socket
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import (
+    API_KEY,
+    LIMITS,
+    ORIGIN,
+    ROOT,
+    bomb_png,
+    deflated_bomb,
+    dicom,
+    encapsulated_dicom,
+    encode,
+    native_dicom,
+    png_bytes,
+    serve_reaped,
+    with_jpeg_size,
+)
 from PIL import Image
 
 from medcae.inference.predictor import Predictor
 
 pytestmark = [pytest.mark.serve, pytest.mark.ray, pytest.mark.slow]
-
-LIMITS = {
-    "max_image_bytes": 300_000,
-    "max_pixels": 4_000_000,
-    "max_decoded_bytes": 12_000_000,
-    "max_request_decoded_bytes": 20_000_000,
-    "max_batch_images": 4,
-    "body_timeout_s": 2.0,
-}
-API_KEY = "test-key-0123"
-ORIGIN = "https://viewer.example.org"
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bomb_png(side: int = 30_000) -> bytes:
-    """A few-hundred-byte PNG that declares side x side pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def dicom_without_pixels() -> bytes:
@@ -70,42 +49,6 @@ def dicom_without_pixels() -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, demo_bundle):
-    import httpx
-    from ray import serve
-
-    from medcae.serving.app import build_app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    from medcae.serving.auth import hash_key
-
-    args = {
-        "bundle": str(demo_bundle.path),
-        "max_batch_size": 8,
-        "limits": LIMITS,
-        "cors_origins": [ORIGIN],
-    }
-    serve.run(
-        build_app(args | {"api_key_sha256": hash_key(API_KEY)}), name="medcae", route_prefix="/"
-    )
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}",
-        timeout=60,
-        headers={"Authorization": f"Bearer {API_KEY}"},  # every test below sends the key
-    )
-    yield client
-    client.close()
-    serve.shutdown()
 
 
 def test_health_model_and_docs(server, demo_bundle):
@@ -271,20 +214,8 @@ def test_bad_requests_get_4xx_and_server_stays_up(server, demo_bundle):
     good = png_bytes(demo_bundle.test_images[0])
     rng = np.random.default_rng(0)
     from pydicom.uid import JPEGBaseline8Bit
-    from test_decode_hostile import (
-        deflated_bomb,
-        dicom,
-        encapsulated_dicom,
-        native_dicom,
-        with_jpeg_size,
-    )
 
-    def jpeg(arr: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG")
-        return buf.getvalue()
-
-    small_jpeg = jpeg(np.full((8, 8), 128, np.uint8))
+    small_jpeg = encode(np.full((8, 8), 128, np.uint8), "JPEG")
     px = np.zeros((4, 4), np.uint8)
     heavy = png_bytes(np.zeros((1500, 1500, 3), np.uint8))  # 6.75 MB decoded, 20 KB sent
 
@@ -417,11 +348,9 @@ def test_cli_predict_against_the_server(server, demo_bundle, tmp_path):
 
 
 def test_serve_config_yaml_is_consistent():
-    from pathlib import Path
-
     import yaml
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     app = cfg["applications"][0]
     dep = app["deployments"][0]
     assert app["import_path"] == "medcae.serving.app:build_app" and "bundle" in app["args"]
@@ -450,37 +379,34 @@ def test_build_app_refuses_fewer_than_one_replica():
         build_app({"bundle": "b", "num_replicas": 0})
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_medcae_serve_stops_on_ctrl_c_or_sigterm_and_leaves_no_process(demo_bundle, tmp_path, stop):
-    """`medcae serve` started as a user would, its own local Ray; Ctrl-C (or SIGTERM from a
-    process manager, here with two replicas); nothing remains."""
-    import shutil
+def test_medcae_serve_stops_on_sigterm_with_two_replicas_and_leaves_no_process(
+    demo_bundle, tmp_path
+):
+    """SIGTERM, as a process manager sends it, to `medcae serve --replicas 2` (from the
+    checkout); both replicas answered before the signal; nothing remains."""
     import sys
-    import tempfile
-    from pathlib import Path
 
-    from reaper import run_reaped
+    import httpx
 
-    port = _free_port()
+    def replica_pids(base: str) -> set[int]:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while len(pids) < 2 and time.monotonic() < deadline:
+                with ThreadPoolExecutor(8) as pool:  # concurrent: the router spreads them
+                    pids |= set(pool.map(lambda _: client.get("/v1/model").json()["pid"], range(8)))
+        return pids
+
     cmd = [sys.executable, "-m", "medcae", "serve", "--bundle", str(demo_bundle.path)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    ray_tmp = tempfile.mkdtemp(prefix="mcs", dir="/tmp")  # short: Ray's socket paths
-    replicas = ["--replicas", "2"] if stop == "SIGTERM" else []
-    run, report = run_reaped(
-        [*cmd, "--port", str(port), *replicas],
-        tmp_path / "reaper.json",
-        health_url=f"http://127.0.0.1:{port}/healthz",
-        stop_signal=stop,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**env, "RAY_TMPDIR": ray_tmp},  # its own Ray, not the session's
+    pids = serve_reaped(
+        [*cmd, "--replicas", "2"],
+        tmp_path,
+        ROOT,
+        dict(os.environ),
+        replica_pids,
+        stop="SIGTERM",
     )
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert report["served"] is True, run.stdout[-2000:] + run.stderr[-3000:]
-    assert report["left"] == [], report
-    assert report["rc"] == 0, run.stderr[-3000:]
+    assert len(pids) == 2, pids
 
 
 def test_api_schema_driven_requests_never_get_a_5xx(server):
@@ -580,7 +506,7 @@ def test_page_in_a_real_browser(server, demo_bundle, tmp_path):
     path.write_bytes(png_bytes(image))
     want = Predictor.from_bundle(demo_bundle.path).predict([path.read_bytes()])[0].label
     url = str(server.base_url).rstrip("/")
-    out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", Path(__file__).parents[1] / ".test-output"))
+    out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", ROOT / ".test-output"))
     out.mkdir(parents=True, exist_ok=True)
     browser = _browser()
     try:

@@ -18,11 +18,11 @@ from pathlib import Path, PurePosixPath
 import jsonschema
 import pytest
 import yaml
+from helpers import ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[1]
-K8S = REPO / "k8s"
+K8S = ROOT / "k8s"
 MANIFESTS = {"RayJob": K8S / "rayjob.yaml", "RayService": K8S / "rayservice.yaml"}
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 #: Where k8s/Dockerfile puts the checkout (its WORKDIR).
@@ -46,7 +46,7 @@ OBJECT_META = {
 
 def _crd_dir() -> Path | None:
     """``$MEDCAE_K8S_CRDS``, else ``../shared/k8s`` beside the checkout or the shared data."""
-    candidates = [os.environ.get("MEDCAE_K8S_CRDS"), REPO.parent / "shared" / "k8s"]
+    candidates = [os.environ.get("MEDCAE_K8S_CRDS"), ROOT.parent / "shared" / "k8s"]
     if os.environ.get("MEDCAE_DATA_DIR"):
         candidates.append(Path(os.environ["MEDCAE_DATA_DIR"]).parent / "k8s")
     for c in candidates:
@@ -312,7 +312,7 @@ def test_every_pod_runs_the_image_with_the_volumes(kind, docs):
 def test_image_is_the_dockerfile_install():
     """k8s/Dockerfile: the checkout at IMAGE_ROOT, torch pinned as in the Makefile."""
     dockerfile = (K8S / "Dockerfile").read_text()
-    (torch,) = re.findall(r"^TORCH\s*:=\s*(.+)$", (REPO / "Makefile").read_text(), re.M)
+    (torch,) = re.findall(r"^TORCH\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
     assert f"pip install --no-cache-dir {torch.strip()}" in dockerfile
     assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", dockerfile, re.M)
     assert re.search(
@@ -331,13 +331,13 @@ def _parse_job(argv: list[str], monkeypatch) -> tuple[str, object]:
     import medcae.cli.main
 
     script = PurePosixPath(argv[1]).relative_to(IMAGE_ROOT)
-    assert script.parts[0] == "ray_jobs" and (REPO / script).is_file(), script
+    assert script.parts[0] == "ray_jobs" and (ROOT / script).is_file(), script
     seen: list[list[str]] = []
     monkeypatch.setattr(medcae.cli.main, "main", lambda a: seen.append(a) or 0)
-    monkeypatch.setattr(sys, "argv", [str(REPO / script), *argv[2:]])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *argv[2:]])
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(SystemExit) as ex:
-        runpy.run_path(str(REPO / script), run_name="__main__")
+        runpy.run_path(str(ROOT / script), run_name="__main__")
     assert ex.value.code == 0
     (given,) = seen
     return given[0], medcae.cli.main.build_parser().parse_args(given)
@@ -377,7 +377,7 @@ def test_rayjob_shuts_its_cluster_down(docs):
 
 @pytest.fixture(scope="module")
 def local_serve() -> dict:
-    return yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    return yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
 
 
 def test_serve_configs_validate_with_ray_serve_schema(docs, local_serve):
@@ -435,7 +435,7 @@ def test_every_serve_arg_reaches_the_app(docs, monkeypatch):
 
     (app,) = _serve_config(docs["RayService"])["applications"]
     module_name, builder = app["import_path"].split(":")
-    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.syspath_prepend(str(ROOT))
     module = importlib.import_module(module_name)
     given: dict = {}
     signature = inspect.signature(module.MedcaeModel.func_or_class)

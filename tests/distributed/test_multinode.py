@@ -15,7 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster_utils import REPO, alive_node_ids, dashboard_get, local_cluster
+from helpers import ROOT
+from helpers.cluster import alive_node_ids, dashboard_get, local_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -95,7 +96,7 @@ def test_train_job_spreads_workers_over_both_nodes(cluster, tmp_path):
     )
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
+        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
     )
     status = _wait_for_job(client, job_id, timeout=420)
     logs = client.get_job_logs(job_id)

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 from medcae.config import BackboneConfig, ConfigError
 from medcae.model.features import FeatureExtractor
 from medcae.model.runtimes import RuntimeUnavailable, resolve_runtime
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
