@@ -263,7 +263,7 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-4000:]
     assert report["left"] == [], report  # no Ray process of the job outlives it
-    assert "ACC" in run.stdout and "AUC" in run.stdout
+    assert "ACC" in run.stdout and "AUC" in run.stdout and "P/R nodule" in run.stdout
     bundle = next(x for x in run.stdout.splitlines() if x.startswith("model bundle: "))
     meta = json.loads((Path(bundle.split(": ", 1)[1]) / "bundle.json").read_text())
     # --representation auto (the default): every candidate fitted, one chosen, and why

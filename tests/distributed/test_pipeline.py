@@ -103,25 +103,3 @@ def test_mixed_folder_run_ends_in_a_bundle_that_serves_the_same_answers(
     cae_row = next(v for k, v in first.reports.items() if k.startswith("CAE"))
     labels = np.asarray(preds["label"])
     assert classification_report(labels, online, ["a", "b"])["acc"] == cae_row["acc"]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_cli_smoke_test_prints_table_and_bundle(demo_npz, tmp_path):
-    out = _cli(
-        "--data",
-        str(demo_npz),
-        "--smoke-test",
-        "--out",
-        str(tmp_path / "run"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--num-cpus",
-        "4",
-        timeout=400,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ACC" in out.stdout and "AUC" in out.stdout and "P/R nodule" in out.stdout
-    line = next(x for x in out.stdout.splitlines() if x.startswith("model bundle: "))
-    bundle = line.split("model bundle: ")[1]
-    assert (Path(bundle) / "bundle.json").is_file()

@@ -23,7 +23,7 @@ from medcae.distributed.train import registered_epoch
 
 JOB = ROOT / "ray_jobs" / "train.py"
 TAG = "MEDCAE_RESULT"
-EPOCHS = 12
+EPOCHS = 6  # enough to kill after epoch 2 and resume with epochs left
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

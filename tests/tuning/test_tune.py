@@ -104,7 +104,7 @@ def _reports(exp: Path) -> dict[str, int]:
 
 def test_killed_search_resumes_without_rerunning_finished_trials(demo_npz, tmp_path):
     out = tmp_path / "search"
-    args = ("--num-samples", "6", "--max-concurrent", "1", "--grace-period", "4")
+    args = ("--num-samples", "4", "--max-concurrent", "1", "--grace-period", "4")
     proc = subprocess.Popen(
         _cmd(demo_npz, out, *args),
         cwd=ROOT,
@@ -132,7 +132,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(demo_npz, tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resuming search" in run.stderr
     rows = _rows(out)
-    assert len(rows) == 6 and all(not r["error"] for r in rows)
+    assert len(rows) == 4 and all(not r["error"] for r in rows)
     after = _reports(exp)
     finished_before = [t for t, n in before.items() if n == 4]
     assert finished_before and all(after[t] == 4 for t in finished_before)  # not re-run
