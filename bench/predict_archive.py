@@ -99,7 +99,7 @@ def write_pngs(root: Path, n: int) -> Path:
 def run_batch(bundle: str, pngs: Path, out: Path, extra: list[str]) -> tuple[Measured, Path]:
     """``medcae predict`` over the folder as its own process; wall time includes Ray's start."""
     parquet = out / "preds.parquet"
-    cmd = [sys.executable, "-m", "medcae.cli.main", "predict", "--bundle", bundle, "--data", str(pngs)]
+    cmd = [sys.executable, "-m", "medcae", "predict", "--bundle", bundle, "--data", str(pngs)]
     cmd += ["--out", str(parquet), *extra]
     print("$", " ".join(cmd), flush=True)
     c0, t0 = busy_core_seconds(), time.perf_counter()
@@ -116,7 +116,7 @@ def run_batch(bundle: str, pngs: Path, out: Path, extra: list[str]) -> tuple[Mea
 
 
 def start_server(bundle: str, port: int, replicas: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "medcae.cli.main", "serve", "--bundle", bundle, "--port", str(port)]
+    cmd = [sys.executable, "-m", "medcae", "serve", "--bundle", bundle, "--port", str(port)]
     cmd += ["--replicas", str(replicas)]
     print("$", " ".join(cmd), flush=True)
     with log.open("w") as fh:

@@ -38,8 +38,8 @@ KEY = "soak-key"
 
 def requests_mix(pngs: list[bytes]) -> list[tuple[str, dict, bool]]:
     """(kind, httpx kwargs, expected good) for each request of the rotation."""
-    from pydicom.uid import JPEGBaseline8Bit
     from helpers import bomb_png, deflated_bomb, dicom, encapsulated_dicom, encode, with_jpeg_size
+    from pydicom.uid import JPEGBaseline8Bit
 
     small_jpeg = encode(np.full((8, 8), 128, np.uint8), "JPEG")
     big_jpeg = with_jpeg_size(small_jpeg, 9000, 9000)

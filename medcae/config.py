@@ -45,7 +45,8 @@ class BackboneConfig:
         resolution: Input side length in pixels; images are resized to it.
         weights: ``None`` for ImageNet weights, a state-dict path, or ``"random"``.
         precision: ``fp32``, or ``bf16`` (opt-in: about 1.8x faster on a CPU with AVX-512 BF16,
-            features differ by up to a few percent; see ``medcae.model.runtimes``). Part of the feature
+            features differ by up to a few percent; see ``medcae.model.runtimes``). Part of the
+            feature
             store key and of the bundle, so serving computes features as training did.
     """
 

@@ -132,7 +132,8 @@ def main(a: argparse.Namespace) -> int:
 
 
 def main_active(a: argparse.Namespace) -> int:
-    """``--active``: the simulated labeling study (:mod:`medcae.labeling.study`) on the store's splits."""
+    """``--active``: the simulated labeling study (:mod:`medcae.labeling.study`) on the store's
+    splits."""
     from medcae.cli.tracking import log_job, tracking_uri
     from medcae.distributed.pipeline import list_sources, resolved_backbone, smoke_config
     from medcae.distributed.runtime import shutdown_ray

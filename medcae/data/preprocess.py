@@ -4,7 +4,8 @@ Decoding yields native pixels (an image at least twice the input side already sh
 integer block mean in its own type, ``decode_image(..., reduce_to=resolution)``).
 :func:`prepare_image` applies that same block mean to an array that did not come through the
 decoder, then resizes once to the backbone's input side and gives it three channels; the Ray
-Data decode stage and the :class:`~medcae.inference.predictor.Predictor` both call it, so an image gets
+Data decode stage and the :class:`~medcae.inference.predictor.Predictor` both call it, so an image
+gets
 the same answer offline and online, as bytes or as an array. :func:`to_model_input` then only
 scales and normalises.
 """

@@ -3,8 +3,10 @@
 The files are read and decoded by the feature store's stage
 (:func:`medcae.distributed.store.decoded_images`), so an image is prepared exactly as for
 training and serving; each actor of the pool loads the bundle once
-(:meth:`medcae.inference.predictor.Predictor.from_bundle`). The driver streams the predictions into one
-Parquet file (:func:`medcae.inference.predictions.write_parquet`), never holding more than a row group.
+(:meth:`medcae.inference.predictor.Predictor.from_bundle`). The driver streams the predictions into
+one
+Parquet file (:func:`medcae.inference.predictions.write_parquet`), never holding more than a row
+group.
 """
 
 from __future__ import annotations

@@ -271,7 +271,8 @@ def ensemble_row(
     cfg: PipelineConfig,
     names: Sequence[str],
 ) -> dict:
-    """The ``cae_ensemble`` representation's row (:func:`medcae.evaluation.protocol.fit_ensemble`)."""
+    """The ``cae_ensemble`` representation's row
+    (:func:`medcae.evaluation.protocol.fit_ensemble`)."""
     from medcae.evaluation.protocol import fit_ensemble
     from medcae.model.representations import get_representation
 

@@ -1,4 +1,5 @@
-"""From a fitted evaluation to a model bundle: the metadata, the OOD threshold, the card's intervals."""
+"""From a fitted evaluation to a model bundle: the metadata, the OOD threshold, the card's
+intervals."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""The files of ``medcae suggest``, and the pool's prediction table as :class:`~medcae.labeling.strategies.Pool`.
+"""The files of ``medcae suggest``, and the pool's prediction table as
+:class:`~medcae.labeling.strategies.Pool`.
 
 In the output folder:
 
 - ``suggestions.csv``: the top ``k``, best first, columns :data:`SUGGESTION_COLUMNS`. ``score``
-  is the strategy's (:mod:`medcae.labeling.strategies`: higher is more worth labeling), ``probability``
+  is the strategy's (:mod:`medcae.labeling.strategies`: higher is more worth labeling),
+  ``probability``
   that of ``predicted_label``, ``path`` the absolute file path (the listing's id for rows of a
   Parquet or ``.npz`` pool).
 - ``suggestions.png``: their thumbnails in a grid, each captioned with rank, predicted label
@@ -180,7 +182,8 @@ def pool_from_table(table: Any, labeled: Labeled, num_classes: int) -> tuple[Poo
     """The prediction table of ``pool.parquet`` (with ``vector``) as a :class:`Pool`.
 
     Args:
-        table: ``pyarrow.Table`` of :func:`medcae.inference.predictions.prediction_table` rows, sorted by
+        table: ``pyarrow.Table`` of :func:`medcae.inference.predictions.prediction_table` rows,
+        sorted by
             ``path`` (workers finish in any order; sorted, a seed gives the same picks).
         labeled: The labeled images; those in the table are marked labeled.
         num_classes: K of the bundle.

@@ -81,7 +81,7 @@ def format_results(rows: dict[str, dict[str, Any]], label_names: Sequence[str]) 
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
-    """Argmax accuracy, as :func:`medcae.metrics.classification.classification_report` reports ``acc``."""
+    """Argmax accuracy, as :func:`classification_report` reports ``acc``."""
     return float((proba.argmax(axis=1) == y).mean())
 
 

@@ -1,4 +1,4 @@
-"""Confidence intervals of the test metrics: the percentile bootstrap every card and report gives."""
+"""Confidence intervals of the test metrics: the percentile bootstrap of every card and report."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ class FeatureExtractor:
         cfg: Backbone configuration.
         device: Torch device string.
         channels_last: Use channels-last memory format for PyTorch (about 1.7x faster on CPU).
-        runtime: ``auto``, ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`medcae.model.runtimes`);
+        runtime: ``auto``, ``torch``, ``onnxruntime`` or ``openvino``
+        (:mod:`medcae.model.runtimes`);
             the precision is the config's.
         graph_dir: Where exported graphs are cached.
         threads: Intra-op threads of an exported-graph runtime (0: torch's setting).

@@ -12,7 +12,8 @@ OpenAPI schema at ``/openapi.json``; the ``/docs`` page only with ``MEDCAE_SERVE
 replica's environment.
 
 With API keys configured (``api_keys_file`` / ``api_key_sha256`` arguments, or the environment;
-see :mod:`medcae.serving.auth`), every endpoint but ``/healthz`` needs ``Authorization: Bearer <key>``:
+see :mod:`medcae.serving.auth`), every endpoint but ``/healthz`` needs
+``Authorization: Bearer <key>``:
 401 without one, 403 with a wrong one, checked before the body is read.
 
 Every request but ``/healthz`` must name this server in its ``Host`` header (``allowed_hosts``,
@@ -299,7 +300,8 @@ class MedcaeModel:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run medcae.serving.app:build_app bundle=...`` and config files."""
+    """Application builder for ``serve run medcae.serving.app:build_app bundle=...`` and config
+    files."""
     if "bundle" not in args:
         raise ValueError("serve app needs the argument 'bundle' (path to a model bundle folder)")
     kwargs = {
