@@ -131,8 +131,10 @@ def test_ray_jobs_are_short_shims_with_help_and_their_flag(shim):
 
 
 def test_serve_replicas_below_one_is_one_error_line_before_ray(tmp_path):
-    out = _run("-m", "medcae", "serve", "--bundle", str(tmp_path), "--replicas", "0")
-    assert out.returncode == 2
+    from helpers import medcae_subprocess  # fails the command if Ray was imported
+
+    out = medcae_subprocess("serve", "--bundle", str(tmp_path), "--replicas", "0")
+    assert out.returncode == 2, out.stderr
     assert out.stderr == "error: --replicas 0: expected at least 1\n"
 
 

@@ -70,12 +70,12 @@ def test_beyond_loopback_needs_keys():
 
 
 def test_serve_cli_refuses_a_public_address_without_keys_before_ray_starts(tmp_path):
+    from helpers import medcae_subprocess  # fails the command if Ray was imported
+
     cmd = [sys.executable, "-m", "medcae", "serve", "--bundle", str(tmp_path), "--host"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run(
-        [*cmd, "0.0.0.0"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
-    )
-    assert out.returncode != 0
+    out = medcae_subprocess("serve", "--bundle", str(tmp_path), "--host", "0.0.0.0")
+    assert out.returncode == 2, out.stderr
     text = out.stdout + out.stderr
     assert "refusing to serve on 0.0.0.0 without API keys" in text and "--api-keys-file" in text
     assert "Traceback" not in text
