@@ -310,14 +310,15 @@ def test_every_pod_runs_the_image_with_the_volumes(kind, docs):
 
 
 def test_image_is_the_dockerfile_install():
-    """k8s/Dockerfile: the checkout at IMAGE_ROOT, torch pinned as in the Makefile."""
+    """k8s/Dockerfile: the checkout at IMAGE_ROOT, torch pinned as in the Makefile, the package
+    installed from it."""
     dockerfile = (K8S / "Dockerfile").read_text()
     (torch,) = re.findall(r"^TORCH\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
     assert f"pip install --no-cache-dir {torch.strip()}" in dockerfile
     assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", dockerfile, re.M)
-    assert re.search(
-        rf"^ENV PYTHONPATH={IMAGE_ROOT}$", dockerfile, re.M
-    )  # medcae.serving.app imports
+    # The package is installed (the Serve app and its page are package data): no PYTHONPATH.
+    assert re.search(r"^RUN pip install --no-cache-dir \.$", dockerfile, re.M)
+    assert "PYTHONPATH" not in dockerfile
     for folder in ("medcae", "ray_jobs", "serve"):
         assert re.search(rf"^COPY {folder} ", dockerfile, re.M), folder
 
