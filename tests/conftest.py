@@ -33,6 +33,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
         elif "ray_session" in fixtures:
             item.add_marker(pytest.mark.ray)
+    # Files with the most slow tests first: run in parallel (`make test` uses pytest-xdist, one
+    # file per worker at a time), the long files start early instead of making the tail.
+    # Stable: the order inside a file, and among equals, is kept.
+    slow: dict = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")
