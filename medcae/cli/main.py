@@ -112,18 +112,19 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ray import serve
-
     from medcae.inference.bundle import read_bundle
-    from medcae.serving.app import build_app
     from medcae.serving.auth import allowed_hosts_for
 
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: expected at least 1")
-    hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray starts
+    hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray is imported
     require_keys_for(args.host, hashes)
     hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     read_bundle(args.bundle)
+    from ray import serve
+
+    from medcae.serving.app import build_app
+
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         # SIGTERM (kill, systemd, Slurm) takes the same way out as Ctrl-C; set after Ray's

@@ -86,8 +86,11 @@ def test_key_follows_content_and_backbone_not_file_names(ray_session, class_fold
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, ray
+    import json, logging, sys, ray
     sys.path.insert(0, {root!r})
+    store_log = logging.getLogger("medcae.distributed.store")  # its "waiting" line, on stdout
+    store_log.addHandler(logging.StreamHandler(sys.stdout))
+    store_log.setLevel(logging.INFO)
     from medcae.config import BackboneConfig
     from medcae.data import list_rows
     from medcae.distributed.store import ExtractOptions, build_store
@@ -106,18 +109,20 @@ def test_two_processes_building_one_store_at_once(ray_session, class_folder, tmp
     code = SCRIPT.format(
         root=str(ROOT), address=address, data=str(class_folder), root_store=str(tmp_path / "fs")
     )
-    procs = [
-        subprocess.Popen(
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-c", code],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
         )
-        for _ in range(2)
-    ]
+
+    procs = [start(), start()]  # at once: both reach the entry lock while one builds
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    waited = [" is being built by pid " in out and ": waiting" in out for out in outs]
     results = [
         json.loads(line.split(" ", 1)[1])
         for out in outs
@@ -125,7 +130,9 @@ def test_two_processes_building_one_store_at_once(ray_session, class_folder, tmp
         if line.startswith("RESULT ")
     ]
     assert len(results) == 2 and results[0]["uri"] == results[1]["uri"]
-    assert sorted(r["reused"] for r in results) == [False, True]  # one built, one waited
+    assert sorted(r["reused"] for r in results) == [False, True]  # one built, one reused
+    # ... and the one that reused it waited on the builder's lock (they contended).
+    assert [r["reused"] for r in results] == waited, "\n".join(o[-2000:] for o in outs)
     from medcae.distributed.store import load_store
 
     store = load_store(results[0]["uri"])

@@ -33,21 +33,25 @@ def test_aggregate_mean_and_std_over_seeds():
     assert "0.850 ± 0.050" in table and "quoted, not re-run" in table
 
 
-def _evaluate_smoke(demo_npz: Path, tmp_path: Path, out: Path, *extra: str) -> None:
-    """``ray_jobs/evaluate.py --smoke-test`` on the demo set into ``out``; it must succeed."""
+def _evaluate_smoke(ray, demo_npz: Path, tmp_path: Path, out: Path, *extra: str) -> None:
+    """``ray_jobs/evaluate.py --smoke-test`` on the demo set into ``out``, a driver of its own
+    on the session's Ray (``--address``: no Ray of its own to start); it must succeed."""
     cmd = [sys.executable, str(ROOT / "ray_jobs" / "evaluate.py"), "--data", str(demo_npz)]
     cmd += ["--smoke-test", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    address = ray.get_runtime_context().gcs_address
     run = subprocess.run(
-        [*cmd, "--num-cpus", "4", *extra], capture_output=True, text=True, timeout=600, cwd=ROOT
+        [*cmd, "--address", address, *extra], capture_output=True, text=True, timeout=600, cwd=ROOT
     )
     assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
+def test_evaluate_smoke_writes_report_table_and_plots(ray_session, demo_npz, tmp_path):
     out = tmp_path / "ev"
-    _evaluate_smoke(demo_npz, tmp_path, out, "--mlflow", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    _evaluate_smoke(
+        ray_session, demo_npz, tmp_path, out, "--mlflow", f"sqlite:///{tmp_path / 'mlruns.db'}"
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
@@ -83,13 +87,13 @@ def test_evaluate_smoke_writes_report_table_and_plots(demo_npz, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_active_smoke_writes_the_study(demo_npz, tmp_path):
+def test_active_smoke_writes_the_study(ray_session, demo_npz, tmp_path):
     """``--active --smoke-test``: every strategy, rounds that grow by the step, the plot."""
     from medcae.labeling.strategies import STRATEGIES
     from medcae.labeling.study import COLUMNS, SMOKE_STUDY
 
     out = tmp_path / "active"
-    _evaluate_smoke(demo_npz, tmp_path, out, "--active")
+    _evaluate_smoke(ray_session, demo_npz, tmp_path, out, "--active")
     with open(out / "active.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)

@@ -328,13 +328,27 @@ def write_maps_parquet(folder: Path, maps: np.ndarray, files: int = 3) -> list[P
 # --------------------------------------------------------------------------- subprocesses
 
 
-def medcae_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``medcae`` in a fresh interpreter that then asserts Ray was never imported (so never
-    started) when the command failed."""
-    code = (
-        "import sys; from medcae.cli.main import main; rc = main(sys.argv[1:]); "
-        "assert rc == 0 or 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
-    )
+def medcae_subprocess(
+    *args: str, timeout: float = 120, ray_imported_ok: bool = False
+) -> subprocess.CompletedProcess:
+    """``medcae`` in a fresh interpreter that fails the command if Ray started.
+
+    By default it asserts, when the command failed, that Ray was never even imported. With
+    ``ray_imported_ok`` (a job whose module imports Ray before it checks its input), Ray is
+    imported first and ``ray.init`` made to raise, so any start of Ray fails the command.
+    """
+    if ray_imported_ok:
+        code = (
+            "import sys, ray, ray._private.worker as w\n"
+            "def _no(*a, **k):\n    raise AssertionError('ray.init was called')\n"
+            "ray.init = w.init = _no\n"
+            "from medcae.cli.main import main; sys.exit(main(sys.argv[1:]))"
+        )
+    else:
+        code = (
+            "import sys; from medcae.cli.main import main; rc = main(sys.argv[1:]); "
+            "assert rc == 0 or 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
+        )
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,

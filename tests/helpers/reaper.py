@@ -24,6 +24,9 @@ import psutil
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 cmd, report, url, settle = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 stop, health_wait = getattr(signal, sys.argv[5]), float(sys.argv[6])
+# As from a terminal: Ctrl-C's signal at its default, even where the test runner ignores it
+# (pytest-xdist workers do, and an ignored SIGINT is inherited and never becomes KeyboardInterrupt).
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 proc = subprocess.Popen(cmd)
 if url:  # a server: wait until it answers, then stop it as a user (Ctrl-C) or a system would
     served, deadline = False, time.monotonic() + health_wait
