@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medcae run --data demo --out runs/demo
 
+# Three pytest-xdist workers, one test file each at a time: the suite waits on Ray more than it
+# computes, so three overlap well on two cores (PYTEST_WORKERS=0 runs it in one process).
+PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The loop while editing: every test that starts no Ray and no server (about 2 minutes).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not ray and not serve and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not ray and not serve and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -102,9 +102,13 @@ def _reports(exp: Path) -> dict[str, int]:
     return {p.parent.name: len(p.read_text().splitlines()) for p in exp.glob("*/result.json")}
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(demo_npz, tmp_path):
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_session, demo_npz, tmp_path):
+    """The search's driver, on the session's Ray, SIGKILLed after two finished trials; rerun
+    with --resume, it finishes the rest without rerunning those two."""
     out = tmp_path / "search"
+    address = ray_session.get_runtime_context().gcs_address
     args = ("--num-samples", "4", "--max-concurrent", "1", "--grace-period", "4")
+    args += ("--address", address)
     proc = subprocess.Popen(
         _cmd(demo_npz, out, *args),
         cwd=ROOT,
@@ -118,7 +122,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(demo_npz, tmp_p
         while time.time() < deadline and _terminated(exp) < 2 and proc.poll() is None:
             time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends the trials of its dead job
         proc.wait()
     assert _terminated(exp) >= 2, "search did not finish two trials before the deadline"
     before = _reports(exp)
