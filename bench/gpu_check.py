@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -99,23 +97,15 @@ def env(a: argparse.Namespace) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from serve_load import free_port  # bench/ is this script's folder
+
+    return free_port()
 
 
 def _sample_pngs(n: int = 64) -> list[bytes]:
-    from PIL import Image
+    from serve_load import sample_pngs
 
-    from medcae.data import load_dataset
-
-    images = load_dataset("demo").splits["test"].images[:n]
-    out = []
-    for im in images:
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return sample_pngs(n)
 
 
 def _load(url: str, blobs: list[bytes], concurrency: int, requests: int, max_s: float) -> dict:
