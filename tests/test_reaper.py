@@ -56,3 +56,34 @@ def test_a_server_counts_as_served_only_after_its_health_url_answered_200(tmp_pa
         timeout=120,
     )
     assert report["served"] is True and report["during"] == "ok" and report["left"] == []
+
+
+def test_a_server_that_ignores_its_signal_is_killed_with_everything_it_started(tmp_path):
+    """Past the timeout, the server (here one that ignores SIGINT) and its children are killed:
+    the test fails, and nothing it started outlives it."""
+    import subprocess
+    import sys
+
+    import psutil
+    import pytest
+
+    marker = f"sleep {523 + len(str(tmp_path)) % 7}"
+    code = (
+        "import signal, subprocess, http.server, socketserver\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        f"subprocess.Popen({marker.split()!r})\n"
+        "socketserver.TCPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)"
+        ".serve_forever()\n"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_reaped(
+            [sys.executable, "-c", code],
+            tmp_path / "r.json",
+            health_url="http://127.0.0.1:9/never",  # never served: SIGINT, then the timeout
+            health_timeout_s=2,
+            timeout=8,
+        )
+    alive = [
+        p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
+    ]
+    assert alive == []

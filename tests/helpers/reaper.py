@@ -118,6 +118,27 @@ def run_reaped(
             outcome = during()
     finally:
         stop.touch()
-        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)  # nothing outlives the test, even a server that ignores its signal
+            raise
     res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return res, {**json.loads(report.read_text()), "during": outcome}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the wrapper and every descendant (it is their subreaper, so all are below it)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.kill()
+    proc.communicate()
