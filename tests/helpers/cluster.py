@@ -280,6 +280,40 @@ class LocalCluster:
         return [self.head, *self.workers]
 
 
+#: Restarts allowed, per cluster, of a worker node whose ``ray start`` gave up: Ray waits a fixed
+#: 30 s for a raylet to register, which a loaded 2-core machine can exceed.
+NODE_RESTARTS = 2
+
+
+def _wait_restarting_workers(
+    nodes: list[RayNode],
+    token: str,
+    worker_resources: list[dict[str, float]],
+    num_cpus: int,
+    timeout: float,
+) -> list[str]:
+    """Wait until every node of ``nodes`` (head first) is alive; a worker whose ``ray start``
+    exited is stopped and started again (at most :data:`NODE_RESTARTS` times), in place."""
+    head, deadline, restarts = nodes[0], time.monotonic() + timeout, 0
+    while True:
+        try:
+            return wait_for_nodes(head, token, len(nodes), min(10.0, timeout))
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+        for k in range(1, len(nodes)):
+            node = nodes[k]
+            if node.proc.poll() is None or restarts >= NODE_RESTARTS:
+                continue
+            restarts += 1
+            stop_node(node)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
+            log = node.log.with_name(f"{node.log.stem}.restart{restarts}.log")
+            nodes[k] = start_node(
+                token, short_temp_dir(), log, head.gcs_address, num_cpus, worker_resources[k - 1]
+            )
+
+
 @contextmanager
 def local_cluster(
     log_dir: Path,
@@ -299,7 +333,7 @@ def local_cluster(
         for i, res in enumerate(worker_resources, 1):
             log = log_dir / f"worker{i}.log"
             nodes.append(start_node(token, short_temp_dir(), log, head.gcs_address, num_cpus, res))
-        ids = wait_for_nodes(head, token, len(nodes), timeout)
+        ids = _wait_restarting_workers(nodes, token, worker_resources, num_cpus, timeout)
         yield LocalCluster(token, head, nodes[1:], ids)
     finally:
         left = []
