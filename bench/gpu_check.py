@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,48 +108,13 @@ def _sample_pngs(n: int = 64) -> list[bytes]:
 
 
 def _load(url: str, blobs: list[bytes], concurrency: int, requests: int, max_s: float) -> dict:
-    """``requests`` POSTs of PNGs to /v1/predict from ``concurrency`` threads (bounded by max_s)."""
-    import httpx
-    import numpy as np
+    """``requests`` POSTs of PNGs to /v1/predict from ``concurrency`` threads (bounded by max_s):
+    ``bench/serve_load.py``'s load generator."""
+    from serve_load import load
 
-    deadline = time.perf_counter() + max_s
-    per = max(1, requests // concurrency)
-
-    def worker(i: int) -> list[tuple[float, int]]:
-        res = []
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for k in range(per):
-                if time.perf_counter() > deadline:
-                    break
-                t = time.perf_counter()
-                try:
-                    code = c.post(
-                        "/v1/predict",
-                        content=blobs[(i * per + k) % len(blobs)],
-                        headers={"content-type": "image/png"},
-                    ).status_code
-                except httpx.HTTPError:
-                    code = -1
-                res.append((time.perf_counter() - t, code))
-        return res
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        res = [r for rs in pool.map(worker, range(concurrency)) for r in rs]
-    wall = time.perf_counter() - start
-    lat = np.array([r[0] for r in res]) * 1000
-    codes: dict[str, int] = {}
-    for r in res:
-        codes[str(r[1])] = codes.get(str(r[1]), 0) + 1
     return {
         "concurrency": concurrency,
-        "n": len(res),
-        "wall_s": round(wall, 3),
-        "rps": round(len(res) / wall, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p95_ms": round(float(np.percentile(lat, 95)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1),
-        "codes": codes,
+        **load(url, blobs, concurrency, max(requests, concurrency), max_s),
     }
 
 

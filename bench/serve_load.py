@@ -68,7 +68,10 @@ def load(url: str, blobs: list[bytes], concurrency: int, requests: int, max_s: f
                 if time.perf_counter() > deadline:
                     break
                 t = time.perf_counter()
-                code = c.post("/v1/predict", content=blobs[(i + k) % len(blobs)]).status_code
+                try:
+                    code = c.post("/v1/predict", content=blobs[(i + k) % len(blobs)]).status_code
+                except httpx.HTTPError:
+                    code = -1  # a refused or dropped connection: an error, not the end of the run
                 out.append((time.perf_counter() - t, code))
         return out
 
