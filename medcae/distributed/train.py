@@ -27,6 +27,7 @@ from medcae.data.shards import ShardFile, shard_batches, shard_plan
 from medcae.distributed.runtime import require_placeable
 from medcae.distributed.store import storage_uri
 from medcae.model.epoch import build_cae
+from medcae.model.norm import global_batch_norm
 from medcae.model.trainer import (
     CHECKPOINT_FILE,
     TrainerState,
@@ -157,7 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_cae(
         config["in_channels"], cfg, torch.tensor(config["mean"]), torch.tensor(config["std"])
     )
-    model = ray.train.torch.prepare_model(model)
+    # Each worker normalises by the whole global batch's statistics, as one worker would.
+    model = ray.train.torch.prepare_model(global_batch_norm(model) if world > 1 else model)
     start = _start_state()
     nodes = _worker_nodes()
     if rank == 0:

@@ -40,11 +40,11 @@ def run_epoch(
         noise_std: Denoising noise during training.
 
     Returns:
-        ``{"loss": mean MSE per sample, "samples": count}``.
+        ``{"loss": mean MSE per sample, "samples": count, "steps": batches}``.
     """
     training = optimizer is not None
     model.train(training)
-    total, count = 0.0, 0
+    total, count, steps = 0.0, 0, 0
     with torch.set_grad_enabled(training):
         for batch in batches:
             x = batch["maps"].to(device, non_blocking=True)
@@ -56,7 +56,8 @@ def run_epoch(
                 optimizer.step()
             total += loss.item() * len(x)
             count += len(x)
-    return {"loss": total / max(count, 1), "samples": float(count)}
+            steps += 1
+    return {"loss": total / max(count, 1), "samples": float(count), "steps": float(steps)}
 
 
 def shuffled_batches(

@@ -206,6 +206,10 @@ def fit_cae(
         secs = time.perf_counter() - t0
         metrics |= {
             "samples_per_s": train["samples"] * world_size / max(secs, 1e-9),
+            # Optimizer steps this epoch and the global batch each took (every DDP worker
+            # steps together on its equal share).
+            "steps": int(train["steps"]),
+            "samples_per_step": train["samples"] * world_size / max(train["steps"], 1),
             "epoch_s": secs,
             "restored_from": state.restored_from,
             "time": time.time(),
