@@ -238,23 +238,35 @@ def batch_run(ray_session, demo_bundle, image_folder, tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_rows_come_out_in_input_order_whatever_finishes_first(ray_session):
-    """Block 0 takes longest, so unordered it usually comes out last (here, not in CI's
-    scheduling every time); in_input_order keeps it first."""
+def test_rows_come_out_in_input_order_whatever_finishes_first(ray_session, tmp_path):
+    """Block 0 waits until the three others have finished, so it finishes last (the test
+    checks that it did); in_input_order still hands its rows out first."""
     import time
 
     import ray.data
 
     from medcae.distributed.predict import in_input_order
 
-    def slow_first(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        time.sleep(1.5 if batch["id"][0] == 0 else 0.0)
+    finished = tmp_path / "finished"
+    finished.mkdir()
+
+    def first_block_last(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        block = int(batch["id"][0]) // 2
+        deadline = time.monotonic() + 120
+        while block == 0 and len(list(finished.iterdir())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (finished / f"{time.monotonic_ns()}-{block}").touch()
         return batch
 
     ds = ray.data.from_items([{"id": i} for i in range(8)], override_num_blocks=4)
-    ds = in_input_order(ds.map_batches(slow_first, batch_size=None, num_cpus=0.25))
+    ds = in_input_order(ds.map_batches(first_block_last, batch_size=None, num_cpus=0.25))
     assert ds.context.execution_options.preserve_order
     assert [int(r["id"]) for r in ds.iter_rows()] == list(range(8))
+    done = [
+        int(f.name.split("-")[1])
+        for f in sorted(finished.iterdir(), key=lambda f: int(f.name.split("-")[0]))
+    ]
+    assert sorted(done) == [0, 1, 2, 3] and done[-1] == 0, done  # block 0 did finish last
     assert not ray.data.DataContext.get_current().execution_options.preserve_order  # scoped
 
 
