@@ -8,6 +8,7 @@ on ``sys.path``: ``import helpers`` then works from every test folder.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,7 +17,15 @@ import pytest
 
 pytest.register_assert_rewrite("helpers")  # before its first import: its asserts explain themselves
 
-from helpers import API_KEY, LIMITS, ORIGIN, ROOT, free_port  # noqa: E402
+from helpers import (  # noqa: E402
+    API_KEY,
+    LIMITS,
+    ORIGIN,
+    PORT_ATTEMPTS,
+    ROOT,
+    free_port,
+    port_taken,
+)
 
 from medcae.config import BackboneConfig  # noqa: E402
 
@@ -171,6 +180,22 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
     )
 
 
+def _serve_answers(port: int, timeout: float = 60.0) -> bool:
+    """Serve's proxy, not some other server, answers on ``port`` with the medcae route."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=5).json()
+            if routes.get("/") == "medcae":
+                return True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, demo_bundle):
     """The Serve app of ``demo_bundle`` on a free loopback port, in the session's Ray, with the
@@ -180,9 +205,6 @@ def server(ray_session, demo_bundle):
     from ray import serve
 
     from medcae.serving.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     from medcae.serving.auth import hash_key
 
     args = {
@@ -191,9 +213,20 @@ def server(ray_session, demo_bundle):
         "limits": LIMITS,
         "cors_origins": [ORIGIN],
     }
-    serve.run(
-        build_app(args | {"api_key_sha256": hash_key(API_KEY)}), name="medcae", route_prefix="/"
-    )
+    app = build_app(args | {"api_key_sha256": hash_key(API_KEY)})
+    for _ in range(PORT_ATTEMPTS):  # the port can be taken between picking and binding
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(app, name="medcae", route_prefix="/")
+            if _serve_answers(port):
+                break
+        except Exception:  # noqa: BLE001 - the proxy could not bind: retried below
+            if not port_taken(port):
+                raise
+        serve.shutdown()
+    else:
+        raise RuntimeError(f"Serve did not start on a free port in {PORT_ATTEMPTS} attempts")
     client = httpx.Client(
         base_url=f"http://127.0.0.1:{port}",
         timeout=60,

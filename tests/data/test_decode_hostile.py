@@ -169,7 +169,8 @@ def png_declaring(width: int, height: int, idat: bytes) -> bytes:
 
 
 def peak_memory(fn, *args, **kwargs) -> tuple[int, float, BaseException | None]:
-    """Peak traced bytes, seconds, and the exception (if any) of one call."""
+    """Peak traced bytes, seconds (not asserted: the machine is shared), and the exception
+    (if any) of one call."""
     tracemalloc.start()
     start = time.perf_counter()
     error = None
@@ -268,9 +269,9 @@ def test_jpeg_of_700_bytes_declaring_9000x9000_is_refused_from_its_header():
     jpeg = with_jpeg_size(encode(np.zeros((16, 16), np.uint8), "JPEG"), 9000, 9000)
     assert len(jpeg) < 1000
     assert read_header(jpeg) == ImageHeader("jpeg", 9000, 9000, 1, 1, 1)
-    peak, seconds, err = peak_memory(decode_image, jpeg, "bomb.jpg", max_pixels=16_000_000)
+    peak, _, err = peak_memory(decode_image, jpeg, "bomb.jpg", max_pixels=16_000_000)
     assert type(err) is ImageTooLargeError and "81000000 pixels" in str(err)
-    assert peak < 2 * MB and seconds < 1.0  # an 81 Mpx frame would be 81 MB
+    assert peak < 2 * MB  # an 81 Mpx frame would be 81 MB: refused before decoding
     rgb = with_jpeg_size(encode(np.zeros((16, 16, 3), np.uint8), "JPEG"), 9000, 9000)
     peak, _, err = peak_memory(decode_image, rgb, "bomb.jpg", max_bytes=64 * MB)
     assert type(err) is ImageTooLargeError and "243000000 decoded bytes" in str(err)
@@ -281,9 +282,9 @@ def test_png_of_10kb_declaring_9000x9000_is_refused_from_its_header():
     idat = zlib.compress(np.random.default_rng(0).bytes(10_000))
     png = png_declaring(9000, 9000, idat)
     assert 10_000 <= len(png) < 11_000
-    peak, seconds, err = peak_memory(decode_image, png, "bomb.png", max_pixels=16_000_000)
+    peak, _, err = peak_memory(decode_image, png, "bomb.png", max_pixels=16_000_000)
     assert type(err) is ImageTooLargeError and "max_pixels=16000000" in str(err)
-    assert peak < 2 * MB and seconds < 1.0
+    assert peak < 2 * MB
 
 
 def test_multiframe_dicom_counts_every_frame():
@@ -336,10 +337,10 @@ def test_jpeg_fragment_must_match_the_header_size():
     )
     smuggled = encapsulated_dicom([with_jpeg_size(jpeg, 9000, 9000)], 10, 10, JPEGBaseline8Bit)
     for fn in (read_header, decode_image):
-        peak, seconds, err = peak_memory(fn, smuggled, "smuggled.dcm")
+        peak, _, err = peak_memory(fn, smuggled, "smuggled.dcm")
         assert type(err) is ImageDecodeError, err
         assert "9000x9000 pixels" in str(err) and "10x10" in str(err)
-        assert peak < 2 * MB and seconds < 1.0
+        assert peak < 2 * MB
     rgb = encode(np.zeros((10, 10, 3), np.uint8), "JPEG")  # 3 components for 1 sample
     with pytest.raises(ImageDecodeError, match="3 component"):
         decode_image(encapsulated_dicom([rgb], 10, 10, JPEGBaseline8Bit), "rgb.dcm")
@@ -417,25 +418,25 @@ def test_deflated_dicom_decodes_like_the_uncompressed_one():
 def test_deflated_bomb_is_refused_before_it_is_inflated():
     bomb = deflated_bomb(4096, 4096)  # 33 KB inflating to 32 MiB
     assert len(bomb) < 40_000
-    peak, seconds, err = peak_memory(decode_image, bomb, "bomb.dcm", max_bytes=MB)
+    peak, _, err = peak_memory(decode_image, bomb, "bomb.dcm", max_bytes=MB)
     assert type(err) is ImageTooLargeError and "declares 33554432 bytes of pixel data" in str(err)
-    assert peak < 4 * MB and seconds < 0.5  # refused from its header, in the first piece
+    assert peak < 4 * MB  # refused from its header, in the first piece
 
 
 def test_deflated_bomb_with_a_lying_header_stops_at_its_declared_size():
     bomb = deflated_bomb(4096, 4096, declare=(64, 64))  # says 8 KiB, inflates to 32 MiB
-    peak, seconds, err = peak_memory(decode_image, bomb, "bomb.dcm")
+    peak, _, err = peak_memory(decode_image, bomb, "bomb.dcm")
     assert type(err) is ImageTooLargeError and "inflates to more than" in str(err)
     assert str(64 * 64 * 2 + 16 * MB) in str(err)  # its declared pixel bytes + 16 MiB
-    assert peak < 4 * MB and seconds < 2.0
+    assert peak < 4 * MB
 
 
 def test_deflated_bomb_at_the_default_limit_stays_small_in_memory():
     bomb = deflated_bomb(4096, 4096, frames=17)  # 555 KB inflating to 544 MiB
-    peak, seconds, err = peak_memory(decode_image, bomb, "bomb.dcm")
+    peak, _, err = peak_memory(decode_image, bomb, "bomb.dcm")
     assert type(err) is ImageTooLargeError, err
     assert str(MAX_DECODED_BYTES + 16 * MB) in str(err) and "declares" in str(err)
-    assert peak < 4 * MB and seconds < 1.0  # not 544 MiB of inflation
+    assert peak < 4 * MB  # not 544 MiB of inflation
     peak, _, err = peak_memory(read_header, bomb, "bomb.dcm")
     assert type(err) is ImageTooLargeError and peak < 4 * MB
 

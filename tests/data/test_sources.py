@@ -267,8 +267,9 @@ def test_list_unlabeled_rows_decode_like_load_unlabeled(tmp_path, kind, column):
     np.testing.assert_array_equal(np.stack(decoded(rows, "unlabeled")), images.images)
 
 
-def test_listing_many_files_reads_no_pixels_and_is_fast(tmp_path):
-    """3,000 empty files: listed (never decoded) in well under a second (10,000 take ~0.3 s)."""
+def test_listing_many_files_reads_no_pixels(tmp_path):
+    """3,000 empty files: all listed, so none was decoded (an empty file is no image). The time
+    is printed, not asserted (10,000 took ~0.3 s here)."""
     for cls in ("a", "b", "c"):
         (tmp_path / cls).mkdir()
         for i in range(1000):
@@ -276,4 +277,5 @@ def test_listing_many_files_reads_no_pixels_and_is_fast(tmp_path):
     start = time.perf_counter()
     rows = list_rows(tmp_path, seed=0)
     elapsed = time.perf_counter() - start
-    assert len(rows) == 3000 and elapsed < 1.5, f"listing took {elapsed:.2f}s"
+    assert len(rows) == 3000
+    print(f"\nlisted 3,000 files in {elapsed:.2f}s")

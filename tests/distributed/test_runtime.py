@@ -33,6 +33,6 @@ def test_unplaceable_stage_fails_at_once_with_the_resource_named(ray_session):
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match=r"needs 64 CPU on one node .* offers \d+ CPU"):
         require_placeable({"CPU": 64.0}, "backbone actor", timeout_s=0)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60  # at once: not the 300 s an autoscaling cluster waits
     require_placeable({"CPU": cpus}, "backbone actor", timeout_s=0)  # fits: returns
     assert 1 <= stage_threads(1) <= cpus and stage_threads(64) == 1

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +42,35 @@ ORIGIN = "https://viewer.example.org"
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago (and is closed again now)."""
+    """A loopback port that was free a moment ago (and is closed again now). Another process
+    can take it before the server binds it: a caller that starts a server on it retries on a
+    fresh port when the server could not bind (:func:`port_taken`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    """Something is bound to loopback ``port`` now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+#: Attempts at starting a server on a port picked free (see :func:`free_port`).
+PORT_ATTEMPTS = 3
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port held bound but not listening while the block runs: a connection to it
+    is refused, and no other process can start listening on it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- images
@@ -367,25 +394,28 @@ def serve_reaped(cmd, tmp_path, cwd, env, during, stop="SIGINT"):
 
     from helpers.reaper import run_reaped
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    ray_tmp = tempfile.mkdtemp(prefix="mcs", dir="/tmp")  # short: Ray's socket paths
-    try:
-        run, report = run_reaped(
-            [*cmd, "--port", str(port)],
-            tmp_path / "reaper.json",
-            health_url=f"{base}/healthz",
-            stop_signal=stop,
-            during=lambda: during(base),
-            capture_output=True,
-            text=True,
-            timeout=400,
-            cwd=cwd,
-            env={**env, "RAY_TMPDIR": ray_tmp},  # its own Ray, not the session's
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        ray_tmp = tempfile.mkdtemp(prefix="mcs", dir="/tmp")  # short: Ray's socket paths
+        try:
+            run, report = run_reaped(
+                [*cmd, "--port", str(port)],
+                tmp_path / f"reaper{attempt}.json",
+                health_url=f"{base}/healthz",
+                stop_signal=stop,
+                during=lambda base=base: during(base),
+                capture_output=True,
+                text=True,
+                timeout=400,
+                cwd=cwd,
+                env={**env, "RAY_TMPDIR": ray_tmp},  # its own Ray, not the session's
+            )
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        if report["served"] or not port_taken(port):
+            break  # served, or failed for another reason than its port
     assert report["served"] is True, run.stdout[-2000:] + run.stderr[-3000:]
     assert report["left"] == [], report  # nothing it started outlives it
     assert report["rc"] == 0, run.stderr[-3000:]

@@ -280,8 +280,9 @@ class LocalCluster:
         return [self.head, *self.workers]
 
 
-#: Restarts allowed, per cluster, of a worker node whose ``ray start`` gave up: Ray waits a fixed
-#: 30 s for a raylet to register, which a loaded 2-core machine can exceed.
+#: Restarts allowed, per cluster, of a node whose ``ray start`` gave up: Ray waits a fixed 30 s
+#: for a raylet to register, which a loaded 2-core machine can exceed, and a port picked free
+#: can be taken before Ray binds it. Each restart picks fresh ports.
 NODE_RESTARTS = 2
 
 
@@ -314,6 +315,24 @@ def _wait_restarting_workers(
             )
 
 
+def _start_head(token: str, log_dir: Path, num_cpus: int, timeout: float) -> RayNode:
+    """A head node that is up. Its ports were free when picked but not held until Ray binds
+    them: a head that exits while starting (a port taken in between, or Ray's raylet timeout)
+    is started again on fresh ports, at most :data:`NODE_RESTARTS` times."""
+    for attempt in range(NODE_RESTARTS + 1):
+        log = log_dir / ("head.log" if attempt == 0 else f"head.restart{attempt}.log")
+        head = start_node(token, short_temp_dir(), log, num_cpus=num_cpus)
+        try:
+            wait_for_nodes(head, token, 1, timeout)
+            return head
+        except RuntimeError:  # the head exited
+            stop_node(head)
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
+            if attempt == NODE_RESTARTS:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def local_cluster(
     log_dir: Path,
@@ -327,9 +346,8 @@ def local_cluster(
     token = new_token()
     nodes: list[RayNode] = []
     try:
-        head = start_node(token, short_temp_dir(), log_dir / "head.log", num_cpus=num_cpus)
+        head = _start_head(token, log_dir, num_cpus, timeout)
         nodes.append(head)
-        wait_for_nodes(head, token, 1, timeout)
         for i, res in enumerate(worker_resources, 1):
             log = log_dir / f"worker{i}.log"
             nodes.append(start_node(token, short_temp_dir(), log, head.gcs_address, num_cpus, res))
