@@ -64,6 +64,7 @@ def mixed_folder(tmp_path_factory) -> Path:
         cls = root / ("a" if i % 2 else "b")
         cls.mkdir(exist_ok=True)
         _mixed_image(i, rng).save(cls / f"{i:02d}.png")
+    (root / "a" / "99.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")  # unreadable
     return root
 
 
@@ -100,6 +101,9 @@ def test_mixed_folder_run_ends_in_a_bundle_that_serves_the_same_answers(
     np.testing.assert_allclose(online, offline, atol=1e-5)
     saved = json.loads((tmp_path / "one" / "results.json").read_text())
     assert saved["feature_store"]["key"] == first.store.key
+    # The unreadable file is skipped, and results.json lists it with its reason.
+    assert [p for p, _ in saved["skipped"]] == [str(mixed_folder / "a" / "99.png")]
+    assert saved["skipped"][0][1]  # the reason
     cae_row = next(v for k, v in first.reports.items() if k.startswith("CAE"))
     labels = np.asarray(preds["label"])
     assert classification_report(labels, online, ["a", "b"])["acc"] == cae_row["acc"]

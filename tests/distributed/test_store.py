@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -61,6 +62,16 @@ def test_folder_streams_into_store_and_reports_corrupt_files(ray_session, class_
     assert list(test["id"]) == sorted(test["id"]) and set(test["label"]) <= {0, 1}
     batch = store.split("train").take_batch(4, batch_format="numpy")
     assert batch["maps"].shape == (4, *store.shape) and batch["maps"].dtype == np.float32
+    # --materialize auto: held in the object store when the maps take under a quarter of it.
+    import ray
+
+    object_store = ray.cluster_resources()["object_store_memory"]
+    assert store.nbytes < 0.25 * object_store and store.should_materialize("auto")
+    assert store.should_materialize("auto", share=0.99 * store.nbytes / object_store) is False
+    assert store.should_materialize("auto", share=1.01 * store.nbytes / object_store) is True
+    assert not store.should_materialize("never") and store.should_materialize("always")
+    share = inspect.signature(type(store).should_materialize).parameters["share"]
+    assert share.default == 0.25  # the quarter the guides state
 
 
 @pytest.mark.ray
@@ -80,6 +91,13 @@ def test_key_follows_content_and_backbone_not_file_names(ray_session, class_fold
     assert changed.key != first.key and not changed.reused
     other = _build(class_folder, tmp_path / "fs", BackboneConfig(taps=("stage4",), resolution=40))
     assert other.key not in (first.key, changed.key)
+    # An extraction killed half-way left its private folder; the next build of the key drops it.
+    stale = tmp_path / "fs" / f".tmp-{first.key}-deadbeef"
+    (stale / "split=train").mkdir(parents=True)
+    (stale / "split=train" / "part-0.parquet").write_bytes(b"half written")
+    shutil.rmtree(first.uri)
+    rebuilt = _build(class_folder, tmp_path / "fs")
+    assert rebuilt.key == first.key and not rebuilt.reused and not stale.exists()
     leftovers = [p.name for p in (tmp_path / "fs").iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,14 @@ def test_one_and_two_workers_take_the_same_steps_to_the_same_weights(ray_session
         worst = max(worst, float((w2.double() - w1.double()).abs().max()))
         assert w1.shape == w2.shape, name
         np.testing.assert_allclose(w2.numpy(), w1.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    # Early stopping is on (patience 3), so Ray Train keeps the 2 checkpoints of lowest val loss.
+    snapshot = json.loads((tmp_path / "w2" / "checkpoint_manager_snapshot.json").read_text())
+    results = snapshot["checkpoint_results"]
+    on_disk = {d.name for d in (tmp_path / "w2").glob("checkpoint_*") if d.is_dir()}
+    assert on_disk == {r["checkpoint_dir_name"] for r in results}
+    kept = sorted(r["metrics"]["epoch"] for r in results)
+    best = sorted(sorted(range(1, 7), key=lambda e: two.history[e - 1]["val_loss"])[:2])
+    assert cae.patience == 3 and kept == best, (kept, best)
     a, b = one.history[-1]["val_loss"], two.history[-1]["val_loss"]
     assert b < 0.9 * untrained, (b, untrained)  # and they did learn
     # The weights returned are the trained ones: their error matches the reported val loss.
