@@ -126,12 +126,13 @@ def test_csv_bad_split_value(tmp_path):
 
 def test_csv_as_unlabeled_source(tmp_path):
     files = write_pngs(tmp_path, [f"{i}.png" for i in range(3)])
+    files = [files[2], files[0], files[1]]  # the CSV's own order, not sorted
     csv = write_csv(tmp_path / "u.csv", "path", [f.name for f in files] + ["missing.png"])
     images, skipped = data.load_unlabeled(csv)
     assert images.images.shape == (3, 8, 8) and images.labels is None
     assert [w for w, _ in skipped] == [f"{csv}#row=3"]
     rows = list_unlabeled_rows(csv)
-    assert rows.table.column("path").to_pylist() == [str(f) for f in files]
+    assert rows.table.column("path").to_pylist() == [str(f) for f in files]  # kept as written
     assert rows.label_names == [] and set(rows.table.column("label").to_pylist()) == {-1}
 
 

@@ -94,6 +94,14 @@ def test_every_ray_start_exports_token_mode(config):
         assert RAY_BIN + " start" in starts[0], "must use the project's venv"
 
 
+def test_the_head_tells_jobs_an_autoscaler_may_add_nodes(config):
+    """medcae.distributed.runtime waits MEDCAE_PLACEMENT_TIMEOUT_S for nodes only where
+    RAY_AUTOSCALER is set; the launcher's head, where the jobs' drivers run, sets it."""
+    head = _start_commands(config, "head_start_ray_commands")[0]
+    assert "export RAY_AUTOSCALER=1;" in head.split("ray start")[0]
+    assert config["max_workers"] > 0  # there is something to scale
+
+
 def _run_start_command(command: str, tmp_path: Path) -> tuple[list[str], str]:
     """Run a start command in bash with a fake ``ray`` that records its argv and auth mode."""
     home = tmp_path / "home"

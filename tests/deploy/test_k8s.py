@@ -370,7 +370,13 @@ def test_entrypoint_check_refuses_an_unknown_flag(docs, monkeypatch, capsys):
 def test_rayjob_shuts_its_cluster_down(docs):
     spec = docs["RayJob"]["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] > 0
+    # What docs/scale.md promises: deleted 10 minutes after the job ends, retried twice, each
+    # retry resuming from the same storage path and run name.
+    assert spec["ttlSecondsAfterFinished"] == 600 and spec["backoffLimit"] == 2
+    guide = (ROOT / "docs" / "scale.md").read_text()
+    assert "deleted 10 minutes after the job ends" in guide and "retried\ntwice" in guide
+    entry = spec["entrypoint"].split()
+    assert "--storage-path" in entry and "--name" in entry
 
 
 # --------------------------------------------------------------------------- RayService

@@ -6,7 +6,13 @@ import time
 
 import pytest
 
-from medcae.distributed.runtime import PlacementError, _shortfall, require_placeable, stage_threads
+from medcae.distributed.runtime import (
+    PLACEMENT_TIMEOUT_ENV,
+    PlacementError,
+    _shortfall,
+    require_placeable,
+    stage_threads,
+)
 
 NODES = [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
 
@@ -36,3 +42,23 @@ def test_unplaceable_stage_fails_at_once_with_the_resource_named(ray_session):
     assert time.monotonic() - t0 < 60  # at once: not the 300 s an autoscaling cluster waits
     require_placeable({"CPU": cpus}, "backbone actor", timeout_s=0)  # fits: returns
     assert 1 <= stage_threads(1) <= cpus and stage_threads(64) == 1
+
+
+@pytest.mark.ray
+def test_where_an_autoscaler_may_add_nodes_it_waits_the_placement_timeout(ray_session, monkeypatch):
+    """RAY_AUTOSCALER (set by cluster.yaml's head) makes the check wait for nodes, for
+    MEDCAE_PLACEMENT_TIMEOUT_S; without either it fails at once (a local or Slurm Ray)."""
+    monkeypatch.delenv("KUBERAY_GEN_RAY_START_CMD", raising=False)
+    monkeypatch.delenv("RAY_AUTOSCALER", raising=False)
+    monkeypatch.delenv(PLACEMENT_TIMEOUT_ENV, raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError):
+        require_placeable({"CPU": 64.0}, "backbone actor")
+    at_once = time.monotonic() - t0
+    monkeypatch.setenv("RAY_AUTOSCALER", "1")
+    monkeypatch.setenv(PLACEMENT_TIMEOUT_ENV, "3")
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match="needs 64 CPU"):
+        require_placeable({"CPU": 64.0}, "backbone actor")
+    waited = time.monotonic() - t0
+    assert waited >= 3.0 > at_once, (waited, at_once)

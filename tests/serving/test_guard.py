@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medcae.config import ConfigError
-from medcae.serving.api import RequestError, predict_each
+from medcae.serving.api import Limits, RequestError, check_batch_size, predict_each
 from medcae.serving.auth import allowed_hosts_for, host_allowed, parse_hosts
 
 
@@ -117,3 +117,14 @@ def test_one_bad_image_in_a_batch_fails_alone(demo_bundle):
         assert got["label"] == want["label"]
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
     assert predict_each(predictor.predict, good) == alone  # a good batch: one pass, same
+
+
+def test_the_default_batch_limit_is_32_images():
+    limits = Limits()
+    check_batch_size(32, limits)  # at the limit: accepted
+    with pytest.raises(RequestError, match="33 images is over the batch limit of 32") as err:
+        check_batch_size(33, limits)
+    assert err.value.status == 413
+    with pytest.raises(RequestError) as empty:
+        check_batch_size(0, limits)
+    assert empty.value.status == 400

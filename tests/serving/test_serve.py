@@ -542,6 +542,10 @@ def test_page_in_a_real_browser(server, demo_bundle, tmp_path):
         card = browser.find_element(By.ID, "card")
         wait.until(lambda _: "Intended use" in card.text)
         assert not browser.find_element(By.ID, "status").get_attribute("class")  # no error
+        # The key lives in this tab's sessionStorage only: not in localStorage or a cookie.
+        stored = "return [sessionStorage.getItem('medcae-key'), localStorage.length]"
+        assert browser.execute_script(stored) == [API_KEY, 0]
+        assert browser.get_cookies() == []
         browser.save_screenshot(str(out / "page.png"))
     finally:
         browser.quit()
