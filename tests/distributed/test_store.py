@@ -161,3 +161,33 @@ def test_two_processes_building_one_store_at_once(ray_session, class_folder, tmp
     assert set(entries) - {"graphs"} == {Path(store.uri).name}  # one entry (and the graphs)
     assert len(list((tmp_path / "fs" / "graphs").glob("*.onnx"))) <= 1  # exported once
     assert not [p for p in (tmp_path / "fs").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.ray
+def test_the_key_is_the_same_hashed_on_the_driver_or_in_ray_tasks(
+    ray_session, class_folder, monkeypatch
+):
+    """Below LOCAL_HASH_BYTES (2 GiB) the files are hashed on the driver; above it, Ray Data
+    tasks hash them. Lowering the limit to 0 (and the probe to 4 files) sends these files down
+    the Ray path, which must give the same key."""
+    from medcae.data import list_rows
+    from medcae.distributed import store as store_mod
+
+    table = store_mod.rows_table([list_rows(str(class_folder))])
+    blocks = store_mod._block_count(table)
+    assert store_mod.LOCAL_HASH_BYTES == 2 * 2**30  # the limit the guide states
+    datasets = []
+    real = store_mod._rows_dataset
+
+    def counted(*args, **kwargs):
+        datasets.append(args[0].num_rows)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "_rows_dataset", counted)
+    on_driver = store_mod.content_key(table, blocks)
+    assert datasets == []  # small: no Ray task hashed anything
+    monkeypatch.setattr(store_mod, "LOCAL_HASH_BYTES", 0)
+    monkeypatch.setattr(store_mod, "HASH_PROBE_FILES", 4)
+    in_tasks = store_mod.content_key(table, blocks)
+    assert datasets == [len(table) - 4]  # all but the probe went to Ray Data
+    assert in_tasks == on_driver

@@ -146,3 +146,31 @@ def test_bytes_and_arrays_take_the_same_path_at_any_size(demo_bundle):
     mixed = pred.predict_proba([small[0], png_bytes(large[1]), small[2]])
     np.testing.assert_allclose(mixed[0], pred.predict_proba(small[:1])[0], atol=1e-5)
     np.testing.assert_allclose(mixed[1], pred.predict_proba(large[1:2])[0], atol=1e-5)
+
+
+def test_each_file_is_read_once_and_loaded_from_the_bytes_hashed(tiny_bundle, tmp_path):
+    """No second read between the hash check and the load (a file swapped in between would be
+    loaded unverified): every file of the bundle is opened exactly once."""
+    import shutil
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle[0], bundle)
+    opened: list[str] = []
+    watching = [False]
+
+    def hook(event: str, args: tuple) -> None:
+        if watching[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)  # process-wide and permanent: it records only while watching
+    watching[0] = True
+    try:
+        read_bundle(bundle)
+    finally:
+        watching[0] = False
+    reads = Counter(Path(p).name for p in opened if Path(p).parent == bundle)
+    assert set(reads) == {p.name for p in bundle.iterdir()}, reads
+    assert set(reads.values()) == {1}, reads

@@ -327,6 +327,24 @@ def test_sixteen_concurrent_clients_no_errors(server, demo_bundle):
     assert secs < 180
 
 
+def test_bad_images_among_concurrent_requests_fail_alone(server, demo_bundle):
+    """Twelve requests at once (dynamic batches of up to 8): the corrupt ones get 400, every
+    good one the answer it gets when sent alone."""
+    good = [png_bytes(a) for a in demo_bundle.test_images[:8]]
+    alone = [server.post("/v1/predict", content=b).json()["prediction"] for b in good]
+    corrupt = good[0][:60]  # a PNG cut short
+    bodies = good[:4] + [corrupt] + good[4:] + [corrupt, b"\x89PNG\r\n\x1a\n", corrupt]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: server.post("/v1/predict", content=b), bodies))
+    codes = [r.status_code for r in answers]
+    assert codes == [200] * 4 + [400] + [200] * 4 + [400] * 3, codes
+    got = [r.json()["prediction"] for r in answers if r.status_code == 200]
+    for g, want in zip(got, alone, strict=True):
+        assert g["label"] == want["label"]
+        assert g["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    assert {r.json()["error"] for r in answers if r.status_code == 400} == {"corrupt_image"}
+
+
 def test_killed_replica_is_restarted_and_serves_again(server, demo_bundle):
     good = png_bytes(demo_bundle.test_images[0])
     pid = server.get("/v1/model").json()["pid"]
