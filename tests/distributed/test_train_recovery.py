@@ -96,19 +96,18 @@ def run_dir(tmp_path_factory, request) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(ray_session, tmp_path_factory):
-    """The same smoke job as the kill tests, run without any failure."""
-    storage = tmp_path_factory.getbasetemp() / "train-jobs" / "ref"
-    storage.mkdir(parents=True)
-    log = storage / "job.log"
-    proc = _start(_job(storage, "ref"), _address(ray_session), log)
-    assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
-    return _result(log)
+def _learned_on_from(history: list[dict], restored: int) -> None:
+    """The epochs after the restore continue the restored model: the first of them already
+    reconstructs better than the run's first epoch (a model started over would not), and the
+    run ends better still than where it was restored."""
+    first, after, last = history[0], history[restored], history[-1]
+    assert after["restored_from"] == restored
+    assert after["val_loss"] < first["val_loss"], [h["val_loss"] for h in history]
+    assert last["val_loss"] < history[restored - 1]["val_loss"] * 1.05, history
 
 
 @pytest.mark.timeout(600)
-def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupted, run_dir):
+def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, run_dir):
     from medcae.distributed.runtime import local_train_worker_pids
 
     log = run_dir / "job.log"
@@ -129,8 +128,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupte
     assert res["restored_from_epoch"] >= 2  # the new worker group resumed, not restarted
     resumed = [h for h in history if h["restored_from"] >= 2]
     assert resumed and resumed[0]["time"] > killed_at
-    ref = uninterrupted["final_val_loss"]
-    assert res["final_val_loss"] == pytest.approx(ref, rel=0.15), (res["final_val_loss"], ref)
+    _learned_on_from(history, resumed[0]["restored_from"])
     lost = resumed[0]["time"] - killed_at - resumed[0]["epoch_s"]
     print(
         f"\nkill -> training progressing again: {lost:.1f}s (first epoch after restore done "
@@ -139,7 +137,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_session, uninterrupte
 
 
 @pytest.mark.timeout(600)
-def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupted, run_dir):
+def test_killed_driver_rerun_continues_from_checkpoint(ray_session, run_dir):
     address = _address(ray_session)
     cmd = _job(run_dir, "kill-driver")
     log1 = run_dir / "first.log"
@@ -158,14 +156,9 @@ def test_killed_driver_rerun_continues_from_checkpoint(ray_session, uninterrupte
     assert res["features_reused"] is True  # no re-extraction
     assert res["restored_from_epoch"] == registered  # continued, did not start over
     assert _contiguous(res["history"]) == list(range(1, EPOCHS + 1))
-    ref = uninterrupted["final_val_loss"]
-    assert res["final_val_loss"] == pytest.approx(ref, rel=0.15)
-
-
-def test_resume_with_another_cae_config_is_refused_naming_it(ray_session, uninterrupted):
-    """Same --storage-path and --name as the finished reference run, another CAE shape."""
-    storage = Path(uninterrupted["checkpoint"]).parents[1]
-    cmd = _job(storage, "ref", "--lr", "0.01", "--address", _address(ray_session))
+    _learned_on_from(res["history"], registered)
+    # The same --storage-path and --name again, with another CAE config: refused, named.
+    cmd = _job(run_dir, "kill-driver", "--lr", "0.01", "--address", address)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
