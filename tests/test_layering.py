@@ -24,7 +24,7 @@ FLOORS = [
     {"metrics"},
     {"model"},
     {"inference"},
-    {"evaluation", "tuning"},
+    {"evaluation", "tuning", "registry"},
     {"labeling"},
     {"distributed"},  # the Ray layer: Ray Data, Train, Tune
     {"serving"},  # the Ray Serve app (serving/app.py) and its Ray-free HTTP layer

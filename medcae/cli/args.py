@@ -202,9 +202,19 @@ def default_store_root() -> str:
     return os.environ.get("MEDCAE_CACHE_DIR") or os.path.expanduser("~/.cache/medcae/features")
 
 
-def add_output_args(p: argparse.ArgumentParser, out: str | None, out_help: str) -> None:
+def add_output_args(
+    p: argparse.ArgumentParser, out: str | None, out_help: str, register: bool = False
+) -> None:
     o = p.add_argument_group("output and storage")
     o.add_argument("--out", default=out, help=out_help)
+    if register:
+        o.add_argument(
+            "--register",
+            default=None,
+            metavar="NAME",
+            help="add the bundle as the next version of model NAME in MLflow's Model Registry "
+            "at --mlflow (else $MLFLOW_TRACKING_URI, else ./mlruns.db); see `medcae models`",
+        )
     o.add_argument(
         "--mlflow",
         nargs="?",
@@ -258,7 +268,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     add_classifier_args(p)
     add_ray_args(p)
     add_fault_args(p)
-    add_output_args(p, None, "output folder (default runs/<time>): bundle/, results.json, run.log")
+    add_output_args(
+        p, None, "output folder (default runs/<time>): bundle/, results.json, run.log", True
+    )
     add_storage_args(p)
     add_smoke_arg(p)
 
@@ -281,7 +293,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     add_classifier_args(p, kind=False)
     add_cluster_args(p)
     add_runtime_arg(p)
-    add_output_args(p, "runs/tune", "output folder (trials.csv, bundle/, run.log, ...)")
+    add_output_args(p, "runs/tune", "output folder (trials.csv, bundle/, run.log, ...)", True)
     add_smoke_arg(p, "tiny data, tiny space")
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medcae.cli import args as jobargs
+from medcae.cli.models import add_models_parser
 from medcae.config import ConfigError
 from medcae.serving.auth import hash_key, load_key_hashes, require_keys_for
 
@@ -120,7 +121,18 @@ def _serve(args: argparse.Namespace) -> int:
     hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray is imported
     require_keys_for(args.host, hashes)
     hosts = allowed_hosts_for(args.host, args.allowed_hosts)
-    read_bundle(args.bundle)
+    if args.model:  # resolved (fetched, verified) now: a wrong name fails before Ray starts
+        from medcae.cli.models import registry_uri
+        from medcae.registry.models import Registry
+
+        uri = registry_uri(args.mlflow)
+        resolved = Registry(uri).resolve(args.model)
+        source = {"model": args.model, "registry_uri": uri}
+        what = f"{resolved.name} version {resolved.version} ({args.model})"
+    else:
+        read_bundle(args.bundle)
+        source = {"bundle": str(Path(args.bundle).resolve())}
+        what = args.bundle
     from ray import serve
 
     from medcae.serving.app import build_app
@@ -131,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
         # start, which installs a handler of its own that would abort the driver.
         signal.signal(signal.SIGTERM, _interrupt)
         app_args = {
-            "bundle": str(Path(args.bundle).resolve()),
+            **source,
             "api_key_sha256": list(hashes),
             "allowed_hosts": list(hosts),
             "cors_origins": args.cors_origins or "",
@@ -140,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve.run(build_app(app_args), name="medcae", route_prefix="/")
         keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
         print(
-            f"serving {args.bundle} at http://{args.host}:{args.port}, {keys}, "
+            f"serving {what} at http://{args.host}:{args.port}, {keys}, "
             f"hosts {','.join(hosts)}; Ctrl-C stops"
         )
         while True:
@@ -183,7 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(jp)
         jp.set_defaults(fn=_job)
     sv = sub.add_parser("serve", help="serve a model bundle over HTTP with Ray Serve")
-    sv.add_argument("--bundle", required=True)
+    which = sv.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bundle", help="a bundle folder")
+    which.add_argument(
+        "--model",
+        help="a registered model: NAME (its champion, else newest version), NAME@ALIAS or "
+        "NAME/VERSION; see `medcae models`",
+    )
+    sv.add_argument(
+        "--mlflow",
+        default=None,
+        metavar="URI",
+        help="the registry of --model (default $MLFLOW_TRACKING_URI, else ./mlruns.db)",
+    )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument(
@@ -211,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="origins that get CORS headers, comma-separated (default: none)",
     )
     sv.set_defaults(fn=_serve)
+    add_models_parser(sub)
     sc_help = "print the shipped Ray Serve config (for `serve run` / `serve deploy`)"
     sc = sub.add_parser("serve-config", help=sc_help, description=sc_help)
     sc.set_defaults(fn=_serve_config)

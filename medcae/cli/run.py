@@ -20,6 +20,7 @@ from pathlib import Path
 from medcae.cli.args import config_from_args, default_store_root
 from medcae.cli.checks import check_budget
 from medcae.cli.logs import print_summary, route_ray_output, setup_run_logging
+from medcae.cli.models import register_bundle
 from medcae.cli.tracking import log_job, tracking_uri
 
 RESULT_TAG = "MEDCAE_RESULT"
@@ -121,8 +122,11 @@ def main(args: argparse.Namespace) -> int:
         artifacts={"bundle": res.bundle, "logs": log_file},
         tags={"data": str(cfg.data), "feature_store": res.store.uri},
     )
+    registered, code = register_bundle(args, res.bundle)  # the run is safe on disk
+    if registered:
+        lines.insert(-3, registered)  # the last three stay RESULT, results, model bundle
     print_summary(lines)
-    return 0
+    return code
 
 
 def _report_metrics(reports: dict) -> dict[str, float]:

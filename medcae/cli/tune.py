@@ -14,6 +14,7 @@ from pathlib import Path
 from medcae.cli.args import config_from_args, default_store_root
 from medcae.cli.checks import check_budget
 from medcae.cli.logs import print_summary, route_ray_output, setup_run_logging
+from medcae.cli.models import register_bundle
 from medcae.cli.tracking import log_job, tracking_uri, tune_callbacks
 
 TUNER_OPTIONS = (
@@ -86,5 +87,8 @@ def main(a: argparse.Namespace) -> int:
         f"log: {log_file}",
         f"model bundle: {summary['bundle']}",
     ]
+    registered, code = register_bundle(a, Path(summary["bundle"]))
+    if registered:
+        lines.insert(-1, registered)  # "model bundle:" stays the last line
     print_summary(lines)
-    return 0
+    return code

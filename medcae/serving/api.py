@@ -304,6 +304,7 @@ class PredictResponse(BaseModel):
     """Response of ``POST /v1/predict``."""
 
     model: str
+    version: str
     prediction: PredictionOut
 
 
@@ -311,6 +312,7 @@ class BatchResponse(BaseModel):
     """Response of ``POST /v1/predict/batch``."""
 
     model: str
+    version: str
     predictions: list[PredictionOut]
 
 
@@ -333,6 +335,7 @@ class ExplainResponse(BaseModel):
     """Response of ``POST /v1/explain``."""
 
     model: str
+    version: str
     prediction: PredictionOut
     explanation: ExplanationOut
 

@@ -147,11 +147,14 @@ class MedcaeModel:
         allowed_hosts: Host header values accepted (``name``, ``*.domain``, ``*``); default
             ``$MEDCAE_ALLOWED_HOSTS``, else the loopback names.
         cors_origins: Origins sent CORS headers (``https://app.example.org``); default none.
+        model: A registered model instead of ``bundle``: ``NAME``, ``NAME@ALIAS`` or
+            ``NAME/VERSION`` (:mod:`medcae.registry.models`), fetched into this node's cache.
+        registry_uri: Where ``model`` is registered (default ``$MLFLOW_TRACKING_URI``).
     """
 
     def __init__(
         self,
-        bundle: str,
+        bundle: str | None = None,
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
         limits: dict[str, int] | None = None,
@@ -162,6 +165,8 @@ class MedcaeModel:
         api_key_sha256: list[str] | None = None,
         allowed_hosts: list[str] | str | None = None,
         cors_origins: list[str] | str | None = None,
+        model: str | None = None,
+        registry_uri: str | None = None,
     ):
         import torch
 
@@ -174,8 +179,12 @@ class MedcaeModel:
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        resolved = resolve_model(model, bundle, registry_uri)  # fetched on this replica's node
+        bundle = str(resolved.bundle)
         self.predictor = Predictor.from_bundle(bundle, device, runtime)
-        self.model_id = model_id(self.predictor.meta)
+        # A registered model answers as its name; a bundle folder as its content id.
+        self.model_id = resolved.name if model else model_id(self.predictor.meta)
+        self.version = resolved.version
         self.limits = Limits(**(limits or {}))
         self.side = self.predictor.extractor.cfg.resolution
         self._predict.set_max_batch_size(max_batch_size)
@@ -208,7 +217,11 @@ class MedcaeModel:
         """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
         (image,) = await read_images(request, self.limits, False, self.side)
-        return {"model": self.model_id, "prediction": await self._one(image)}
+        return {
+            "model": self.model_id,
+            "version": self.version,
+            "prediction": await self._one(image),
+        }
 
     @app.post(
         "/v1/predict/batch",
@@ -223,7 +236,7 @@ class MedcaeModel:
         preds = await asyncio.gather(
             *(self._one(im, f"images[{i}]") for i, im in enumerate(images))
         )
-        return {"model": self.model_id, "predictions": list(preds)}
+        return {"model": self.model_id, "version": self.version, "predictions": list(preds)}
 
     @app.post(
         "/v1/explain",
@@ -258,6 +271,7 @@ class MedcaeModel:
         b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
         return {
             "model": self.model_id,
+            "version": self.version,
             "prediction": vars(exp.prediction),
             "explanation": {
                 "label": exp.label,
@@ -291,19 +305,38 @@ class MedcaeModel:
     async def model(self, request: Request) -> dict[str, Any]:
         """Backbone, tap, CAE shape, labels, metrics, creation time and versions."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        return model_info(self.predictor.meta, self.model_id) | {"pid": os.getpid()}
+        info = model_info(self.predictor.meta, self.model_id)
+        return info | {"version": self.version, "pid": os.getpid()}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         """Liveness: the replica is up and its model is loaded."""
-        return {"status": "ok", "model": self.model_id}
+        return {"status": "ok", "model": self.model_id, "version": self.version}
+
+
+def resolve_model(model: str | None, bundle: str | None, registry_uri: str | None) -> Any:
+    """The bundle to load: ``model`` from the registry, else the ``bundle`` folder."""
+    from medcae.registry.models import ModelRef, Registry, resolve_path
+
+    if not (model or bundle):
+        raise ValueError("serve app needs 'bundle' (a bundle folder) or 'model' (NAME@ALIAS)")
+    ref = ModelRef.parse(model or str(bundle))
+    if ref.path:
+        return resolve_path(ref)
+    uri = registry_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError(f"model {model}: no registry_uri (or $MLFLOW_TRACKING_URI) to find it in")
+    return Registry(uri).resolve(ref)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for ``serve run medcae.serving.app:build_app bundle=...`` and config
     files."""
-    if "bundle" not in args:
-        raise ValueError("serve app needs the argument 'bundle' (path to a model bundle folder)")
+    if "bundle" not in args and "model" not in args:
+        raise ValueError(
+            "serve app needs the argument 'bundle' (a bundle folder) or 'model' (NAME@ALIAS, "
+            "with 'registry_uri')"
+        )
     kwargs = {
         k: args[k]
         for k in (
@@ -318,6 +351,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "api_key_sha256",
             "allowed_hosts",
             "cors_origins",
+            "model",
+            "registry_uri",
         )
         if k in args
     }

@@ -254,7 +254,7 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     out_dir = tmp_path / "run"
     run, report = run_reaped(
         [sys.executable, "-m", "medcae", "run", "--data", "demo", "--smoke-test"]
-        + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow"],
+        + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow", "--register", "demo-model"],
         tmp_path / "reaper.json",
         capture_output=True,
         text=True,
@@ -305,6 +305,15 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     assert any(k.endswith("auc") for k in mlrun.data.metrics), mlrun.data.metrics
     files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "bundle")}
     assert {"bundle/bundle.json", "bundle/MODEL_CARD.md"} <= files
+    # --register: the bundle is version 1 of demo-model in the same database's registry
+    from medcae.registry.models import Registry, bundle_digest
+
+    (version,) = Registry(f"sqlite:///{tmp_path / 'mlruns.db'}").versions("demo-model")
+    assert version.version == "1" and version.tags["bundle_sha256"] == bundle_digest(
+        result["bundle"]
+    )
+    assert "test_auc" in version.metrics
+    assert any(x.startswith("registered: demo-model version 1 at sqlite:///") for x in table)
 
 
 def test_mlflow_logging_reads_back_and_never_fails_the_job(tmp_path, monkeypatch):
