@@ -180,6 +180,16 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
     )
 
 
+def _proxy_up(port: int) -> bool:
+    """Serve's proxy answers its health check on ``port``."""
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _serve_answers(port: int, timeout: float = 60.0) -> bool:
     """Serve's proxy, not some other server, answers on ``port`` with the medcae route."""
     import httpx
@@ -221,9 +231,9 @@ def server(ray_session, demo_bundle):
             serve.run(app, name="medcae", route_prefix="/")
             if _serve_answers(port):
                 break
-        except Exception:  # noqa: BLE001 - the proxy could not bind: retried below
-            if not port_taken(port):
-                raise
+        except Exception:  # noqa: BLE001 - retried only when the proxy could not bind
+            if not port_taken(port) or _proxy_up(port):
+                raise  # the port was free, or Serve's own proxy holds it: the app failed
         serve.shutdown()
     else:
         raise RuntimeError(f"Serve did not start on a free port in {PORT_ATTEMPTS} attempts")

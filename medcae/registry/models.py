@@ -371,6 +371,20 @@ class Registry:
         return Resolved(info.name, info.version, dest, str(ref))
 
 
+def resolve_model(model: str | None, bundle: str | None, registry_uri: str | None) -> Resolved:
+    """What a server loads: ``model`` (a reference) from the registry at ``registry_uri`` (else
+    ``$MLFLOW_TRACKING_URI``), else the ``bundle`` folder."""
+    if not (model or bundle):
+        raise ConfigError("give a bundle folder or a model (NAME, NAME@ALIAS, NAME/VERSION)")
+    ref = ModelRef.parse(model or str(bundle))
+    if ref.path:
+        return resolve_path(ref)
+    uri = registry_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError(f"model {model}: no registry_uri (or $MLFLOW_TRACKING_URI) to find it in")
+    return Registry(uri).resolve(ref)
+
+
 def resolve_path(ref: ModelRef) -> Resolved:
     """A bundle folder as a one-version model (its version: the first 8 hex of its sha256)."""
     assert ref.path is not None

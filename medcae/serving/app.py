@@ -175,6 +175,7 @@ class MedcaeModel:
         configure_guard(allowed_hosts, cors_origins)
 
         from medcae.inference.predictor import Predictor
+        from medcae.registry.models import resolve_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -312,21 +313,6 @@ class MedcaeModel:
     async def healthz(self) -> dict[str, str]:
         """Liveness: the replica is up and its model is loaded."""
         return {"status": "ok", "model": self.model_id, "version": self.version}
-
-
-def resolve_model(model: str | None, bundle: str | None, registry_uri: str | None) -> Any:
-    """The bundle to load: ``model`` from the registry, else the ``bundle`` folder."""
-    from medcae.registry.models import ModelRef, Registry, resolve_path
-
-    if not (model or bundle):
-        raise ValueError("serve app needs 'bundle' (a bundle folder) or 'model' (NAME@ALIAS)")
-    ref = ModelRef.parse(model or str(bundle))
-    if ref.path:
-        return resolve_path(ref)
-    uri = registry_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise ValueError(f"model {model}: no registry_uri (or $MLFLOW_TRACKING_URI) to find it in")
-    return Registry(uri).resolve(ref)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -51,8 +51,10 @@ def free_port() -> int:
 
 
 def port_taken(port: int) -> bool:
-    """Something is bound to loopback ``port`` now."""
+    """Something listens on (or is bound to) loopback ``port`` now. Connections of a server
+    that just stopped (TIME_WAIT) do not count, as they do not stop a new server binding it."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
