@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         uri = registry_uri(args.mlflow)
         resolved = Registry(uri).resolve(args.model)
-        source = {"model": args.model, "registry_uri": uri}
+        source = {"model": args.model, "registry_uri": uri, "follow_s": args.follow_s}
         what = f"{resolved.name} version {resolved.version} ({args.model})"
     else:
         read_bundle(args.bundle)
@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URI",
         help="the registry of --model (default $MLFLOW_TRACKING_URI, else ./mlruns.db)",
+    )
+    sv.add_argument(
+        "--follow-s",
+        type=float,
+        default=10.0,
+        help="with --model NAME or NAME@ALIAS: ask the registry this often which version it "
+        "names, and swap a promoted one in without a restart (0: never)",
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)

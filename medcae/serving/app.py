@@ -43,7 +43,6 @@ from medcae.serving.api import (
     RequestError,
     model_id,
     model_info,
-    predict_each,
 )
 from medcae.serving.auth import check_bearer, load_key_hashes
 from medcae.serving.http import PAGE_HEADERS, PAGE_HTML, PAGE_JS, read_images
@@ -150,6 +149,9 @@ class MedcaeModel:
         model: A registered model instead of ``bundle``: ``NAME``, ``NAME@ALIAS`` or
             ``NAME/VERSION`` (:mod:`medcae.registry.models`), fetched into this node's cache.
         registry_uri: Where ``model`` is registered (default ``$MLFLOW_TRACKING_URI``).
+        follow_s: For a ``model`` named by an alias (or a bare name), how often the registry
+            is asked which version it names now; a new one is loaded beside the old and then
+            answers every request accepted after it (:mod:`medcae.serving.versions`). 0: never.
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class MedcaeModel:
         cors_origins: list[str] | str | None = None,
         model: str | None = None,
         registry_uri: str | None = None,
+        follow_s: float = 10.0,
     ):
         import torch
 
@@ -175,38 +178,63 @@ class MedcaeModel:
         configure_guard(allowed_hosts, cors_origins)
 
         from medcae.inference.predictor import Predictor
-        from medcae.registry.models import resolve_model
+        from medcae.registry.models import ModelRef, Registry, resolve_model
+        from medcae.serving.versions import Follower, Loaded
 
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+        def load(resolved: Any) -> Loaded:
+            predictor = Predictor.from_bundle(str(resolved.bundle), device, runtime)
+            # A registered model answers as its name; a bundle folder as its content id.
+            name = resolved.name if model else model_id(predictor.meta)
+            return Loaded(predictor, name, resolved.version, predictor.extractor.cfg.resolution)
+
         resolved = resolve_model(model, bundle, registry_uri)  # fetched on this replica's node
         bundle = str(resolved.bundle)
-        self.predictor = Predictor.from_bundle(bundle, device, runtime)
-        # A registered model answers as its name; a bundle folder as its content id.
-        self.model_id = resolved.name if model else model_id(self.predictor.meta)
-        self.version = resolved.version
+        self.loaded = load(resolved)
         self.limits = Limits(**(limits or {}))
-        self.side = self.predictor.extractor.cfg.resolution
+        self.follower = None
+        ref = ModelRef.parse(model) if model else None
+        if ref is not None and not ref.path and not ref.version and follow_s > 0:
+            registry = Registry(registry_uri or os.environ["MLFLOW_TRACKING_URI"])
+            self.follower = Follower(
+                registry,
+                ref,
+                lambda: self.loaded.version,
+                load,
+                lambda new: setattr(self, "loaded", new),
+                float(follow_s),
+            )
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info(
-            "loaded %s from %s on %s, backbone on %s (pid %d)",
-            self.model_id,
+            "loaded %s version %s from %s on %s, backbone on %s (pid %d)",
+            self.loaded.model_id,
+            self.loaded.version,
             bundle,
             device,
-            self.predictor.extractor.runtime,
+            self.loaded.predictor.extractor.runtime,
             os.getpid(),
         )
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Dynamic batch: one forward pass for images from many concurrent requests; when it
-        fails, each image alone, so only the request of a bad image gets its error."""
-        return await asyncio.to_thread(predict_each, self.predictor.predict, images)
+    @property
+    def predictor(self) -> Any:
+        """The current version's predictor (a request keeps the one it was accepted with)."""
+        return self.loaded.predictor
 
-    async def _one(self, image: np.ndarray, name: str = "image") -> dict[str, Any]:
-        out = await self._predict(image)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _predict(self, items: list[tuple[Any, np.ndarray]]) -> list[dict[str, Any]]:
+        """Dynamic batch: one forward pass per version for images from many concurrent
+        requests; when it fails, each image alone, so only the request of a bad image gets
+        its error."""
+        from medcae.serving.versions import predict_grouped
+
+        return await asyncio.to_thread(predict_grouped, items)
+
+    async def _one(self, loaded: Any, image: np.ndarray, name: str = "image") -> dict[str, Any]:
+        out = await self._predict((loaded, image))
         if isinstance(out, RequestError):
             raise RequestError(out.status, out.code, f"{name}: {out.detail}")
         return out
@@ -217,11 +245,12 @@ class MedcaeModel:
     async def predict(self, request: Request) -> dict[str, Any]:
         """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        (image,) = await read_images(request, self.limits, False, self.side)
+        loaded = self.loaded  # accepted by this version: answered by it
+        (image,) = await read_images(request, self.limits, False, loaded.side)
         return {
-            "model": self.model_id,
-            "version": self.version,
-            "prediction": await self._one(image),
+            "model": loaded.model_id,
+            "version": loaded.version,
+            "prediction": await self._one(loaded, image),
         }
 
     @app.post(
@@ -233,11 +262,12 @@ class MedcaeModel:
     async def predict_batch(self, request: Request) -> dict[str, Any]:
         """Classify several images: multipart files, or JSON ``{"images": [base64, ...]}``."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        images = await read_images(request, self.limits, True, self.side)
+        loaded = self.loaded
+        images = await read_images(request, self.limits, True, loaded.side)
         preds = await asyncio.gather(
-            *(self._one(im, f"images[{i}]") for i, im in enumerate(images))
+            *(self._one(loaded, im, f"images[{i}]") for i, im in enumerate(images))
         )
-        return {"model": self.model_id, "version": self.version, "predictions": list(preds)}
+        return {"model": loaded.model_id, "version": loaded.version, "predictions": list(preds)}
 
     @app.post(
         "/v1/explain",
@@ -250,19 +280,22 @@ class MedcaeModel:
         exact contribution to the class's score (``label``, default the predicted class),
         with a PNG of the map over the image as the model saw it."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        (image,) = await read_images(request, self.limits, False, self.side)
-        return await asyncio.to_thread(self._explain, image, label)
+        loaded = self.loaded
+        (image,) = await read_images(request, self.limits, False, loaded.side)
+        return await asyncio.to_thread(self._explain, loaded, image, label)
 
-    def _explain(self, image: np.ndarray, label: str | None) -> dict[str, Any]:
+    def _explain(self, loaded: Any, image: np.ndarray, label: str | None) -> dict[str, Any]:
         from medcae.data import encode_png
         from medcae.inference.explain import ExplainUnavailable, explain, heatmap_png
 
-        if label is not None and label not in self.predictor.label_names:
+        predictor = loaded.predictor
+
+        if label is not None and label not in predictor.label_names:
             raise RequestError(
-                422, "unknown_label", f"{label!r}: the model knows {self.predictor.label_names}"
+                422, "unknown_label", f"{label!r}: the model knows {predictor.label_names}"
             )
         try:
-            exp = explain(self.predictor, image, label)
+            exp = explain(predictor, image, label)
         except ExplainUnavailable as err:
             raise RequestError(422, "no_explanation", str(err)) from err
         except Exception as err:  # the model failed on this image: its request alone fails
@@ -271,8 +304,8 @@ class MedcaeModel:
             ) from err
         b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
         return {
-            "model": self.model_id,
-            "version": self.version,
+            "model": loaded.model_id,
+            "version": loaded.version,
             "prediction": vars(exp.prediction),
             "explanation": {
                 "label": exp.label,
@@ -280,7 +313,7 @@ class MedcaeModel:
                 "intercept": exp.intercept,
                 "decision": exp.decision,
                 "pool": exp.pool,
-                "ood_threshold": self.predictor.ood_threshold,
+                "ood_threshold": predictor.ood_threshold,
                 "heatmap_png": b64(heatmap_png(exp, 224)),
                 "image_png": b64(encode_png(exp.image)),
             },
@@ -306,13 +339,15 @@ class MedcaeModel:
     async def model(self, request: Request) -> dict[str, Any]:
         """Backbone, tap, CAE shape, labels, metrics, creation time and versions."""
         check_bearer(request.headers.get("authorization"), self.key_hashes)
-        info = model_info(self.predictor.meta, self.model_id)
-        return info | {"version": self.version, "pid": os.getpid()}
+        loaded = self.loaded
+        info = model_info(loaded.predictor.meta, loaded.model_id)
+        return info | {"version": loaded.version, "pid": os.getpid()}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         """Liveness: the replica is up and its model is loaded."""
-        return {"status": "ok", "model": self.model_id, "version": self.version}
+        loaded = self.loaded
+        return {"status": "ok", "model": loaded.model_id, "version": loaded.version}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -339,6 +374,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "cors_origins",
             "model",
             "registry_uri",
+            "follow_s",
         )
         if k in args
     }
