@@ -11,13 +11,11 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# --no-compile: no bytecode for the thousands of modules of torch and Ray that nothing imports;
-# Python compiles what is imported, once, on first use.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile $(TORCH)
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
