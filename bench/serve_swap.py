@@ -47,7 +47,8 @@ def clients(url: str, blobs: list[bytes], n: int, seconds: float, event, at: flo
                 t0 = time.monotonic()
                 try:
                     r = c.post("/v1/predict", content=blobs[k % len(blobs)])
-                    code, version = r.status_code, r.json().get("version")
+                    code = r.status_code
+                    version = r.json().get("version") if code == 200 else None
                 except (httpx.HTTPError, ValueError) as err:
                     code, version = type(err).__name__, None
                 log.append((t0 - start, time.monotonic() - start, code, version))
