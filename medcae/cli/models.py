@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def registry_uri(value: str | None) -> str:
-    """``--mlflow URI``, else ``$MLFLOW_TRACKING_URI``, else the local ``mlruns.db``."""
+    """``--mlflow URI``, else ``$MLFLOW_TRACKING_URI``, else the local ``mlruns.db``. MLflow's
+    own INFO lines (creating a database's tables) stay off the console."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri(value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     assert uri is not None
     return uri
