@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 def registry_uri(value: str | None) -> str:
     """``--mlflow URI``, else ``$MLFLOW_TRACKING_URI``, else the local ``mlruns.db``. MLflow's
     own INFO lines (creating a database's tables) stay off the console."""
+    import mlflow.tracking  # noqa: F401 - configures its loggers on import: quiet them after
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri(value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
