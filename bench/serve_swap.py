@@ -22,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,20 +76,25 @@ def lat_ms(rows) -> str:
     return f"p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms"
 
 
-def start_server(uri: str, port: int, replicas: int, env: dict) -> subprocess.Popen:
+@contextmanager
+def served(uri: str, replicas: int, env: dict) -> Iterator[str]:
+    """`medcae serve --model bench@champion` on a free port until the block ends; its URL."""
+    port = free_port()
     cmd = [sys.executable, "-m", "medcae", "serve", "--model", "bench@champion"]
     cmd += ["--mlflow", uri, "--port", str(port), "--replicas", str(replicas), "--follow-s", "2"]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, 300)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main() -> None:
@@ -107,21 +114,9 @@ def main() -> None:
         registry.promote("bench", "1")
         env = {**os.environ, "MEDCAE_CACHE_DIR": f"{tmp}/cache", "RAY_TMPDIR": tmp}
         if a.only in (None, "swap"):
-            port = free_port()
-            proc = start_server(uri, port, 1, env)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, 300)
-                got = clients(
-                    url,
-                    blobs,
-                    a.clients,
-                    a.seconds,
-                    lambda: registry.promote("bench", "2"),
-                    a.event_at,
-                )
-            finally:
-                stop_server(proc)
+            with served(uri, 1, env) as url:
+                promote = lambda: registry.promote("bench", "2")  # noqa: E731
+                got = clients(url, blobs, a.clients, a.seconds, promote, a.event_at)
             log, at = got["log"], got["event_at"]
             failed = [r for r in log if r[2] != 200]
             new = [end for _, end, _, v in log if v == "2"]
@@ -136,26 +131,14 @@ def main() -> None:
             print(f"  during the swap: {lat_ms([r for r in log if at <= r[1] <= swapped])}")
             print(f"  after: {lat_ms([r for r in log if r[0] > swapped])}")
         if a.only in (None, "kill"):
-            port = free_port()
-            proc = start_server(uri, port, 2, env)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, 300)
+            with served(uri, 2, env) as url:
                 pids = set()
                 deadline = time.monotonic() + 60
                 while len(pids) < 2 and time.monotonic() < deadline:
                     pids.add(httpx.get(f"{url}/v1/model", timeout=10).json()["pid"])
                 victim = sorted(pids)[0]
-                got = clients(
-                    url,
-                    blobs,
-                    a.clients,
-                    a.seconds,
-                    lambda: os.kill(victim, signal.SIGKILL),
-                    a.event_at,
-                )
-            finally:
-                stop_server(proc)
+                kill = lambda: os.kill(victim, signal.SIGKILL)  # noqa: E731
+                got = clients(url, blobs, a.clients, a.seconds, kill, a.event_at)
             log, at = got["log"], got["event_at"]
             failed = [r for r in log if r[2] != 200]
             last_fail = max((r[1] for r in failed), default=at)

@@ -273,11 +273,12 @@ class Registry:
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, newest first."""
-        self._model(name)
+        aliases = dict(getattr(self._model(name), "aliases", {}) or {})  # one read for all
         found = _retry(
             lambda: self.client.search_model_versions(f"name = '{_quote(name)}'"), "versions"
         )
-        return sorted((self._info(mv) for mv in found), key=lambda v: int(v.version), reverse=True)
+        infos = (self._info(mv, aliases) for mv in found)
+        return sorted(infos, key=lambda v: int(v.version), reverse=True)
 
     def _model(self, name: str) -> Any:
         try:
