@@ -109,6 +109,9 @@ def _serve_config(args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # A second signal while shutting down (`timeout` and `pkill` both forward theirs) must
+    # not interrupt the clean-up: it would leave the local Ray's processes behind.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -123,21 +126,37 @@ def _serve(args: argparse.Namespace) -> int:
     hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     if args.model:  # resolved (fetched, verified) now: a wrong name fails before Ray starts
         from medcae.cli.models import registry_uri
-        from medcae.registry.models import Registry
+        from medcae.registry.models import Registry, resolve_path
+        from medcae.serving.catalog import build_specs
 
-        uri = registry_uri(args.mlflow)
-        resolved = Registry(uri).resolve(args.model)
-        source = {"model": args.model, "registry_uri": uri, "follow_s": args.follow_s}
-        what = f"{resolved.name} version {resolved.version} ({args.model})"
+        specs = build_specs(args.model)
+        uri = registry_uri(args.mlflow) if any(s.registered for s in specs) else None
+        shown = []
+        for spec in specs:
+            resolved = Registry(uri).resolve(spec.ref) if uri and spec.registered else None
+            resolved = resolved or resolve_path(spec.ref)
+            shown.append(f"{spec.name} version {resolved.version} ({spec.ref})")
+        source = {
+            "models": list(args.model),
+            "registry_uri": uri,
+            "follow_s": args.follow_s,
+            "models_per_replica": args.models_per_replica,
+        }
+        what = ", ".join(shown)
     else:
         read_bundle(args.bundle)
         source = {"bundle": str(Path(args.bundle).resolve())}
         what = args.bundle
+    log_dir = Path(args.log_dir).resolve()
     from ray import serve
 
     from medcae.serving.app import build_app
 
     try:
+        if args.metrics_port:  # Ray's exporter on every node; this (local) one on this port
+            import ray
+
+            ray.init(_metrics_export_port=args.metrics_port)
         serve.start(http_options={"host": args.host, "port": args.port})
         # SIGTERM (kill, systemd, Slurm) takes the same way out as Ctrl-C; set after Ray's
         # start, which installs a handler of its own that would abort the driver.
@@ -148,12 +167,16 @@ def _serve(args: argparse.Namespace) -> int:
             "allowed_hosts": list(hosts),
             "cors_origins": args.cors_origins or "",
             "num_replicas": args.replicas,
+            "log_dir": str(log_dir),
         }
         serve.run(build_app(app_args), name="medcae", route_prefix="/")
         keys = f"{len(hashes)} API key(s)" if hashes else "no API keys (loopback only)"
+        metrics = ""
+        if args.metrics_port:
+            metrics = f"; metrics at http://127.0.0.1:{args.metrics_port}/metrics"
         print(
             f"serving {what} at http://{args.host}:{args.port}, {keys}, "
-            f"hosts {','.join(hosts)}; Ctrl-C stops"
+            f"hosts {','.join(hosts)}; answers logged in {log_dir}{metrics}; Ctrl-C stops"
         )
         while True:
             time.sleep(3600)
@@ -162,11 +185,14 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         from medcae.distributed.runtime import shutdown_ray
 
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             serve.shutdown()
         finally:
             shutdown_ray()  # no process of the local Ray it started outlives `medcae serve`
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
 
 
@@ -199,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--bundle", help="a bundle folder")
     which.add_argument(
         "--model",
-        help="a registered model: NAME (its champion, else newest version), NAME@ALIAS or "
-        "NAME/VERSION; see `medcae models`",
+        action="append",
+        help="a model: NAME (its champion, else newest version), NAME@ALIAS or NAME/VERSION "
+        "of the registry (see `medcae models`), or a bundle folder; LABEL=REF serves it as "
+        "LABEL. Repeat for several models behind one endpoint: the first is the default",
     )
     sv.add_argument(
         "--mlflow",
@@ -214,6 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="with --model NAME or NAME@ALIAS: ask the registry this often which version it "
         "names, and swap a promoted one in without a restart (0: never)",
+    )
+    sv.add_argument(
+        "--models-per-replica",
+        type=int,
+        default=4,
+        help="most models (or versions asked for with ?version= / ?alias=) one replica holds; "
+        "the least recently used is unloaded",
+    )
+    sv.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="export Prometheus metrics at http://127.0.0.1:PORT/metrics (Ray's metrics "
+        "export of the local Ray this command starts)",
+    )
+    sv.add_argument(
+        "--log-dir",
+        default="logs/serve",
+        help="folder of the answer logs: one JSON line per answer, per replica, rotated",
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)

@@ -305,6 +305,7 @@ class PredictResponse(BaseModel):
 
     model: str
     version: str
+    request_id: str = Field(description="Also the X-Request-ID header; in the answer log")
     prediction: PredictionOut
 
 
@@ -313,6 +314,7 @@ class BatchResponse(BaseModel):
 
     model: str
     version: str
+    request_id: str = Field(description="Also the X-Request-ID header; in the answer log")
     predictions: list[PredictionOut]
 
 
@@ -336,8 +338,60 @@ class ExplainResponse(BaseModel):
 
     model: str
     version: str
+    request_id: str = Field(description="Also the X-Request-ID header; in the answer log")
     prediction: PredictionOut
     explanation: ExplanationOut
+
+
+class VersionOut(BaseModel):
+    """One version of a served model."""
+
+    version: str
+    aliases: list[str]
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelOut(BaseModel):
+    """One model a server answers for."""
+
+    name: str = Field(description="As in /v1/models/{name}/...")
+    default: bool = Field(description="Whether /v1/predict and the other /v1/... routes use it")
+    ref: str = Field(description="What it loads: NAME, NAME@ALIAS, NAME/VERSION or a folder")
+    registered: bool = Field(description="In a model registry (else a bundle folder)")
+    versions: list[VersionOut]
+
+
+class ModelsResponse(BaseModel):
+    """Response of ``GET /v1/models``."""
+
+    default: str
+    models: list[ModelOut]
+
+
+class ShareOut(BaseModel):
+    """An observed share next to what the validation split leads one to expect."""
+
+    observed: float = Field(description="Share of the answers in the window")
+    expected: float = Field(
+        description="A label's share of the validation split; for OOD, 1 - the threshold's quantile"
+    )
+    band: float = Field(description="Largest distance from the expected share not flagged")
+    flagged: bool
+
+
+class StatsResponse(BaseModel):
+    """Response of ``GET /v1/models/{name}/stats``: the replica's last answers."""
+
+    model: str
+    version: str
+    answers: int = Field(description="Answers in the window (at most `window`)")
+    window: int
+    versions_in_window: list[str]
+    ood: ShareOut = Field(description="Share of answers out of distribution")
+    labels: dict[str, ShareOut] = Field(description="Share of answers per predicted label")
+    flagged: bool
+    enough_answers: bool = Field(description="Whether there were enough answers to flag")
+    replica_pid: int
 
 
 class ErrorResponse(BaseModel):

@@ -39,13 +39,15 @@ from medcae.serving.api import (
     ErrorResponse,
     ExplainResponse,
     Limits,
+    ModelsResponse,
     PredictResponse,
     RequestError,
-    model_id,
+    StatsResponse,
     model_info,
 )
 from medcae.serving.auth import check_bearer, load_key_hashes
 from medcae.serving.http import PAGE_HEADERS, PAGE_HTML, PAGE_JS, read_images
+from medcae.serving.metrics import RequestMetrics
 from medcae.serving.middleware import Guard, configure_guard
 
 log = logging.getLogger("medcae.serve")
@@ -57,7 +59,9 @@ ERRORS = {
     408: {"model": ErrorResponse},
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
 }
 
 _BINARY = {"type": "string", "format": "binary"}
@@ -117,6 +121,7 @@ app = FastAPI(
 
 
 app.add_middleware(Guard)
+app.add_middleware(RequestMetrics)  # outermost: counts what the guard refuses, too
 
 
 @app.exception_handler(RequestError)
@@ -128,10 +133,11 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
 @serve.deployment(name="medcae", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class MedcaeModel:
-    """Loads one bundle per replica through ``Predictor.from_bundle``.
+    """Serves one or several models; each replica loads them on demand (Serve's model
+    multiplexing, least recently used out) and batches images of one model version together.
 
     Args:
-        bundle: Bundle folder (from the Serve config's application arguments).
+        bundle: A bundle folder: the one model (as ``models: [bundle]``).
         max_batch_size: Most images the batcher groups into one forward pass.
         batch_wait_timeout_s: How long the batcher waits to fill a batch.
         limits: Overrides of :class:`medcae.serving.api.Limits` fields.
@@ -146,12 +152,17 @@ class MedcaeModel:
         allowed_hosts: Host header values accepted (``name``, ``*.domain``, ``*``); default
             ``$MEDCAE_ALLOWED_HOSTS``, else the loopback names.
         cors_origins: Origins sent CORS headers (``https://app.example.org``); default none.
-        model: A registered model instead of ``bundle``: ``NAME``, ``NAME@ALIAS`` or
-            ``NAME/VERSION`` (:mod:`medcae.registry.models`), fetched into this node's cache.
-        registry_uri: Where ``model`` is registered (default ``$MLFLOW_TRACKING_URI``).
-        follow_s: For a ``model`` named by an alias (or a bare name), how often the registry
-            is asked which version it names now; a new one is loaded beside the old and then
+        model: One model (as ``models: [model]``).
+        models: The models served, the first the default: ``NAME``, ``NAME@ALIAS``,
+            ``NAME/VERSION`` (registered), bundle folders, each optionally ``LABEL=REF``
+            (:mod:`medcae.serving.catalog`); registered ones are fetched into this node's cache.
+        registry_uri: Where registered models live (default ``$MLFLOW_TRACKING_URI``).
+        follow_s: For a model named by an alias (or a bare name), how often the registry is
+            asked which version it names now; a new one is loaded beside the old and then
             answers every request accepted after it (:mod:`medcae.serving.versions`). 0: never.
+        models_per_replica: Most models (or versions asked for by requests) a replica holds.
+        log_dir: Folder of the answer logs (:mod:`medcae.serving.answers`); none: no log.
+        stats_window: Answers per model that ``/v1/models/{name}/stats`` summarises.
     """
 
     def __init__(
@@ -168,65 +179,123 @@ class MedcaeModel:
         allowed_hosts: list[str] | str | None = None,
         cors_origins: list[str] | str | None = None,
         model: str | None = None,
+        models: list[str] | str | None = None,
         registry_uri: str | None = None,
         follow_s: float = 10.0,
+        models_per_replica: int = 4,
+        log_dir: str | None = None,
+        stats_window: int = 1000,
     ):
         import torch
+
+        from medcae.config import ConfigError
+        from medcae.serving import metrics
+        from medcae.serving.answers import AnswerLog
+        from medcae.serving.catalog import build_specs
 
         # Keys and hosts first: a bad setting fails the replica before the model loads.
         self.key_hashes = load_key_hashes(api_keys_file, api_key_sha256 or ())
         configure_guard(allowed_hosts, cors_origins)
-
-        from medcae.inference.predictor import Predictor
-        from medcae.registry.models import ModelRef, Registry, resolve_model
-        from medcae.serving.versions import Follower, Loaded
-
+        if isinstance(models, str):
+            models = [m for m in models.split(",") if m.strip()]
+        self.specs = build_specs(list(models or []) or [r for r in (model or bundle,) if r])
+        self.registry_uri = registry_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if any(s.registered for s in self.specs) and not self.registry_uri:
+            raise ConfigError("registered models need registry_uri (or $MLFLOW_TRACKING_URI)")
+        metrics.configure(s.name for s in self.specs)
         if threads:
             torch.set_num_threads(threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-        def load(resolved: Any) -> Loaded:
-            predictor = Predictor.from_bundle(str(resolved.bundle), device, runtime)
-            # A registered model answers as its name; a bundle folder as its content id.
-            name = resolved.name if model else model_id(predictor.meta)
-            return Loaded(predictor, name, resolved.version, predictor.extractor.cfg.resolution)
-
-        resolved = resolve_model(model, bundle, registry_uri)  # fetched on this replica's node
-        bundle = str(resolved.bundle)
-        self.loaded = load(resolved)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.runtime, self.follow_s, self.stats_window = runtime, float(follow_s), stats_window
         self.limits = Limits(**(limits or {}))
-        self.follower = None
-        ref = ModelRef.parse(model) if model else None
-        if ref is not None and not ref.path and not ref.version and follow_s > 0:
-            registry = Registry(registry_uri or os.environ["MLFLOW_TRACKING_URI"])
-            self.follower = Follower(
-                registry,
-                ref,
-                lambda: self.loaded.version,
-                load,
-                lambda new: setattr(self, "loaded", new),
-                float(follow_s),
-            )
+        self.answers = AnswerLog(log_dir) if log_dir else None
+
+        @serve.multiplexed(max_num_models_per_replica=int(models_per_replica))
+        async def get_model(key: str) -> Any:
+            return await asyncio.to_thread(self._load_key, key)
+
+        self._get_model = get_model
+        # The default model now: a replica that cannot load it fails at start, not later.
+        self._preloaded: dict[str, Any] = {}
+        self._preloaded[self.specs[0].name] = self._load_key(self.specs[0].name)
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _load_version(self, resolved: Any, name: str) -> Any:
+        from medcae.inference.predictor import Predictor
+        from medcae.serving.versions import Loaded
+
+        predictor = Predictor.from_bundle(str(resolved.bundle), self.device, self.runtime)
+        side = predictor.extractor.cfg.resolution
+        return Loaded(predictor, name, resolved.version, side)
+
+    def _load_key(self, key: str) -> Any:
+        """Load a multiplexing key (``name``, ``name@alias``, ``name/version``)."""
+        from medcae.registry.models import ModelRef, Registry, resolve_path
+        from medcae.serving.catalog import Served, find
+        from medcae.serving.versions import Follower
+
+        if key in self._preloaded:
+            return self._preloaded.pop(key)
+        name, alias, version = key, None, None
+        if "@" in key:
+            name, alias = key.split("@", 1)
+        elif "/" in key:
+            name, version = key.split("/", 1)
+        spec = find(self.specs, name)
+        if spec.registered:
+            ref = ModelRef(spec.ref.name, alias, version) if alias or version else spec.ref
+            registry = Registry(self.registry_uri or "")
+            resolved = registry.resolve(ref)
+        else:
+            ref, registry = spec.ref, None
+            resolved = resolve_path(ref)
+        served = Served(name, key, self._load_version(resolved, name), self.stats_window)
+        if registry is not None and not ref.version and self.follow_s > 0:
+            served.follower = Follower(
+                registry,
+                ref,
+                lambda: served.loaded.version,
+                lambda r: self._load_version(r, name),
+                lambda new: setattr(served, "loaded", new),
+                self.follow_s,
+            )
         log.info(
-            "loaded %s version %s from %s on %s, backbone on %s (pid %d)",
-            self.loaded.model_id,
-            self.loaded.version,
-            bundle,
-            device,
-            self.loaded.predictor.extractor.runtime,
+            "loaded %s version %s (%s) from %s on %s, backbone on %s (pid %d)",
+            name,
+            served.loaded.version,
+            key,
+            resolved.bundle,
+            self.device,
+            served.loaded.predictor.extractor.runtime,
             os.getpid(),
         )
+        return served
 
-    @property
-    def predictor(self) -> Any:
-        """The current version's predictor (a request keeps the one it was accepted with)."""
-        return self.loaded.predictor
+    async def _served(
+        self, name: str | None, version: str | None = None, alias: str | None = None
+    ) -> Any:
+        """The model a request names (None: the default), loaded on this replica."""
+        from medcae.serving.catalog import find, variant
+
+        spec = self.specs[0] if name is None else find(self.specs, name)
+        key, _ = variant(spec, version, alias)
+        try:
+            return await self._get_model(key)
+        except RequestError:
+            raise
+        except Exception as err:  # noqa: BLE001 - what the registry has, or why it failed
+            from medcae.config import ConfigError
+
+            if isinstance(err, ConfigError):
+                raise RequestError(404, "unknown_version", str(err)) from err
+            raise RequestError(
+                503, "model_unavailable", f"{key}: could not load ({type(err).__name__}: {err})"
+            ) from err
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _predict(self, items: list[tuple[Any, np.ndarray]]) -> list[dict[str, Any]]:
-        """Dynamic batch: one forward pass per version for images from many concurrent
+        """Dynamic batch: one forward pass per model version for images from many concurrent
         requests; when it fails, each image alone, so only the request of a bad image gets
         its error."""
         from medcae.serving.versions import predict_grouped
@@ -239,50 +308,62 @@ class MedcaeModel:
             raise RequestError(out.status, out.code, f"{name}: {out.detail}")
         return out
 
-    @app.post(
-        "/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY
-    )
-    async def predict(self, request: Request) -> dict[str, Any]:
-        """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``)."""
-        check_bearer(request.headers.get("authorization"), self.key_hashes)
-        loaded = self.loaded  # accepted by this version: answered by it
+    def _answered(
+        self, request: Request, route: str, served: Any, loaded: Any, preds: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Record the answer (stats window, metrics, answer log); the response's common part."""
+        from medcae.serving import metrics
+
+        rid = request.state.request_id
+        served.note(loaded.version, preds)
+        metrics.record_predictions(loaded.model_id, loaded.version, preds)
+        if self.answers is not None:
+            who = request.state.who
+            self.answers.write(rid, who, route, loaded.model_id, loaded.version, preds)
+        return {"model": loaded.model_id, "version": loaded.version, "request_id": rid}
+
+    def _begin(self, request: Request) -> None:
+        """Key check, and the request's id and caller for the answer log."""
+        from medcae.serving.answers import request_id
+
+        request.state.who = check_bearer(request.headers.get("authorization"), self.key_hashes)
+        if not getattr(request.state, "request_id", None):  # set by RequestMetrics
+            request.state.request_id = request_id(request.headers.get("x-request-id"))
+
+    async def _predict_one(self, request: Request, name: str | None, version, alias) -> dict:
+        self._begin(request)
+        served = await self._served(name, version, alias)
+        loaded = served.loaded  # accepted by this version: answered by it
+        request.state.version = loaded.version
         (image,) = await read_images(request, self.limits, False, loaded.side)
-        return {
-            "model": loaded.model_id,
-            "version": loaded.version,
-            "prediction": await self._one(loaded, image),
+        pred = await self._one(loaded, image)
+        return self._answered(request, "predict", served, loaded, [pred]) | {"prediction": pred}
+
+    async def _predict_many(self, request: Request, name: str | None, version, alias) -> dict:
+        self._begin(request)
+        served = await self._served(name, version, alias)
+        loaded = served.loaded
+        request.state.version = loaded.version
+        images = await read_images(request, self.limits, True, loaded.side)
+        preds = list(
+            await asyncio.gather(
+                *(self._one(loaded, im, f"images[{i}]") for i, im in enumerate(images))
+            )
+        )
+        return self._answered(request, "predict/batch", served, loaded, preds) | {
+            "predictions": preds
         }
 
-    @app.post(
-        "/v1/predict/batch",
-        response_model=BatchResponse,
-        responses=ERRORS,
-        openapi_extra=BATCH_BODY,
-    )
-    async def predict_batch(self, request: Request) -> dict[str, Any]:
-        """Classify several images: multipart files, or JSON ``{"images": [base64, ...]}``."""
-        check_bearer(request.headers.get("authorization"), self.key_hashes)
-        loaded = self.loaded
-        images = await read_images(request, self.limits, True, loaded.side)
-        preds = await asyncio.gather(
-            *(self._one(loaded, im, f"images[{i}]") for i, im in enumerate(images))
-        )
-        return {"model": loaded.model_id, "version": loaded.version, "predictions": list(preds)}
-
-    @app.post(
-        "/v1/explain",
-        response_model=ExplainResponse,
-        responses=ERRORS,
-        openapi_extra=PREDICT_BODY,
-    )
-    async def explain(self, request: Request, label: str | None = None) -> dict[str, Any]:
-        """Classify one image and show where the evidence lies: each code-map location's
-        exact contribution to the class's score (``label``, default the predicted class),
-        with a PNG of the map over the image as the model saw it."""
-        check_bearer(request.headers.get("authorization"), self.key_hashes)
-        loaded = self.loaded
+    async def _explain_one(
+        self, request: Request, name: str | None, version, alias, label: str | None
+    ) -> dict[str, Any]:
+        self._begin(request)
+        served = await self._served(name, version, alias)
+        loaded = served.loaded
+        request.state.version = loaded.version
         (image,) = await read_images(request, self.limits, False, loaded.side)
-        return await asyncio.to_thread(self._explain, loaded, image, label)
+        out = await asyncio.to_thread(self._explain, loaded, image, label)
+        return self._answered(request, "explain", served, loaded, [out["prediction"]]) | out
 
     def _explain(self, loaded: Any, image: np.ndarray, label: str | None) -> dict[str, Any]:
         from medcae.data import encode_png
@@ -304,8 +385,6 @@ class MedcaeModel:
             ) from err
         b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
         return {
-            "model": loaded.model_id,
-            "version": loaded.version,
             "prediction": vars(exp.prediction),
             "explanation": {
                 "label": exp.label,
@@ -319,11 +398,158 @@ class MedcaeModel:
             },
         }
 
+    async def _info(self, request: Request, name: str | None, version, alias) -> dict:
+        self._begin(request)
+        served = await self._served(name, version, alias)
+        loaded = served.loaded
+        request.state.version = loaded.version
+        info = model_info(loaded.predictor.meta, loaded.model_id)
+        return info | {"version": loaded.version, "pid": os.getpid()}
+
+    async def _card(self, request: Request, name: str | None, version, alias) -> Response:
+        self._begin(request)
+        served = await self._served(name, version, alias)
+        request.state.version = served.loaded.version
+        card = served.loaded.predictor.card
+        return PlainTextResponse(card, media_type="text/markdown; charset=utf-8")
+
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY
+    )
+    async def predict(self, request: Request) -> dict[str, Any]:
+        """Classify one PNG, JPEG or DICOM image (raw body or multipart ``file``) with the
+        default model."""
+        return await self._predict_one(request, None, None, None)
+
+    @app.post(
+        "/v1/predict/batch",
+        response_model=BatchResponse,
+        responses=ERRORS,
+        openapi_extra=BATCH_BODY,
+    )
+    async def predict_batch(self, request: Request) -> dict[str, Any]:
+        """Classify several images with the default model: multipart files, or JSON
+        ``{"images": [base64, ...]}``."""
+        return await self._predict_many(request, None, None, None)
+
+    @app.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def explain(self, request: Request, label: str | None = None) -> dict[str, Any]:
+        """Classify one image with the default model and show where the evidence lies: each
+        code-map location's exact contribution to the class's score (``label``, default the
+        predicted class), with a PNG of the map over the image as the model saw it."""
+        return await self._explain_one(request, None, None, None, label)
+
     @app.get("/v1/model/card", response_class=PlainTextResponse, responses=ERRORS)
-    async def model_card(self, request: Request) -> PlainTextResponse:
-        """The bundle's MODEL_CARD.md: data, intended use, metrics with intervals, limits."""
-        check_bearer(request.headers.get("authorization"), self.key_hashes)
-        return PlainTextResponse(self.predictor.card, media_type="text/markdown; charset=utf-8")
+    async def model_card(self, request: Request) -> Response:
+        """The default model's MODEL_CARD.md: data, intended use, metrics with intervals."""
+        return await self._card(request, None, None, None)
+
+    @app.get("/v1/model", responses=ERRORS)
+    async def model(self, request: Request) -> dict[str, Any]:
+        """The default model: backbone, tap, CAE shape, labels, metrics, creation time and
+        versions."""
+        return await self._info(request, None, None, None)
+
+    @app.get("/v1/models", response_model=ModelsResponse, responses=ERRORS)
+    async def models(self, request: Request) -> dict[str, Any]:
+        """The models this server answers for: the default (the first), the version each
+        serves on this replica, and every version and alias a registered one has."""
+        self._begin(request)
+        return {"default": self.specs[0].name, "models": await asyncio.to_thread(self._list)}
+
+    def _list(self) -> list[dict[str, Any]]:
+        from medcae.registry.models import Registry, bundle_digest
+
+        registry = Registry(self.registry_uri) if self.registry_uri else None
+        out = []
+        for i, spec in enumerate(self.specs):
+            if spec.registered and registry is not None:
+                versions = [
+                    {"version": v.version, "aliases": v.aliases, "metrics": v.metrics}
+                    for v in registry.versions(spec.ref.name)
+                ]
+            else:
+                versions = [{"version": bundle_digest(spec.ref.path)[:8], "aliases": []}]
+            out.append(
+                {
+                    "name": spec.name,
+                    "default": i == 0,
+                    "ref": str(spec.ref),
+                    "registered": spec.registered,
+                    "versions": versions,
+                }
+            )
+        return out
+
+    @app.get("/v1/models/{name}", responses=ERRORS)
+    async def model_named(
+        self, request: Request, name: str, version: str | None = None, alias: str | None = None
+    ) -> dict[str, Any]:
+        """One model (``?version=`` / ``?alias=`` another of its registered versions)."""
+        return await self._info(request, name, version, alias)
+
+    @app.post(
+        "/v1/models/{name}/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def predict_named(
+        self, request: Request, name: str, version: str | None = None, alias: str | None = None
+    ) -> dict[str, Any]:
+        """Classify one image with the model ``name``."""
+        return await self._predict_one(request, name, version, alias)
+
+    @app.post(
+        "/v1/models/{name}/predict/batch",
+        response_model=BatchResponse,
+        responses=ERRORS,
+        openapi_extra=BATCH_BODY,
+    )
+    async def predict_batch_named(
+        self, request: Request, name: str, version: str | None = None, alias: str | None = None
+    ) -> dict[str, Any]:
+        """Classify several images with the model ``name``."""
+        return await self._predict_many(request, name, version, alias)
+
+    @app.post(
+        "/v1/models/{name}/explain",
+        response_model=ExplainResponse,
+        responses=ERRORS,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def explain_named(
+        self,
+        request: Request,
+        name: str,
+        label: str | None = None,
+        version: str | None = None,
+        alias: str | None = None,
+    ) -> dict[str, Any]:
+        """Classify one image with the model ``name`` and show where the evidence lies."""
+        return await self._explain_one(request, name, version, alias, label)
+
+    @app.get("/v1/models/{name}/card", response_class=PlainTextResponse, responses=ERRORS)
+    async def card_named(
+        self, request: Request, name: str, version: str | None = None, alias: str | None = None
+    ) -> Response:
+        """The model card of the model ``name``."""
+        return await self._card(request, name, version, alias)
+
+    @app.get("/v1/models/{name}/stats", response_model=StatsResponse, responses=ERRORS)
+    async def stats_named(self, request: Request, name: str) -> dict[str, Any]:
+        """The last answers of the model ``name`` on the replica that answers: the share out
+        of distribution and the mix of predicted labels, next to the label mix of the
+        validation split in the bundle; each flagged outside its band (docs/models.md)."""
+        self._begin(request)
+        served = await self._served(name)
+        request.state.version = served.loaded.version
+        return served.stats() | {"replica_pid": os.getpid()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -335,28 +561,20 @@ class MedcaeModel:
         """The page's script."""
         return Response(PAGE_JS, media_type="text/javascript", headers=PAGE_HEADERS)
 
-    @app.get("/v1/model", responses=ERRORS)
-    async def model(self, request: Request) -> dict[str, Any]:
-        """Backbone, tap, CAE shape, labels, metrics, creation time and versions."""
-        check_bearer(request.headers.get("authorization"), self.key_hashes)
-        loaded = self.loaded
-        info = model_info(loaded.predictor.meta, loaded.model_id)
-        return info | {"version": loaded.version, "pid": os.getpid()}
-
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        """Liveness: the replica is up and its model is loaded."""
-        loaded = self.loaded
-        return {"status": "ok", "model": loaded.model_id, "version": loaded.version}
+        """Liveness: the replica is up and its default model loads."""
+        served = await self._served(None)
+        return {"status": "ok", "model": served.name, "version": served.loaded.version}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for ``serve run medcae.serving.app:build_app bundle=...`` and config
     files."""
-    if "bundle" not in args and "model" not in args:
+    if not any(args.get(k) for k in ("bundle", "model", "models")):
         raise ValueError(
-            "serve app needs the argument 'bundle' (a bundle folder) or 'model' (NAME@ALIAS, "
-            "with 'registry_uri')"
+            "serve app needs the argument 'bundle' (a bundle folder) or 'models' (a list of "
+            "bundle folders and NAME, NAME@ALIAS or NAME/VERSION, with 'registry_uri')"
         )
     kwargs = {
         k: args[k]
@@ -373,14 +591,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "allowed_hosts",
             "cors_origins",
             "model",
+            "models",
             "registry_uri",
             "follow_s",
+            "models_per_replica",
+            "log_dir",
+            "stats_window",
         )
         if k in args
     }
     if isinstance(kwargs.get("api_key_sha256"), str):  # `serve run ... api_key_sha256=a,b`
         kwargs["api_key_sha256"] = kwargs["api_key_sha256"].split(",")
-    for key in ("max_batch_size", "threads"):
+    for key in ("max_batch_size", "threads", "models_per_replica", "stats_window"):
         if key in kwargs:
             kwargs[key] = int(kwargs[key])
     if "num_replicas" not in args:  # a Serve config's deployment settings (autoscaling) rule
@@ -388,4 +610,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     replicas = int(args["num_replicas"])
     if replicas < 1:
         raise ValueError(f"num_replicas {replicas}: expected at least 1")
-    return MedcaeModel.options(num_replicas=replicas).bind(**kwargs)
+    queued = int(args.get("max_queued_requests", 256))  # beyond: 503 at once, not a pile-up
+    return MedcaeModel.options(num_replicas=replicas, max_queued_requests=queued).bind(**kwargs)

@@ -76,8 +76,12 @@ def load_key_hashes(
     return tuple(dict.fromkeys(out))
 
 
-def check_bearer(header: str | None, hashes: Iterable[str]) -> None:
+def check_bearer(header: str | None, hashes: Iterable[str]) -> str:
     """Accept the request when no keys are configured or its bearer key matches one.
+
+    Returns:
+        Who asked, for the answer log: ``key:<first 8 hex of the matching digest>``, or
+        ``anonymous`` when no keys are configured.
 
     Raises:
         RequestError: 401 ``missing_api_key`` without a bearer key, 403 ``bad_api_key`` for
@@ -85,16 +89,18 @@ def check_bearer(header: str | None, hashes: Iterable[str]) -> None:
     """
     hashes = tuple(hashes)
     if not hashes:
-        return
+        return "anonymous"
     scheme, _, key = (header or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise RequestError(401, "missing_api_key", "send an API key: Authorization: Bearer <key>")
     presented = hash_key(key.strip()).encode()
-    ok = False
+    who = ""
     for digest in hashes:  # every digest compared, in constant time
-        ok |= hmac.compare_digest(presented, digest.encode())
-    if not ok:
+        if hmac.compare_digest(presented, digest.encode()):
+            who = f"key:{digest[:8]}"
+    if not who:
         raise RequestError(403, "bad_api_key", "the API key is not valid for this server")
+    return who
 
 
 def is_loopback(host: str) -> bool:
