@@ -50,6 +50,10 @@ class RegistryError(ConfigError):
     registry that cannot be reached."""
 
 
+class BrokenVersionError(RegistryError):
+    """A registered version whose bundle does not verify (its sha256, or its files)."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model as a user names it: a registered ``name`` with an ``alias`` or a ``version``
@@ -359,7 +363,7 @@ class Registry:
             _fetch(self.client, info.run_id, dest)
         got = bundle_digest(dest)
         if digest and got != digest:
-            raise RegistryError(
+            raise BrokenVersionError(
                 f"{info.name} version {info.version}: the fetched bundle's sha256 {got[:12]} is "
                 f"not the registered {digest[:12]} ({dest}); delete that folder to fetch again"
             )
@@ -368,7 +372,7 @@ class Registry:
         try:
             _verify(dest)
         except BundleError as err:
-            raise RegistryError(f"{info.name} version {info.version}: {err}") from err
+            raise BrokenVersionError(f"{info.name} version {info.version}: {err}") from err
         return Resolved(info.name, info.version, dest, str(ref))
 
 

@@ -285,9 +285,9 @@ class MedcaeModel:
         except RequestError:
             raise
         except Exception as err:  # noqa: BLE001 - what the registry has, or why it failed
-            from medcae.config import ConfigError
+            from medcae.registry.models import BrokenVersionError, RegistryError
 
-            if isinstance(err, ConfigError):
+            if isinstance(err, RegistryError) and not isinstance(err, BrokenVersionError):
                 raise RequestError(404, "unknown_version", str(err)) from err
             raise RequestError(
                 503, "model_unavailable", f"{key}: could not load ({type(err).__name__}: {err})"
