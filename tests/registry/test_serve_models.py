@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, free_port, medcae_subprocess, png_bytes, serve_reaped
+from helpers import ROOT, chromium, free_port, medcae_subprocess, png_bytes, serve_reaped
 from helpers.prometheus import prometheus, query
 
 from medcae.registry.models import ModelRef, Registry
@@ -174,6 +174,38 @@ def test_prometheus_scrapes_requests_predictions_and_latency_by_model(
         assert float(got["refused"][0]["value"][1]) >= 1, got
         assert {r["metric"]["label"] for r in got["labels"]} <= set(LABELS)
         assert got["labels"] and float(got["latency"][0]["value"][1]) >= 6, got
+
+
+def test_the_page_picks_a_model_and_shows_its_recent_answers(server, demo_bundle, tmp_path):
+    """Chromium: the picker lists both models, the default first; picking the folder model
+    and uploading an image gets that model's answer and its recent-answers table; a screenshot
+    is kept in .test-output/page-models.png."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    path = tmp_path / "scan.png"
+    path.write_bytes(png_bytes(demo_bundle.test_images[2]))
+    out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", ROOT / ".test-output"))
+    out.mkdir(parents=True, exist_ok=True)
+    browser = chromium()
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(server.base + "/")
+        ident = browser.find_element(By.ID, "model-id")
+        wait.until(lambda _: ident.text.startswith("chest version"))
+        pick = Select(browser.find_element(By.ID, "model-pick"))
+        assert [o.text for o in pick.options] == ["chest (default)", "breast"]
+        pick.select_by_value("breast")
+        wait.until(lambda _: ident.text.startswith("breast version"))
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        status = browser.find_element(By.ID, "status")
+        wait.until(lambda _: "answered by breast" in status.text)
+        stats = browser.find_element(By.ID, "stats")
+        wait.until(lambda _: "answers of version" in stats.text)
+        assert "validation" in stats.text and "out of distribution" in stats.text
+        browser.save_screenshot(str(out / "page-models.png"))
+    finally:
+        browser.quit()
 
 
 def test_a_promotion_swaps_the_version_under_load_and_a_broken_one_is_refused(server, demo_bundle):

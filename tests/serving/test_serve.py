@@ -18,6 +18,7 @@ from helpers import (
     ORIGIN,
     ROOT,
     bomb_png,
+    chromium,
     deflated_bomb,
     dicom,
     encapsulated_dicom,
@@ -494,34 +495,6 @@ def test_api_schema_driven_requests_never_get_a_5xx(server):
     assert server.get("/healthz").status_code == 200  # and the server is still up
 
 
-def _browser():
-    """Headless Chromium driven through chromedriver (Debian's chromium, chromium-driver)."""
-    import shutil
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip(
-            "needs Debian's chromium and chromium-driver "
-            "(apt-get install chromium chromium-driver; .ci/run installs them)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1000",
-    ):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
 def test_page_in_a_real_browser(server, demo_bundle, tmp_path):
     """Chromium opens the page, is asked for the key, uploads a real image and shows the label
     the Predictor gives offline, the probability bars, the OOD verdict, the evidence map and
@@ -538,7 +511,7 @@ def test_page_in_a_real_browser(server, demo_bundle, tmp_path):
     url = str(server.base_url).rstrip("/")
     out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", ROOT / ".test-output"))
     out.mkdir(parents=True, exist_ok=True)
-    browser = _browser()
+    browser = chromium()
     try:
         wait = WebDriverWait(browser, 60)
         browser.get(url + "/")
@@ -559,6 +532,10 @@ def test_page_in_a_real_browser(server, demo_bundle, tmp_path):
             assert browser.execute_script(loaded, browser.find_element(By.ID, img_id)) > 0
         card = browser.find_element(By.ID, "card")
         wait.until(lambda _: "Intended use" in card.text)
+        stats = browser.find_element(By.ID, "stats")  # this replica's recent answers
+        wait.until(lambda _: "answers of version" in stats.text)
+        assert "out of distribution" in stats.text
+        assert not browser.find_element(By.ID, "model-pick").is_displayed()  # one model
         assert not browser.find_element(By.ID, "status").get_attribute("class")  # no error
         # The key lives in this tab's sessionStorage only: not in localStorage or a cookie.
         stored = "return [sessionStorage.getItem('medcae-key'), localStorage.length]"

@@ -1,5 +1,6 @@
-// The try-the-model page: upload one image to /v1/explain, show the label, the class
-// probabilities, the in-distribution verdict and the evidence map; show the model card.
+// The try-the-model page: pick a model (GET /v1/models), upload one image to its explain
+// route, show the label, the class probabilities, the in-distribution verdict and the
+// evidence map; show the model's recent answers against its validation data, and its card.
 // No external assets. With API keys set on the server, the key typed here is kept in this
 // tab's sessionStorage and sent as "Authorization: Bearer <key>".
 "use strict";
@@ -60,14 +61,62 @@ function renderMarkdown(md) {
   return out.join("\n");
 }
 
+// The model the page talks to: one of GET /v1/models (null until listed: the default routes).
+let current = null;
+
+const DEFAULT_ROUTES = {"": "/v1/model", card: "/v1/model/card", explain: "/v1/explain", predict: "/v1/predict"};
+
+function route(path) {
+  if (current === null) return DEFAULT_ROUTES[path] || "/v1/model";
+  return "/v1/models/" + encodeURIComponent(current) + (path ? "/" + path : "");
+}
+
+async function loadModels() {
+  const r = await fetch("/v1/models", {headers: headers()});
+  if (r.status === 401 || r.status === 403) { $("model-id").textContent = "API key needed"; askForKey("This server needs an API key."); return; }
+  if (!r.ok) { $("model-id").textContent = "models unavailable (" + r.status + ")"; return; }
+  const listed = await r.json();
+  const pick = $("model-pick");
+  pick.innerHTML = "";
+  listed.models.forEach((m) => {
+    const opt = document.createElement("option");
+    opt.value = m.name;
+    opt.textContent = m.name + (m.default ? " (default)" : "");
+    pick.appendChild(opt);
+  });
+  current = listed.models.some((m) => m.name === current) ? current : listed["default"];
+  pick.value = current;
+  pick.parentElement.classList.toggle("hidden", listed.models.length < 2);
+  await loadModel();
+}
+
 async function loadModel() {
-  const r = await fetch("/v1/model", {headers: headers()});
+  const r = await fetch(route(""), {headers: headers()});
   if (r.status === 401 || r.status === 403) { $("model-id").textContent = "API key needed"; askForKey("This server needs an API key."); return; }
   if (!r.ok) { $("model-id").textContent = "model unavailable (" + r.status + ")"; return; }
   const info = await r.json();
-  $("model-id").textContent = info.id;
-  const c = await fetch("/v1/model/card", {headers: headers()});
+  $("model-id").textContent = info.id + " version " + info.version;
+  const c = await fetch(route("card"), {headers: headers()});
   $("card").innerHTML = c.ok ? renderMarkdown(await c.text()) : "<p>No model card (" + c.status + ").</p>";
+  await loadStats();
+}
+
+const pct = (x) => (100 * x).toFixed(1) + "%";
+
+async function loadStats() {
+  const box = $("stats");
+  const r = await fetch(route("stats"), {headers: headers()});
+  if (!r.ok) { box.textContent = "No statistics (" + r.status + ")."; return; }
+  const s = await r.json();
+  if (!s.answers) { box.innerHTML = '<p class="note">No answers yet on this replica.</p>'; return; }
+  const row = (name, v) => `<tr><td>${escapeHtml(name)}</td><td>${pct(v.observed)}</td><td>${pct(v.expected)}</td>` +
+    `<td>${v.flagged ? '<span class="flag">outside the band</span>' : "within &plusmn;" + pct(v.band)}</td></tr>`;
+  const labels = Object.entries(s.labels).map(([name, v]) => row(name, v)).join("");
+  const verdict = !s.enough_answers ? `<p class="note">Too few answers to flag drift (${s.answers}).</p>`
+    : s.flagged ? '<p class="flag">The recent answers do not look like the validation data: check the images coming in.</p>'
+    : '<p class="note">The recent answers look like the validation data.</p>';
+  box.innerHTML = `<p>Last ${s.answers} answers of version ${escapeHtml(s.version)} (window ${s.window}).</p>` + verdict +
+    "<table><tr><th></th><th>seen</th><th>validation</th><th></th></tr>" + row("out of distribution", s.ood) + labels + "</table>";
 }
 
 function showResult(body, file) {
@@ -109,22 +158,24 @@ async function classify(file) {
   $("result").classList.add("hidden");
   let r;
   try {
-    r = await fetch("/v1/explain", {method: "POST", body: file, headers: headers({"Content-Type": file.type || "application/octet-stream"})});
+    r = await fetch(route("explain"), {method: "POST", body: file, headers: headers({"Content-Type": file.type || "application/octet-stream"})});
   } catch (err) { status("The server did not answer: " + err, true); return; }
   let body = null;
   try { body = await r.json(); } catch (err) { body = null; }
   if (r.status === 401 || r.status === 403) { askForKey((body && body.detail) || "API key needed."); return; }
   if (r.status === 422 && body && body.error === "no_explanation") {
-    r = await fetch("/v1/predict", {method: "POST", body: file, headers: headers({"Content-Type": file.type || "application/octet-stream"})});
+    r = await fetch(route("predict"), {method: "POST", body: file, headers: headers({"Content-Type": file.type || "application/octet-stream"})});
     body = r.ok ? await r.json() : null;
     if (!r.ok) { status(`Refused (${r.status})`, true); return; }
     status(file.name + ": done (this model's representation has no evidence map).");
     showResult(body, file);
+    loadStats();
     return;
   }
   if (!r.ok) { status(`Refused (${r.status}): ` + ((body && body.detail) || r.statusText), true); return; }
-  status(file.name + ": done.");
+  status(`${file.name}: answered by ${body.model} version ${body.version}.`);
   showResult(body, file);
+  loadStats();
 }
 
 const drop = $("drop");
@@ -139,7 +190,8 @@ $("key-save").addEventListener("click", () => {
   sessionStorage.setItem("medcae-key", key);
   $("key-row").classList.remove("show");
   status("Key set.");
-  loadModel();
+  loadModels();
   if ($("file").files.length) classify($("file").files[0]);
 });
-loadModel();
+$("model-pick").addEventListener("change", () => { current = $("model-pick").value; $("result").classList.add("hidden"); loadModel(); });
+loadModels();
