@@ -23,19 +23,12 @@ from typing import Any
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def request_id(given: str | None) -> str:
-    """The id of a request: the client's ``X-Request-ID`` when it is a sane token, else the
-    one Ray Serve gave the request, else a new one."""
-    if given and _REQUEST_ID.match(given):
-        return given
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        rid = _get_serve_request_context().request_id
+def request_id(given: str | None, fallback: str | None = None) -> str:
+    """The id of a request: the client's ``X-Request-ID`` when it is a sane token, else
+    ``fallback`` (the id the serving framework gave the request) when sane, else a new one."""
+    for rid in (given, fallback):
         if rid and _REQUEST_ID.match(rid):
             return rid
-    except Exception:  # noqa: BLE001 - outside a Serve request
-        pass
     return uuid.uuid4().hex
 
 

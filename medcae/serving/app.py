@@ -202,7 +202,9 @@ class MedcaeModel:
         self.registry_uri = registry_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if any(s.registered for s in self.specs) and not self.registry_uri:
             raise ConfigError("registered models need registry_uri (or $MLFLOW_TRACKING_URI)")
-        metrics.configure(s.name for s in self.specs)
+        from ray.util import metrics as ray_metrics
+
+        metrics.configure((s.name for s in self.specs), ray_metrics, self._serve_request_id)
         if threads:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,6 +222,15 @@ class MedcaeModel:
         self._preloaded[self.specs[0].name] = self._load_key(self.specs[0].name)
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @staticmethod
+    def _serve_request_id() -> str | None:
+        """The id Serve gave the current request (its proxy returns it as ``X-Request-ID``).
+        A method, not a module function: Serve ships this class by value."""
+        try:
+            return serve.context._get_serve_request_context().request_id
+        except Exception:  # noqa: BLE001 - outside a Serve request
+            return None
 
     def _load_version(self, resolved: Any, name: str) -> Any:
         from medcae.inference.predictor import Predictor

@@ -17,7 +17,7 @@ not serve counts as model ``unknown``, so hostile URLs cannot grow the label set
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,11 +27,10 @@ _ROUTES = ("predict/batch", "predict", "explain", "card", "stats")
 
 
 class _Metrics:
-    """The metric objects, made on first use in the replica (none outside Ray)."""
+    """The metric objects, made on first use in the replica from ``backend`` (Ray's
+    :mod:`ray.util.metrics`, handed over by the Serve app)."""
 
-    def __init__(self) -> None:
-        from ray.util import metrics as m
-
+    def __init__(self, m: Any) -> None:
         self.requests = m.Counter(
             "medcae_requests_total",
             description="Requests by model, version, route and HTTP status.",
@@ -56,22 +55,34 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_backend: Any = None
 _models: tuple[str, ...] = ()
 
 
-def configure(models: Iterable[str]) -> None:
-    """The model names requests may be counted under (the first answers ``/v1/...``)."""
-    global _models
-    _models = tuple(models)
+def _no_id() -> str | None:
+    return None
+
+
+_context_id: Callable[[], str | None] = _no_id
+
+
+def configure(
+    models: Iterable[str],
+    backend: Any = None,
+    context_id: Callable[[], str | None] | None = None,
+) -> None:
+    """The model names requests may be counted under (the first answers ``/v1/...``), the
+    metrics ``backend`` (``ray.util.metrics``; None: nothing is recorded) and where the
+    serving framework keeps the current request's id."""
+    global _models, _backend, _metrics, _context_id
+    _models, _backend, _metrics = tuple(models), backend, None
+    _context_id = context_id or _no_id
 
 
 def _get() -> _Metrics | None:
     global _metrics
-    if _metrics is None:
-        try:
-            _metrics = _Metrics()
-        except Exception:  # noqa: BLE001 - no Ray (the plain-FastAPI baseline, unit tests)
-            return None
+    if _metrics is None and _backend is not None:
+        _metrics = _Metrics(_backend)
     return _metrics
 
 
@@ -121,7 +132,7 @@ class RequestMetrics:
         from medcae.serving.answers import request_id
 
         given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
-        rid = request_id(given.decode("latin-1") if given is not None else None)
+        rid = request_id(given.decode("latin-1") if given is not None else None, _context_id())
         scope.setdefault("state", {})["request_id"] = rid
         where = classify(scope.get("path", ""))
         start = time.perf_counter()

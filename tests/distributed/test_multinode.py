@@ -93,6 +93,7 @@ def test_train_job_spreads_workers_over_both_nodes(cluster, tmp_path):
     entrypoint = (
         f"{sys.executable} ray_jobs/train.py --data demo --smoke-test --num-workers 2"
         f" --placement-strategy SPREAD --storage-path {tmp_path / 'ckpt'} --name multinode"
+        " --representation cae"  # one head after training: the spread is what is tested
     )
     job_id = client.submit_job(
         entrypoint=entrypoint,

@@ -46,6 +46,8 @@ def _job(storage: Path, name: str, *extra: str) -> list[str]:
         str(storage.parent / "features"),
         "--out",
         str(storage / f"out-{name}"),
+        "--representation",  # one head to fit after training, not the five `auto` compares
+        "cae",
         *extra,
     ]
 
