@@ -29,7 +29,7 @@ CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.
 IMAGE_ROOT = PurePosixPath("/app")
 #: Serve app arguments the cluster adds to serve/config.yaml's, and those whose values differ.
 K8S_ONLY_ARGS = {"api_keys_file", "api_key_sha256", "cors_origins"}
-K8S_VALUED_ARGS = {"bundle", "allowed_hosts"}
+K8S_VALUED_ARGS = {"bundle", "allowed_hosts", "log_dir"}
 #: The name rules of the API server for a RayJob's or RayService's name (DNS-1035 label).
 OBJECT_META = {
     "type": "object",
