@@ -218,6 +218,7 @@ class MedcaeModel:
 
         self._get_model = get_model
         # The default model now: a replica that cannot load it fails at start, not later.
+        self._extractors: dict[str, Any] = {}
         self._preloaded: dict[str, Any] = {}
         self._preloaded[self.specs[0].name] = self._load_key(self.specs[0].name)
         self._predict.set_max_batch_size(max_batch_size)
@@ -234,11 +235,14 @@ class MedcaeModel:
 
     def _load_version(self, resolved: Any, name: str) -> Any:
         from medcae.inference.predictor import Predictor
-        from medcae.serving.versions import Loaded
+        from medcae.serving.versions import Loaded, backbone_key
 
         predictor = Predictor.from_bundle(str(resolved.bundle), self.device, self.runtime)
+        key = backbone_key(predictor.meta, self.runtime)
+        # Models and versions on one backbone share one extractor (memory, and one pass).
+        predictor.extractor = self._extractors.setdefault(key, predictor.extractor)
         side = predictor.extractor.cfg.resolution
-        return Loaded(predictor, name, resolved.version, side)
+        return Loaded(predictor, name, resolved.version, side, key)
 
     def _load_key(self, key: str) -> Any:
         """Load a multiplexing key (``name``, ``name@alias``, ``name/version``)."""

@@ -10,6 +10,7 @@ one keeps serving. Ray-free.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,26 +27,53 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Loaded:
-    """One loaded version: its predictor, the name and version responses carry, and the
-    resolution its images are read at."""
+    """One loaded version: its predictor, the name and version responses carry, the
+    resolution its images are read at, and what identifies its frozen backbone (versions and
+    models with the same one share its forward pass)."""
 
     predictor: Any
     model_id: str
     version: str
     side: int
+    backbone_key: str = ""
+
+
+def backbone_key(meta: dict[str, Any], runtime: str) -> str:
+    """What makes two bundles' backbone outputs the same: its config (name, taps, resolution,
+    precision, weights), the weights' sha256 and the runtime."""
+    backbone = meta.get("config", {}).get("backbone", {})
+    weights = meta.get("preprocessing", {}).get("weights_sha256", "")
+    return json.dumps([backbone, weights, runtime], sort_keys=True)
+
+
+def _predict_mixed(items: list[tuple[Loaded, np.ndarray]]) -> list[Any]:
+    """Images of versions that share one backbone: one backbone pass for all of them, then
+    each version's auto-encoder and head on its own images."""
+    out: list[Any] = [None] * len(items)
+    backbone = items[0][0].predictor.backbone([image for _, image in items])
+    versions: dict[int, list[int]] = {}
+    for i, (loaded, _) in enumerate(items):
+        versions.setdefault(id(loaded), []).append(i)
+    for idx in versions.values():
+        predictor = items[idx[0]][0].predictor
+        part = {k: v[idx] for k, v in backbone.items()}
+        for i, p in zip(idx, predictor.predictions(predictor.head_outputs(part)), strict=True):
+            out[i] = p
+    return out
 
 
 def predict_grouped(
     items: list[tuple[Loaded, np.ndarray]],
 ) -> list[dict[str, Any] | RequestError]:
-    """A dynamic batch of ``(version, image)``: one pass per version, answers in order."""
+    """A dynamic batch of ``(version, image)`` from any models: one backbone pass per
+    backbone, one head pass per version, answers in order. A batch that fails is predicted
+    one image at a time, so only the request of a bad image gets its error."""
     out: list[dict[str, Any] | RequestError | None] = [None] * len(items)
-    groups: dict[int, list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for i, (loaded, _) in enumerate(items):
-        groups.setdefault(id(loaded), []).append(i)
+        groups.setdefault(loaded.backbone_key or str(id(loaded)), []).append(i)
     for idx in groups.values():
-        loaded = items[idx[0]][0]
-        answers = predict_each(loaded.predictor.predict, [items[i][1] for i in idx])
+        answers = predict_each(_predict_mixed, [items[i] for i in idx])
         for i, a in zip(idx, answers, strict=True):
             out[i] = a
     return out  # type: ignore[return-value]

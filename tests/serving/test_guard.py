@@ -119,6 +119,42 @@ def test_one_bad_image_in_a_batch_fails_alone(demo_bundle):
     assert predict_each(predictor.predict, good) == alone  # a good batch: one pass, same
 
 
+def test_models_on_one_backbone_share_its_pass_and_a_bad_image_still_fails_alone(demo_bundle):
+    """A dynamic batch mixing two models (here: one bundle loaded twice, as two names) and
+    another backbone runs one backbone pass per backbone, and each image gets its own model's
+    answer; a bad image in the mix fails alone."""
+    from dataclasses import replace
+
+    from medcae.inference.predictor import Predictor
+    from medcae.serving.versions import Loaded, backbone_key, predict_grouped
+
+    def loaded(name: str, runtime: str) -> Loaded:
+        p = Predictor.from_bundle(demo_bundle.path, runtime=runtime)
+        return Loaded(p, name, "1", 64, backbone_key(p.meta, runtime))
+
+    a, b, c = loaded("a", "torch"), loaded("b", "torch"), loaded("c", "onnxruntime")
+    passes = []
+    for m in (a, b, c):
+        real = m.predictor.backbone
+        m.predictor.backbone = lambda images, real=real: passes.append(len(images)) or real(images)
+    assert a.backbone_key == b.backbone_key != c.backbone_key
+    good = list(demo_bundle.test_images[:4])
+    bad = np.zeros((8, 8, 2), np.uint8)
+    out = predict_grouped([(a, good[0]), (b, good[1]), (c, good[2]), (a, good[3]), (b, good[1])])
+    assert passes == [4, 1]  # one pass for the four images of a and b, one for c's
+    want = [vars(p) for p in a.predictor.predict(good)]
+    for i, j in enumerate((0, 1, 2, 3, 1)):
+        assert out[i]["probabilities"] == pytest.approx(want[j]["probabilities"], abs=1e-4)
+    out = predict_grouped([(a, good[0]), (b, bad), (b, good[1])])
+    assert isinstance(out[1], RequestError) and out[1].code == "unprocessable_image"
+    assert out[2]["probabilities"] == pytest.approx(want[1]["probabilities"], abs=1e-4)
+    other = replace(b, predictor=Predictor.from_bundle(demo_bundle.path, runtime="torch"))
+    head = other.predictor.head
+    other.predictor.head = replace(head, coef=head.coef[::-1].copy())  # another head
+    mixed = predict_grouped([(a, good[0]), (other, good[0])])
+    assert mixed[0]["probabilities"] != mixed[1]["probabilities"]  # each its own head
+
+
 def test_the_default_batch_limit_is_32_images():
     limits = Limits()
     check_batch_size(32, limits)  # at the limit: accepted
