@@ -77,7 +77,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _predict_http(args: argparse.Namespace) -> int:
     from medcae.serving.client import ClientError, MedcaeClient
 
-    client = MedcaeClient(args.url or DEFAULT_URL, args.timeout, args.api_key)
+    client = MedcaeClient(args.url or DEFAULT_URL, args.timeout, args.api_key, args.model)
     failures = 0
     for path in args.images:
         try:
@@ -89,7 +89,8 @@ def _predict_http(args: argparse.Namespace) -> int:
         p = out["prediction"]
         probs = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
         ood = "" if p["in_distribution"] else "  [out of distribution]"
-        print(f"{path}: {p['label']}  {probs}{ood}")
+        who = f"  ({out['model']} version {out['version']})" if "version" in out else ""
+        print(f"{path}: {p['label']}  {probs}{ood}{who}")
     return 1 if failures else 0
 
 
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_args(jp)
         jp.set_defaults(fn=_job)
-    sv = sub.add_parser("serve", help="serve a model bundle over HTTP with Ray Serve")
+    sv = sub.add_parser("serve", help="serve bundles or registered models over HTTP with Ray Serve")
     which = sv.add_mutually_exclusive_group(required=True)
     which.add_argument("--bundle", help="a bundle folder")
     which.add_argument(
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--log-dir",
         default="logs/serve",
-        help="folder of the answer logs: one JSON line per answer, per replica, rotated",
+        help="folder of the answer logs: one JSON line per answer, per replica, rotated "
+        "(default logs/serve)",
     )
     sv.add_argument(
         "--ingress",
@@ -347,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
     h.add_argument(
         "--api-key", default=None, help="API key of the server (default $MEDCAE_API_KEY)"
+    )
+    h.add_argument(
+        "--model",
+        default=None,
+        help="one of the server's models (GET /v1/models; default: its first)",
     )
     jobargs.add_predict_args(pr)
     pr.set_defaults(fn=_predict, parser=pr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -44,25 +45,33 @@ class MedcaeClient:
         url: Base URL, e.g. ``http://127.0.0.1:8000``.
         timeout: Seconds per request.
         api_key: Sent as ``Authorization: Bearer``; default ``$MEDCAE_API_KEY`` (none if unset).
+        model: A model of a server that serves several (``/v1/models/{model}/predict``, and
+            Serve routes the request to a replica that holds it); default: the server's default.
     """
 
     def __init__(
-        self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0, api_key: str | None = None
+        self,
+        url: str = "http://127.0.0.1:8000",
+        timeout: float = 30.0,
+        api_key: str | None = None,
+        model: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         key = api_key if api_key is not None else os.environ.get("MEDCAE_API_KEY", "")
         self.auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self.model = model
 
     def predict_bytes(self, data: bytes) -> dict[str, Any]:
-        """``POST /v1/predict`` with encoded image bytes; returns the JSON response."""
+        """``POST /v1/predict`` (or the ``model``'s route) with encoded image bytes; returns
+        the JSON response."""
         ctype = _CTYPES.get(sniff(data), "application/octet-stream")
-        req = urllib.request.Request(
-            f"{self.url}/v1/predict",
-            data=data,
-            method="POST",
-            headers={"Content-Type": ctype, **self.auth},
-        )
+        headers = {"Content-Type": ctype, **self.auth}
+        path = "/v1/predict"
+        if self.model:
+            path = f"/v1/models/{urllib.parse.quote(self.model, safe='')}/predict"
+            headers["serve_multiplexed_model_id"] = self.model
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST", headers=headers)
         return _call(req, req.full_url, self.timeout)
 
     def predict_file(self, path: str | Path) -> dict[str, Any]:

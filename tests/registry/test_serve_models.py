@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -147,6 +148,18 @@ def test_models_are_listed_and_each_answers_as_itself(server, demo_bundle):
     ]
     assert [x["index"] for x in by_id["ward-7.case-42"]] == [0, 1, 2]
     assert all(x["key"] == "anonymous" and "image" not in x for x in lines)
+
+
+def test_medcae_predict_asks_a_named_model(server, demo_bundle, tmp_path):
+    img = tmp_path / "scan.png"
+    img.write_bytes(png_bytes(demo_bundle.test_images[0]))
+    cmd = [sys.executable, "-m", "medcae", "predict", "--url", server.base, str(img)]
+    out = subprocess.run([*cmd, "--model", "breast"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "(breast version " in out.stdout, out.stdout + out.stderr
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # the default
+    assert out.returncode == 0 and "(chest version 1)" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([*cmd, "--model", "lung"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "HTTP 404" in out.stderr and "serves chest, breast" in out.stderr
 
 
 def test_prometheus_scrapes_requests_predictions_and_latency_by_model(
