@@ -300,21 +300,23 @@ class PredictionOut(BaseModel):
     )
 
 
-class PredictResponse(BaseModel):
-    """Response of ``POST /v1/predict``."""
+class Answered(BaseModel):
+    """What every answer names: the model and version that answered, and the request."""
 
     model: str
     version: str
     request_id: str = Field(description="Also the X-Request-ID header; in the answer log")
+
+
+class PredictResponse(Answered):
+    """Response of ``POST /v1/predict``."""
+
     prediction: PredictionOut
 
 
-class BatchResponse(BaseModel):
+class BatchResponse(Answered):
     """Response of ``POST /v1/predict/batch``."""
 
-    model: str
-    version: str
-    request_id: str = Field(description="Also the X-Request-ID header; in the answer log")
     predictions: list[PredictionOut]
 
 
@@ -333,12 +335,9 @@ class ExplanationOut(BaseModel):
     image_png: str = Field(description="Base64 PNG: the image as the model saw it")
 
 
-class ExplainResponse(BaseModel):
+class ExplainResponse(Answered):
     """Response of ``POST /v1/explain``."""
 
-    model: str
-    version: str
-    request_id: str = Field(description="Also the X-Request-ID header; in the answer log")
     prediction: PredictionOut
     explanation: ExplanationOut
 
