@@ -128,14 +128,31 @@ def run_reaped(
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the wrapper and every descendant (it is their subreaper, so all are below it)."""
+    """SIGKILL the wrapper and every descendant (it is their subreaper, so all are below it).
+
+    Each is stopped (SIGSTOP) before anything is killed, and the tree is read again until no
+    new process appears: a process killed while its parent is still forking would otherwise
+    leave the newborn child behind (seen once under load).
+    """
     import psutil
 
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        family = []
-    for p in family:
+    stopped: dict[int, psutil.Process] = {}
+    for _ in range(100):
+        try:
+            root = psutil.Process(proc.pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        new = [p for p in family if p.pid not in stopped]
+        if not new:
+            break
+        for p in new:
+            try:
+                p.suspend()
+                stopped[p.pid] = p
+            except psutil.Error:
+                stopped[p.pid] = p
+    for p in stopped.values():
         try:
             p.kill()
         except psutil.Error:
