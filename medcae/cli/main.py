@@ -161,9 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
         specs = build_specs(args.model)
         uri = registry_uri(args.mlflow) if any(s.registered for s in specs) else None
         shown = []
+        registry = Registry(uri) if uri else None
         for spec in specs:
-            resolved = Registry(uri).resolve(spec.ref) if uri and spec.registered else None
-            resolved = resolved or resolve_path(spec.ref)
+            if registry is not None and spec.registered:
+                resolved = registry.resolve(spec.ref)
+            else:
+                resolved = resolve_path(spec.ref)
             shown.append(f"{spec.name} version {resolved.version} ({spec.ref})")
         source = {
             "models": list(args.model),

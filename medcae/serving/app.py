@@ -219,6 +219,7 @@ class MedcaeModel:
         self._get_model = get_model
         # The default model now: a replica that cannot load it fails at start, not later.
         self._extractors: dict[str, Any] = {}
+        self._folder_versions: dict[str, str] = {}  # a bundle folder's one version
         self._preloaded: dict[str, Any] = {}
         self._preloaded[self.specs[0].name] = self._load_key(self.specs[0].name)
         self._predict.set_max_batch_size(max_batch_size)
@@ -247,16 +248,12 @@ class MedcaeModel:
     def _load_key(self, key: str) -> Any:
         """Load a multiplexing key (``name``, ``name@alias``, ``name/version``)."""
         from medcae.registry.models import ModelRef, Registry, resolve_path
-        from medcae.serving.catalog import Served, find
+        from medcae.serving.catalog import Served, find, split_key
         from medcae.serving.versions import Follower
 
         if key in self._preloaded:
             return self._preloaded.pop(key)
-        name, alias, version = key, None, None
-        if "@" in key:
-            name, alias = key.split("@", 1)
-        elif "/" in key:
-            name, version = key.split("/", 1)
+        name, alias, version = split_key(key)
         spec = find(self.specs, name)
         if spec.registered:
             ref = ModelRef(spec.ref.name, alias, version) if alias or version else spec.ref
@@ -489,7 +486,9 @@ class MedcaeModel:
                     for v in registry.versions(spec.ref.name)
                 ]
             else:
-                versions = [{"version": bundle_digest(spec.ref.path)[:8], "aliases": []}]
+                if spec.name not in self._folder_versions:
+                    self._folder_versions[spec.name] = bundle_digest(spec.ref.path)[:8]
+                versions = [{"version": self._folder_versions[spec.name], "aliases": []}]
             out.append(
                 {
                     "name": spec.name,

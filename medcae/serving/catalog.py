@@ -112,6 +112,18 @@ def variant(spec: Spec, version: str | None, alias: str | None) -> tuple[str, Mo
     return f"{spec.name}@{alias}", ModelRef(name=spec.ref.name, alias=alias)
 
 
+def split_key(key: str) -> tuple[str, str | None, str | None]:
+    """``(name, alias, version)`` of a multiplexing key made by :func:`variant` (names hold
+    neither ``@`` nor ``/``)."""
+    if "@" in key:
+        name, alias = key.split("@", 1)
+        return name, alias, None
+    if "/" in key:
+        name, version = key.split("/", 1)
+        return name, None, version
+    return key, None, None
+
+
 def find(specs: Sequence[Spec], name: str) -> Spec:
     """The configured model named ``name``.
 
