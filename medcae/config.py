@@ -34,6 +34,42 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 REPRESENTATION_CHOICES = ("auto", "frozen_final", "frozen_tap", "cae", "cae_concat", "cae_ensemble")
 
 
+#: ``classifier.calibration`` values (:mod:`medcae.model.calibration`).
+CALIBRATION_CHOICES = ("auto", "none", "temperature", "platt", "prior")
+
+#: Operating point rules (:mod:`medcae.model.operating_point`).
+OPERATING_RULES = ("auto", "youden", "sensitivity", "specificity", "argmax")
+
+
+def parse_operating_point(text: str) -> tuple[str, float | None]:
+    """``"sensitivity=0.95"`` as ``("sensitivity", 0.95)``; ``"youden"`` as ``("youden",
+    None)``.
+
+    Raises:
+        ConfigError: An unknown rule, a missing or extra target, or a target outside (0, 1].
+    """
+    rule, _, value = str(text).strip().partition("=")
+    rule = rule.strip().lower()
+    usage = "auto, youden, argmax, sensitivity=0.95 or specificity=0.90"
+    if rule not in OPERATING_RULES:
+        raise ConfigError(f"operating point {text!r}: unknown rule {rule!r}; expected {usage}")
+    if rule in ("sensitivity", "specificity"):
+        try:
+            target = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"operating point {text!r}: {rule} needs a target in (0, 1], e.g. {rule}=0.9"
+            ) from None
+        if not 0 < target <= 1:
+            raise ConfigError(
+                f"operating point {text!r}: the target must be in (0, 1], got {target}"
+            )
+        return rule, target
+    if value:
+        raise ConfigError(f"operating point {text!r}: {rule} takes no value; expected {usage}")
+    return rule, None
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Which frozen CNN, where it is tapped, and at what input resolution.
@@ -124,6 +160,14 @@ class ClassifierConfig:
         budget: Labels to use: a fraction in (0, 1] of each class, or an int count per class.
         C_grid: Inverse regularisation strengths tried; the best on validation AUC is kept.
         seed: Seed of the stratified label sampling.
+        calibration: How probabilities are calibrated on validation
+            (:mod:`medcae.model.calibration`): ``auto`` (chosen by cross-validated log-loss),
+            ``none``, ``temperature``, ``platt`` (two classes, each finding) or ``prior``
+            (several classes).
+        operating_point: How a probability becomes a label, chosen on validation
+            (:mod:`medcae.model.operating_point`): ``auto`` (``youden`` for two classes,
+            ``argmax`` for several), ``youden``, ``sensitivity=0.95``, ``specificity=0.90``,
+            ``argmax``.
     """
 
     kind: str = "logreg"
@@ -131,6 +175,8 @@ class ClassifierConfig:
     C_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     seed: int = 0
     representation: str = "auto"
+    calibration: str = "auto"
+    operating_point: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in ("logreg", "linear_svm"):
@@ -142,6 +188,12 @@ class ClassifierConfig:
             )
         if self.budget <= 0:
             raise ConfigError(f"classifier.budget must be > 0, got {self.budget}")
+        if self.calibration not in CALIBRATION_CHOICES:
+            raise ConfigError(
+                f"classifier.calibration must be one of {', '.join(CALIBRATION_CHOICES)}, "
+                f"got {self.calibration!r}"
+            )
+        parse_operating_point(self.operating_point)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from medcae.cli.tracking import DEFAULT_URI
 from medcae.config import (
+    CALIBRATION_CHOICES,
     REPRESENTATION_CHOICES,
     SMOKE_ROWS,
     BackboneConfig,
@@ -21,6 +22,7 @@ from medcae.config import (
     ConfigError,
     PipelineConfig,
     TrainConfig,
+    parse_operating_point,
 )
 from medcae.labeling.strategies import HYBRID_MIN_PER_CLASS, STRATEGIES
 
@@ -137,6 +139,34 @@ def add_classifier_args(p: argparse.ArgumentParser, kind: bool = True) -> None:
         help="the classifier's input; auto: the simplest within one standard error of the "
         "best validation AUC",
     )
+    add_decision_args(k)
+
+
+def add_decision_args(k: Any) -> None:
+    """``--calibration`` and ``--operating-point``: how probabilities are calibrated and
+    turned into labels, both chosen on the val split."""
+    k.add_argument(
+        "--calibration",
+        default="auto",
+        choices=list(CALIBRATION_CHOICES),
+        help="probability calibration on val; auto: the lowest cross-validated log-loss of "
+        "none, temperature, platt (two classes, each finding) or prior (several classes)",
+    )
+    k.add_argument(
+        "--operating-point",
+        default="auto",
+        type=_operating_point,
+        help="how a probability becomes a label, chosen on val: youden (default for two "
+        "classes), sensitivity=0.95, specificity=0.90, argmax (default for several classes)",
+    )
+
+
+def _operating_point(text: str) -> str:
+    try:
+        parse_operating_point(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -324,6 +354,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
         "writes active.csv, active.md, active_auc.png",
     )
     add_hierarchical_arg(e)
+    add_decision_args(e)
     e.add_argument(
         "--finetune-epochs", type=int, default=12, help="most fine-tuning epochs (early stopping)"
     )

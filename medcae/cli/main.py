@@ -89,6 +89,8 @@ def _predict_http(args: argparse.Namespace) -> int:
         p = out["prediction"]
         probs = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
         ood = "" if p["in_distribution"] else "  [out of distribution]"
+        if p.get("threshold") is not None:
+            probs += f"  (threshold {p['threshold']:.3f})"
         who = f"  ({out['model']} version {out['version']})" if "version" in out else ""
         print(f"{path}: {p['label']}  {probs}{ood}{who}")
     return 1 if failures else 0

@@ -80,6 +80,7 @@ def save_model(
             representation or {"name": rep_name, "reason": f"{rep_name}: set by the config"}
         ),
         "metrics": {"test": fitted.test, **(metrics or {}), **_intervals(fitted)},
+        **_decision(fitted),
         "ood": {
             "threshold": float(np.quantile(errors, OOD_QUANTILE)),
             "quantile": OOD_QUANTILE,
@@ -88,11 +89,34 @@ def save_model(
     }
     if labels is not None:
         meta["data_summary"] = data_summary(label_names, labels, unlabeled)
-    return write_bundle(path, meta, cae.state_dict(), fitted.head.to_arrays())
+    figures = {}
+    if meta.get("calibration"):
+        from medcae.evaluation.report import reliability_png
+
+        figures["reliability.png"] = reliability_png(
+            meta["calibration"], f"{data_name}: reliability"
+        )
+    return write_bundle(path, meta, cae.state_dict(), fitted.head.to_arrays(), figures)
 
 
 def _intervals(fitted: Evaluated) -> dict[str, Any]:
     """``{"test_ci": ...}`` bootstrapped from the fit's test predictions, if it kept them."""
     if fitted.test_labels is None or fitted.test_proba is None:
         return {}
-    return {"test_ci": bootstrap_intervals(fitted.test_labels, fitted.test_proba)}
+    pred = fitted.test_pred if fitted.operating_point is not None else None
+    return {"test_ci": bootstrap_intervals(fitted.test_labels, fitted.test_proba, pred=pred)}
+
+
+def _decision(fitted: Evaluated) -> dict[str, Any]:
+    """The calibration and the operating point the Predictor applies, with their figures
+    (nothing for a fit from before them: the bundle then decides by argmax)."""
+    if fitted.calibration is None or fitted.operating_point is None:
+        return {}
+    return {
+        "calibration": {
+            **fitted.calibration.to_dict(),
+            "val": fitted.val_calibration,
+            "test": fitted.test.get("calibration"),
+        },
+        "operating_point": fitted.operating_point.to_dict(),
+    }

@@ -9,8 +9,12 @@ from typing import Any
 import numpy as np
 
 from medcae.config import ClassifierConfig
+from medcae.metrics.calibration import calibration_report
 from medcae.metrics.classification import auc_score, classification_report
+from medcae.metrics.decision import decision_report
+from medcae.model.calibration import Calibration, fit_calibration
 from medcae.model.classifier import LinearHead, average_heads, fit_classifier
+from medcae.model.operating_point import OperatingPoint, choose_operating_point
 from medcae.model.representations import (
     PRIOR,
     REPRESENTATIONS,
@@ -23,14 +27,20 @@ from medcae.model.representations import (
 
 @dataclass
 class Evaluated:
-    """A fitted head with its validation choice and its one test report.
+    """A fitted, calibrated head with its validation choices and its one test report.
 
     Attributes:
-        head: The fitted classifier.
+        head: The fitted classifier, calibrated.
         selection: ``{"C", "val_auc", "n_labels"}`` of the validation choice.
-        test: The test report (:func:`medcae.metrics.classification.classification_report`).
+        test: The test report (:func:`medcae.metrics.classification.classification_report`
+            of the operating point's decisions, with ``decision``: what they are worth,
+            :func:`medcae.metrics.decision.decision_report`, and ``calibration``: ECE, Brier
+            and log-loss before and after calibration).
         test_labels: ``(N,)`` test labels the report was computed on.
         test_proba: ``(N, K)`` the head's test probabilities, rows as ``test_labels``.
+        calibration: How the probabilities were calibrated on validation.
+        operating_point: The decision rule chosen on validation.
+        val_calibration: ECE, Brier and log-loss on validation before and after.
     """
 
     head: LinearHead
@@ -38,6 +48,64 @@ class Evaluated:
     test: dict[str, Any]
     test_labels: np.ndarray | None = None
     test_proba: np.ndarray | None = None
+    calibration: Calibration | None = None
+    operating_point: OperatingPoint | None = None
+    val_calibration: dict[str, Any] | None = None
+
+    @property
+    def test_pred(self) -> np.ndarray | None:
+        """``(N,)`` the operating point's test decisions."""
+        if self.test_proba is None:
+            return None
+        op = self.operating_point or OperatingPoint("argmax")
+        return op.decide(self.test_proba)
+
+
+def _before_after(y: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    return {"before": calibration_report(y, before), "after": calibration_report(y, after)}
+
+
+def calibrate_and_test(
+    cfg: ClassifierConfig,
+    head: LinearHead,
+    selection: dict[str, Any],
+    x: Mapping[str, np.ndarray],
+    labels: Mapping[str, np.ndarray],
+    label_names: Sequence[str],
+) -> Evaluated:
+    """Calibrate ``head`` on validation, choose its operating point there, and test once.
+
+    Args:
+        cfg: Classifier configuration (``calibration``, ``operating_point``).
+        head: The fitted, uncalibrated head.
+        selection: Its validation choice.
+        x: ``{"val"|"test": (N, D)}`` its input vectors.
+        labels: Labels per split (``train`` gives the prior of several classes).
+        label_names: Class names.
+    """
+    y_val, y_test = np.asarray(labels["val"]), np.asarray(labels["test"])
+    k = len(label_names)
+    prior = np.bincount(np.asarray(labels["train"]), minlength=k) if "train" in labels else None
+    cal = fit_calibration(head, x["val"], y_val, cfg.calibration, prior=prior, seed=cfg.seed)
+    calibrated = cal.apply(head)
+    val_proba = calibrated.predict_proba(x["val"])
+    op = choose_operating_point(cfg.operating_point, y_val, val_proba)
+    raw_test, proba = head.predict_proba(x["test"]), calibrated.predict_proba(x["test"])
+    pred = op.decide(proba)
+    report = classification_report(y_test, proba, label_names, pred=pred)
+    report["decision"] = decision_report(y_test, proba, pred, label_names, op.positive)
+    report["calibration"] = _before_after(y_test, raw_test, proba)
+    report["operating_point"] = op.to_dict()
+    return Evaluated(
+        calibrated,
+        selection,
+        report,
+        y_test,
+        proba,
+        cal,
+        op,
+        _before_after(y_val, head.predict_proba(x["val"]), val_proba),
+    )
 
 
 def fit_and_test(
@@ -58,9 +126,7 @@ def fit_and_test(
     head, selection = fit_classifier(
         cfg, feats["train"], labels["train"], feats["val"], labels["val"], k
     )
-    proba = head.predict_proba(feats["test"])
-    report = classification_report(labels["test"], proba, label_names)
-    return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
+    return calibrate_and_test(cfg, head, selection, feats, labels, label_names)
 
 
 def fit_representations(
@@ -124,15 +190,13 @@ def fit_ensemble(
         cs.append(float(sel["C"]))
     head = average_heads(heads)
     x = {s: rep.features(arrays[s]) for s in ("val", "test")}
-    proba = head.predict_proba(x["test"])
     selection = {
         "C": cs[0],
         "member_C": cs,
         "val_auc": auc_score(labels["val"], head.predict_proba(x["val"]), k),
         "n_labels": sel["n_labels"],
     }
-    report = classification_report(labels["test"], proba, label_names)
-    return Evaluated(head, selection, report, np.asarray(labels["test"]), proba)
+    return calibrate_and_test(cfg, head, selection, x, labels, label_names)
 
 
 def describe(name: str, backbone: str, taps: str, kind: str) -> str:

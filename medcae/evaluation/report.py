@@ -218,3 +218,49 @@ def write_report(
     )
     (out / "report.md").write_text(report)
     return table
+
+
+def reliability_png(calibration: dict[str, Any], title: str = "") -> bytes:
+    """The reliability diagram of a bundle's ``calibration`` record as PNG bytes: mean
+    probability against observed frequency per bin, before and after calibration, on the val
+    and test splits (dot area: images in the bin), with each curve's ECE."""
+    import io
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), sharey=True)
+    for ax, split in zip(axes, ("val", "test")):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfectly calibrated")
+        for when, colour in (("before", "tab:orange"), ("after", "tab:blue")):
+            r = (calibration.get(split) or {}).get(when)
+            none = calibration.get("method") == "none"
+            if not r or not r.get("bins") or (none and when == "after"):
+                continue
+            bins = r["bins"]
+            name = "uncalibrated" if when == "before" else f"calibrated ({calibration['method']})"
+            name += " (calibration: none chosen)" if none else ""
+            ax.plot(
+                [b["mean_p"] for b in bins],
+                [b["frequency"] for b in bins],
+                marker="o",
+                color=colour,
+                label=f"{name}: ECE {r['ece']:.3f}",
+            )
+            ax.scatter(
+                [b["mean_p"] for b in bins],
+                [b["frequency"] for b in bins],
+                s=[8 + 200 * b["n"] / max(r["n"], 1) for b in bins],
+                color=colour,
+                alpha=0.3,
+            )
+        judged = ((calibration.get(split) or {}).get("after") or {}).get("judged", "probability")
+        ax.set_xlabel(f"mean predicted {judged}")
+        ax.set_title(f"{split} split")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("observed frequency")
+    fig.suptitle(title or "Reliability diagram", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -9,7 +9,9 @@ Layout::
     MODEL_CARD.md     the model card, rendered from the metadata (:mod:`medcae.inference.card`)
 
 Format 1 bundles (written before model cards) still load: their card is rendered from
-``bundle.json`` at load time and says so.
+``bundle.json`` at load time and says so. Format 3 may also hold figures the card shows
+(``reliability.png``); bundles from before calibration and operating points (formats 1 and 2,
+or without ``operating_point``) decide by argmax, and their card says so when loaded.
 
 A bundle is written to a temporary sibling folder and renamed into place; ``bundle.json`` is
 written last and lists file hashes, so a crash mid-write never leaves a bundle that loads.
@@ -37,12 +39,16 @@ import torch
 
 from medcae.inference.card import model_card
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CARD = "MODEL_CARD.md"
 WEIGHT_FILES = ("cae.pt", "classifier.npz")
 FILES = (*WEIGHT_FILES, CARD)
+#: Figures a bundle may hold beside its card (format 3): PNG bytes the card shows.
+FIGURES = ("reliability.png",)
 #: The files each readable format version lists.
-FILES_OF_VERSION = {1: WEIGHT_FILES, 2: FILES}
+FILES_OF_VERSION = {1: WEIGHT_FILES, 2: FILES, 3: FILES}
+#: The files each format version may list besides those.
+OPTIONAL_OF_VERSION = {1: (), 2: (), 3: FIGURES}
 #: Keys a bundle sets itself: dropped from the metadata handed to :func:`write_bundle`.
 _STAMPED = ("format_version", "created", "versions", "files", "model_card")
 
@@ -75,6 +81,7 @@ def write_bundle(
     meta: dict[str, Any],
     cae_state: dict[str, torch.Tensor],
     classifier_arrays: dict[str, np.ndarray],
+    figures: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a bundle atomically, replacing any bundle already at ``path``.
 
@@ -89,6 +96,7 @@ def write_bundle(
             replaced, so the metadata of a loaded bundle can be written again.
         cae_state: CAE state dict.
         classifier_arrays: Arrays of :meth:`medcae.model.classifier.LinearHead.to_arrays`.
+        figures: PNG bytes by name, each one of :data:`FIGURES` (the card shows them).
 
     Returns:
         The bundle folder.
@@ -99,12 +107,17 @@ def write_bundle(
     try:
         torch.save({k: v.detach().cpu() for k, v in cae_state.items()}, tmp / "cae.pt")
         np.savez(tmp / "classifier.npz", **classifier_arrays)  # type: ignore[arg-type]
+        unknown = sorted(set(figures or {}) - set(FIGURES))
+        if unknown:
+            raise BundleError(f"figures {unknown} are not bundle figures; expected {FIGURES}")
+        for name, data in (figures or {}).items():
+            (tmp / name).write_bytes(data)
         full = {
             **{k: v for k, v in meta.items() if k not in _STAMPED},
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": library_versions(),
-            "files": {f: _sha256(tmp / f) for f in WEIGHT_FILES},
+            "files": {f: _sha256(tmp / f) for f in (*WEIGHT_FILES, *(figures or {}))},
         }
         (tmp / CARD).write_text(model_card(full), encoding="utf-8")
         full["files"][CARD] = _sha256(tmp / CARD)
@@ -147,11 +160,18 @@ def read_bundle(
     path = Path(path)
     meta_file = path / "bundle.json"
     meta = _read_meta(meta_file)
-    files = FILES_OF_VERSION[meta["format_version"]]
+    version = meta["format_version"]
     listed = meta.get("files")
+    optional = [f for f in OPTIONAL_OF_VERSION[version] if isinstance(listed, dict) and f in listed]
+    files = (*FILES_OF_VERSION[version], *optional)
     if not isinstance(listed, dict) or sorted(listed) != sorted(files):
         names = sorted(listed) if isinstance(listed, dict) else listed
-        raise BundleError(f"{meta_file}: files {names!r}, expected exactly {sorted(files)}")
+        also = OPTIONAL_OF_VERSION[version]
+        hint = f" (and optionally {list(also)})" if also else ""
+        raise BundleError(
+            f"{meta_file}: files {names!r}, expected exactly {sorted(FILES_OF_VERSION[version])}"
+            f"{hint}"
+        )
     present = sorted(p.name for p in path.iterdir())
     missing = sorted(set(files) - set(present))
     if missing:
@@ -170,6 +190,23 @@ def read_bundle(
         arrays = {k: z[k] for k in z.files}
     meta["model_card"] = _card_text(path, blobs.get(CARD), meta)
     return meta, state, arrays
+
+
+def read_figure(path: str | Path, name: str) -> bytes:
+    """A bundle's figure (:data:`FIGURES`), verified against ``bundle.json``.
+
+    Raises:
+        BundleError: ``name`` is not a figure the bundle lists, or its hash does not match.
+    """
+    path = Path(path)
+    meta = _read_meta(path / "bundle.json")
+    listed = meta.get("files") or {}
+    if name not in FIGURES or name not in listed:
+        raise BundleError(f"{path}: holds no figure {name!r}")
+    data = (path / name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != listed[name]:
+        raise BundleError(f"{path / name}: its sha256 does not match bundle.json")
+    return data
 
 
 def _read_meta(meta_file: Path) -> dict[str, Any]:
@@ -191,9 +228,14 @@ def _read_meta(meta_file: Path) -> dict[str, Any]:
 
 def _card_text(path: Path, blob: bytes | None, meta: dict[str, Any]) -> str:
     """The verified card's text, or a card rendered from ``meta`` for a format 1 bundle."""
+    from medcae.inference.card import UNCALIBRATED
+
     if blob is None:
         return model_card(meta)
     try:
-        return blob.decode("utf-8")
+        text = blob.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BundleError(f"{path / CARD}: not UTF-8 text ({err})") from err
+    if "operating_point" not in meta and UNCALIBRATED not in text:
+        text += f"\n> Note added at load time: {UNCALIBRATED}\n"
+    return text

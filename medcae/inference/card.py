@@ -62,6 +62,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         _use(meta),
         _data(meta),
         _evaluation(meta),
+        _decisions(meta),
         _ood(meta),
         _limitations(meta),
         _provenance(meta),
@@ -198,7 +199,10 @@ def _evaluation(meta: Mapping[str, Any]) -> str:
     test, ci = metrics.get("test", {}), metrics.get("test_ci")
     level = f"{100 * ci['level']:.0f}% CI" if ci else "CI"
     rows = [f"| metric | test | {level} |", "| --- | --- | --- |"]
-    for key, name in _NAMES.items():
+    names = dict(_NAMES)
+    if meta.get("operating_point"):
+        names["acc"] = "Accuracy (at the operating point)"
+    for key, name in names.items():
         if key in test:
             rows.append(f"| {name} | {_num(test[key])} | {_interval(ci, key)} |")
     lines = ["## Evaluation", "", *rows, ""]
@@ -211,6 +215,107 @@ def _evaluation(meta: Mapping[str, Any]) -> str:
         lines.append(f"Confidence intervals: {_NOT_RECORDED}.")
     lines += _per_class(test) + _baseline_rows(meta)
     return "\n".join(lines)
+
+
+#: What a bundle from before calibration and operating points says of itself.
+UNCALIBRATED = (
+    "This bundle predates calibration and operating points: its label is the most probable "
+    "class (argmax; 0.5 for two classes) and its probabilities are not calibrated."
+)
+_DECISION_ROWS = (
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("ppv", "PPV"),
+    ("npv", "NPV"),
+    ("accuracy", "Accuracy"),
+)
+
+
+def _decisions(meta: Mapping[str, Any]) -> str:
+    op, cal = meta.get("operating_point"), meta.get("calibration")
+    if not op or not cal:
+        return f"## Decisions and calibration\n\n{UNCALIBRATED}"
+    names = meta.get("label_names", [])
+    lines = ["## Decisions and calibration", ""]
+    if op.get("threshold") is not None and op.get("positive") is not None:
+        pos = names[op["positive"]] if op["positive"] < len(names) else op["positive"]
+        val = op.get("val") or {}
+        lines.append(
+            f"- Operating point: `{_rule(op)}`, chosen on the val split: `{pos}` when its "
+            f"probability is at least **{op['threshold']:.4f}** (val sensitivity "
+            f"{_num(val.get('sensitivity'))}, specificity {_num(val.get('specificity'))})."
+        )
+    else:
+        lines.append("- Operating point: `argmax`: the label is the most probable class.")
+    if op.get("note"):
+        lines.append(f"- Note: {op['note']}.")
+    lines.append(f"- Calibration: {cal.get('reason') or cal.get('method')}.")
+    decision = meta.get("metrics", {}).get("test", {}).get("decision") or {}
+    if "sensitivity" in decision:
+        lines += ["", "On test, at the operating point:", ""] + _decision_table(decision)
+    elif "per_class" in decision:
+        lines += ["", "On test, each class against the rest, at the operating point:", ""]
+        lines += [
+            "| class | sensitivity | specificity | PPV | NPV |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, d in decision["per_class"].items():
+            cells = [_with_ci(d[k]) for k, _ in _DECISION_ROWS[:4]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if decision.get("intervals"):
+        how = decision["intervals"]
+        lines += [
+            "",
+            f"Intervals: {how['proportions']} for proportions; {how['auc']} for the AUC; "
+            f"{how['balanced_accuracy']} for the balanced accuracy.",
+        ]
+    lines += ["", *_calibration_table(cal)]
+    if "reliability.png" in (meta.get("files") or {}):
+        lines += ["", "![Reliability diagram: validation and test](reliability.png)"]
+    return "\n".join(lines)
+
+
+def _rule(op: Mapping[str, Any]) -> str:
+    t = op.get("target")
+    return op["rule"] if t is None else f"{op['rule']}={t:g}"
+
+
+def _with_ci(p: Mapping[str, Any] | None) -> str:
+    if not p or not isinstance(p.get("value"), (int, float)):
+        return "?"
+    ci = p.get("ci") or [float("nan")] * 2
+    return f"{_num(p['value'])} ({_num(ci[0])} - {_num(ci[1])})"
+
+
+def _decision_table(d: Mapping[str, Any]) -> list[str]:
+    rows = ["| metric | test | 95% CI | count |", "| --- | --- | --- | --- |"]
+    for key, name in _DECISION_ROWS:
+        p = d.get(key) or {}
+        ci = p.get("ci") or [None, None]
+        rows.append(
+            f"| {name} | {_num(p.get('value'))} | {_num(ci[0])} - {_num(ci[1])} | "
+            f"{p.get('k', '?')}/{p.get('n', '?')} |"
+        )
+    for key, name in (("balanced_accuracy", "Balanced accuracy"), ("auc", "AUC (DeLong)")):
+        p = d.get(key) or {}
+        ci = p.get("ci") or [None, None]
+        rows.append(f"| {name} | {_num(p.get('value'))} | {_num(ci[0])} - {_num(ci[1])} | |")
+    return rows
+
+
+def _calibration_table(cal: Mapping[str, Any]) -> list[str]:
+    rows = ["| split | probabilities | ECE | Brier | log-loss |", "| --- | --- | --- | --- | --- |"]
+    for split in ("val", "test"):
+        for when in ("before", "after"):
+            r = (cal.get(split) or {}).get(when)
+            if r:
+                label = "uncalibrated" if when == "before" else f"calibrated ({cal['method']})"
+                rows.append(
+                    f"| {split} | {label} | {_num(r['ece'])} | {_num(r['brier'])} | "
+                    f"{_num(r['log_loss'])} |"
+                )
+    judged = ((cal.get("test") or {}).get("after") or {}).get("judged", "")
+    return [*rows, "", f"ECE: 10 equal-width bins of the {judged}." if judged else ""]
 
 
 def _per_class(test: Mapping[str, Any]) -> list[str]:
@@ -277,8 +382,11 @@ def _limitations(meta: Mapping[str, Any]) -> str:
         "Trained and tested on one data set: the test split comes from the same source as "
         "training, so the metrics say nothing about other sites, scanners or populations.",
         "Label noise in the source data is unknown; metrics count the given labels as truth.",
-        "Probability calibration was not evaluated; do not read the probabilities as risks.",
     ]
+    if not meta.get("calibration"):
+        items.append(
+            "Probability calibration was not evaluated; do not read the probabilities as risks."
+        )
     res = _cfg(meta, "backbone").get("resolution")
     if res:
         items.append(

@@ -1,8 +1,9 @@
 """Batch predictions as a table: the row schema, Predictor outputs to Arrow, and the files.
 
-One row per image: ``path``, ``label`` (the class name), ``probabilities`` (in the bundle's
-label order), one ``p_<name>`` column per class, ``reconstruction_error`` and
-``in_distribution``; with ``vectors`` (``medcae suggest``), also ``vector``: the classifier's
+One row per image: ``path``, ``label`` (the class name, decided at the bundle's operating
+point), ``probabilities`` (in the bundle's label order, calibrated), one ``p_<name>`` column per
+class, ``threshold`` (the operating point's threshold on the positive class's probability, null
+where the label is the most probable class), ``reconstruction_error`` and ``in_distribution``; with ``vectors`` (``medcae suggest``), also ``vector``: the classifier's
 input vector. The files sit beside each other: ``preds.parquet``, ``preds.csv`` (with
 ``--csv``), ``preds.skipped.csv`` (``path,reason`` of every image that could not be read) and
 ``preds.log``. Each is written to a temporary name and renamed into place. Rows come in the
@@ -45,6 +46,7 @@ def prediction_schema(label_names: Sequence[str], vectors: bool = False) -> pa.S
             ("label", pa.string()),
             ("probabilities", pa.list_(pa.float64())),
             *((f"p_{name}", pa.float64()) for name in label_names),
+            ("threshold", pa.float64()),
             ("reconstruction_error", pa.float64()),
             ("in_distribution", pa.bool_()),
             *([("vector", pa.list_(pa.float32()))] if vectors else []),
@@ -77,6 +79,7 @@ def prediction_table(
         "label": [p.label for p in predictions],
         "probabilities": probs,
         **{f"p_{name}": [row[i] for row in probs] for i, name in enumerate(label_names)},
+        "threshold": [p.threshold for p in predictions],
         "reconstruction_error": [p.reconstruction_error for p in predictions],
         "in_distribution": [p.in_distribution for p in predictions],
     }

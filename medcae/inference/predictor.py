@@ -16,6 +16,7 @@ from medcae.inference.card import model_card
 from medcae.model.cae import ConvAutoEncoder
 from medcae.model.classifier import LinearHead
 from medcae.model.features import FeatureExtractor
+from medcae.model.operating_point import OperatingPoint
 from medcae.model.representations import get_representation, tap_pool
 
 ImageLike = np.ndarray | bytes
@@ -23,12 +24,24 @@ ImageLike = np.ndarray | bytes
 
 @dataclass
 class Prediction:
-    """One image's result."""
+    """One image's result.
+
+    Attributes:
+        label: The decision at the bundle's operating point.
+        probabilities: Calibrated probabilities by class name.
+        reconstruction_error: The CAE's error on the image's maps.
+        in_distribution: The error is within the bundle's threshold.
+        threshold: The operating point's threshold on the positive class's probability, or
+            None where the label is the most probable class.
+        positive: The class that threshold applies to, else None.
+    """
 
     label: str
     probabilities: dict[str, float]
     reconstruction_error: float
     in_distribution: bool
+    threshold: float | None = None
+    positive: str | None = None
 
 
 class Predictor:
@@ -57,6 +70,8 @@ class Predictor:
         self.label_names = list(label_names)
         self.meta = meta or {}
         self.ood_threshold = float(self.meta.get("ood", {}).get("threshold", np.inf))
+        # Bundles from before operating points decide by argmax, uncalibrated.
+        self.operating_point = OperatingPoint.from_dict(self.meta.get("operating_point"))
         # Bundles from before the representation choice hold a head on CAE codes.
         self.representation = get_representation(
             (self.meta.get("representation") or {}).get("name", "cae")
@@ -170,14 +185,20 @@ class Predictor:
     def predictions(self, out: dict[str, np.ndarray]) -> list[Prediction]:
         """:class:`Prediction` per image from :meth:`predict_arrays`' (or
         :meth:`head_outputs`') arrays."""
+        op = self.operating_point
+        decided = op.decide(out["proba"])
+        threshold = op.threshold if op.positive is not None else None
+        positive = self.label_names[op.positive] if op.positive is not None else None
         return [
             Prediction(
-                label=self.label_names[int(p.argmax())],
+                label=self.label_names[int(c)],
                 probabilities=dict(zip(self.label_names, map(float, p))),
                 reconstruction_error=float(e),
                 in_distribution=bool(e <= self.ood_threshold),
+                threshold=threshold,
+                positive=positive,
             )
-            for p, e in zip(out["proba"], out["error"])
+            for p, e, c in zip(out["proba"], out["error"], decided)
         ]
 
 

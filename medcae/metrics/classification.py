@@ -33,14 +33,19 @@ def auc_score(y: np.ndarray, proba: np.ndarray, num_classes: int) -> float:
 
 
 def classification_report(
-    y: np.ndarray, proba: np.ndarray, label_names: Sequence[str]
+    y: np.ndarray,
+    proba: np.ndarray,
+    label_names: Sequence[str],
+    pred: np.ndarray | None = None,
 ) -> dict[str, object]:
-    """ACC (argmax, i.e. 0.5 for binary), AUC, balanced accuracy, per-class precision/recall.
+    """ACC, AUC, balanced accuracy, per-class precision/recall of the decisions.
 
     Args:
         y: ``(N,)`` labels.
         proba: ``(N, K)`` probabilities.
         label_names: K class names.
+        pred: ``(N,)`` the decided classes (the operating point's); None: the argmax (0.5 for
+            two classes).
     """
     from sklearn.metrics import (
         balanced_accuracy_score,
@@ -49,7 +54,7 @@ def classification_report(
     )
 
     k = len(label_names)
-    pred = proba.argmax(axis=1)
+    pred = proba.argmax(axis=1) if pred is None else np.asarray(pred)
     prec, rec, _, support = precision_recall_fscore_support(
         y, pred, labels=list(range(k)), zero_division=0
     )
@@ -66,18 +71,43 @@ def classification_report(
 
 
 def format_results(rows: dict[str, dict[str, Any]], label_names: Sequence[str]) -> str:
-    """Render ``{method: report}`` as an aligned text table with per-class precision/recall."""
-    head = ["method", "ACC", "AUC", "BalACC"] + [f"P/R {n}" for n in label_names]
+    """Render ``{method: report}`` as an aligned text table.
+
+    Two classes: AUC, accuracy and balanced accuracy, then sensitivity and specificity at the
+    operating point with their 95% Wilson intervals, PPV, NPV, and the ECE before and after
+    calibration (when the reports carry them). Several classes: per-class precision/recall.
+    """
+    binary = all("sensitivity" in r.get("decision", {}) for r in rows.values()) and rows
+    calibrated = all("calibration" in r for r in rows.values()) and rows
+    head = ["method", "AUC", "ACC", "BalACC"]
+    if binary:
+        head += ["Sens [95% CI]", "Spec [95% CI]", "PPV", "NPV"]
+    else:
+        head += [f"P/R {n}" for n in label_names]
+    if calibrated:
+        head += ["ECE raw>cal"]
     lines = [head]
     for method, r in rows.items():
-        pc = r["per_class"]
-        lines.append(
-            [method, f"{r['acc']:.3f}", f"{r['auc']:.3f}", f"{r['balanced_acc']:.3f}"]
-            + [f"{pc[n]['precision']:.2f}/{pc[n]['recall']:.2f}" for n in label_names]
-        )
+        line = [method, f"{r['auc']:.3f}", f"{r['acc']:.3f}", f"{r['balanced_acc']:.3f}"]
+        if binary:
+            d = r["decision"]
+            line += [_with_ci(d["sensitivity"]), _with_ci(d["specificity"])]
+            line += [f"{d['ppv']['value']:.3f}", f"{d['npv']['value']:.3f}"]
+        else:
+            pc = r["per_class"]
+            line += [f"{pc[n]['precision']:.2f}/{pc[n]['recall']:.2f}" for n in label_names]
+        if calibrated:
+            c = r["calibration"]
+            line += [f"{c['before']['ece']:.3f}>{c['after']['ece']:.3f}"]
+        lines.append(line)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
     return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])
+
+
+def _with_ci(p: dict[str, Any]) -> str:
+    low, high = p["ci"]
+    return f"{p['value']:.3f} [{low:.2f},{high:.2f}]"
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:

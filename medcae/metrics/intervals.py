@@ -15,12 +15,26 @@ BOOTSTRAP_ALPHA = 0.05
 
 
 def card_metrics() -> dict[str, Metric]:
-    """The test metrics a card gives intervals for, keyed as in the test report."""
+    """The test metrics a card gives intervals for, keyed as in the test report (accuracies
+    of the argmax: a bundle without an operating point)."""
     return {
         "auc": rank_auc,
         "acc": accuracy,
         "balanced_acc": balanced_accuracy,
     }
+
+
+def decided_metrics() -> dict[str, Metric]:
+    """:func:`card_metrics` of probabilities with the decided class as a last column
+    (``np.column_stack([proba, pred])``): the accuracies of the operating point's decisions."""
+
+    def acc(y: np.ndarray, x: np.ndarray) -> float:
+        return float((x[:, -1] == y).mean())
+
+    def balanced(y: np.ndarray, x: np.ndarray) -> float:
+        return float(np.mean([(x[y == c, -1] == c).mean() for c in np.unique(y)]))
+
+    return {"auc": lambda y, x: rank_auc(y, x[:, :-1]), "acc": acc, "balanced_acc": balanced}
 
 
 def bootstrap_intervals(
@@ -29,12 +43,15 @@ def bootstrap_intervals(
     n: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     alpha: float = BOOTSTRAP_ALPHA,
+    pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Bootstrap intervals of the card's test metrics, JSON-ready.
 
     Args:
         y_true: ``(N,)`` test labels.
         proba: ``(N, K)`` test probabilities.
+        pred: ``(N,)`` the operating point's decisions, which the accuracies judge; None:
+            the argmax.
         n: Resamples.
         seed: Seed (every metric sees the same resamples).
         alpha: One minus the confidence level.
@@ -50,8 +67,11 @@ def bootstrap_intervals(
         "seed": seed,
         "n": int(len(y_true)),
     }
-    for key, metric in card_metrics().items():
-        out[key] = list(bootstrap_ci(y_true, proba, metric, n, seed, alpha))
+    x, metrics = proba, card_metrics()
+    if pred is not None:
+        x, metrics = np.column_stack([proba, pred]), decided_metrics()
+    for key, metric in metrics.items():
+        out[key] = list(bootstrap_ci(y_true, x, metric, n, seed, alpha))
     return out
 
 

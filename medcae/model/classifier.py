@@ -63,8 +63,12 @@ class LinearHead:
         scale: ``(D,)`` feature scales.
         coef: ``(K', D)`` weights; ``K' = 1`` for binary problems.
         intercept: ``(K',)``.
-        platt: ``(K', 2)`` slope/offset mapping SVM decision values to probabilities.
+        platt: ``(K', 2)`` slope/offset mapping decision values to logits: Platt's for SVMs,
+            and for two classes the calibration's too (:mod:`medcae.model.calibration`);
+            the identity for an uncalibrated logistic regression.
         num_classes: K.
+        shrink: ``(K + 1,)``: a weight ``w`` and a prior ``pi`` mixing several exclusive
+            classes' probabilities as ``w * p + (1 - w) * pi`` (their calibration); None: none.
     """
 
     kind: str
@@ -74,34 +78,47 @@ class LinearHead:
     intercept: np.ndarray
     platt: np.ndarray
     num_classes: int
+    shrink: np.ndarray | None = None
 
     def decision(self, x: np.ndarray) -> np.ndarray:
         """Decision values ``(N, K')`` for features ``(N, D)``."""
         return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``(N, K')``: the decision values through :attr:`platt`."""
+        d = self.decision(np.asarray(x, np.float64))
+        return d * self.platt[:, 0] + self.platt[:, 1]
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities ``(N, K)`` for features ``(N, D)``."""
-        d = self.decision(np.asarray(x, np.float64))
-        if self.kind == "linear_svm":
-            d = d * self.platt[:, 0] + self.platt[:, 1]
+        return self.proba_from_logits(self.logits(x))
+
+    def proba_from_logits(self, d: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(N, K)`` from :meth:`logits`."""
         if self.num_classes == 2:
-            p1 = 1.0 / (1.0 + np.exp(-d[:, 0]))
-            return np.stack([1 - p1, p1], axis=1)
-        if self.kind == "linear_svm":
-            p = 1.0 / (1.0 + np.exp(-d))
-            return p / p.sum(axis=1, keepdims=True)
-        e = np.exp(d - d.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+            p = np.stack([_sigmoid(-d[:, 0]), _sigmoid(d[:, 0])], axis=1)
+        elif self.kind == "linear_svm":
+            p = _sigmoid(d)
+            p = p / p.sum(axis=1, keepdims=True)
+        else:
+            e = np.exp(d - d.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+        if self.shrink is not None:
+            p = self.shrink[0] * p + (1 - self.shrink[0]) * self.shrink[1:]
+        return p
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays for ``np.savez`` (no object arrays)."""
-        return {
+        arrays = {
             "mean": self.mean,
             "scale": self.scale,
             "coef": self.coef,
             "intercept": self.intercept,
             "platt": self.platt,
         }
+        if self.shrink is not None:
+            arrays["shrink"] = self.shrink
+        return arrays
 
     @classmethod
     def from_arrays(cls, kind: str, num_classes: int, arrays: dict[str, np.ndarray]) -> LinearHead:
@@ -110,7 +127,14 @@ class LinearHead:
             kind=kind,
             num_classes=num_classes,
             **{k: np.asarray(arrays[k]) for k in ("mean", "scale", "coef", "intercept", "platt")},
+            shrink=np.asarray(arrays["shrink"]) if "shrink" in arrays else None,
         )
+
+
+def _sigmoid(d: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    return expit(d)
 
 
 def average_heads(heads: Sequence[LinearHead]) -> LinearHead:

@@ -291,13 +291,24 @@ def check_batch_size(n: int, limits: Limits) -> None:
 class PredictionOut(BaseModel):
     """One image's prediction."""
 
-    label: str = Field(description="Most probable class")
-    probabilities: dict[str, float] = Field(description="Class name -> probability")
+    label: str = Field(
+        description="The decision at the model's operating point (the most probable class "
+        "when the model has none, or several exclusive classes)"
+    )
+    probabilities: dict[str, float] = Field(
+        description="Class name -> probability, calibrated on validation when the model is"
+    )
     reconstruction_error: float = Field(description="CAE reconstruction MSE of the feature map")
     in_distribution: bool = Field(
         description="False when the error exceeds the bundle's "
         "threshold (99th percentile on validation)"
     )
+    threshold: float | None = Field(
+        default=None,
+        description="The operating point's threshold on the positive class's probability "
+        "(label is positive at or above it); null when the label is the most probable class",
+    )
+    positive: str | None = Field(default=None, description="The class the threshold applies to")
 
 
 class Answered(BaseModel):

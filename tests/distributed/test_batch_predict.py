@@ -76,6 +76,7 @@ def test_prediction_table_rows_and_columns(probs):
         "label",
         "probabilities",
         *(f"p_{n}" for n in names),
+        "threshold",
         "reconstruction_error",
         "in_distribution",
     ]

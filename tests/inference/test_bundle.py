@@ -39,8 +39,10 @@ def test_bundle_files_and_metadata(tiny_bundle):
         "bundle.json",
         "cae.pt",
         "classifier.npz",
+        "reliability.png",
     ]
-    assert sorted(meta["files"]) == ["MODEL_CARD.md", "cae.pt", "classifier.npz"]
+    assert sorted(meta["files"]) == ["MODEL_CARD.md", "cae.pt", "classifier.npz", "reliability.png"]
+    assert (path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tampered_or_incomplete_bundles_do_not_load(tiny_bundle, tmp_path):
@@ -174,3 +176,73 @@ def test_each_file_is_read_once_and_loaded_from_the_bytes_hashed(tiny_bundle, tm
     reads = Counter(Path(p).name for p in opened if Path(p).parent == bundle)
     assert set(reads) == {p.name for p in bundle.iterdir()}, reads
     assert set(reads.values()) == {1}, reads
+
+
+def _format2_copy(src, dest):
+    """``src`` as a bundle of the format before calibration and operating points: no
+    ``calibration``/``operating_point``, an uncalibrated head, no figure, its own card."""
+    import hashlib
+    import shutil
+
+    dest.mkdir()
+    meta = json.loads((src / "bundle.json").read_text())
+    for key in ("calibration", "operating_point"):
+        meta.pop(key)
+    shutil.copy(src / "cae.pt", dest / "cae.pt")
+    with np.load(src / "classifier.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "shrink"}
+    arrays["platt"] = np.tile([1.0, 0.0], (len(arrays["coef"]), 1))
+    np.savez(dest / "classifier.npz", **arrays)
+    (dest / "MODEL_CARD.md").write_text("# An old card\n")
+    names = ("cae.pt", "classifier.npz", "MODEL_CARD.md")
+    meta["files"] = {f: hashlib.sha256((dest / f).read_bytes()).hexdigest() for f in names}
+    meta["format_version"] = 2
+    (dest / "bundle.json").write_text(json.dumps(meta))
+    return arrays
+
+
+def test_a_bundle_from_before_calibration_predicts_by_argmax_and_its_card_says_so(
+    tiny_bundle, tmp_path
+):
+    from medcae.inference.card import UNCALIBRATED
+    from medcae.model.classifier import LinearHead
+
+    path, images, _ = tiny_bundle
+    arrays = _format2_copy(path, tmp_path / "old")
+    old = Predictor.from_bundle(tmp_path / "old")
+    raw = LinearHead.from_arrays("logreg", len(old.label_names), arrays)
+    out = old.predict_arrays(images[:20])
+    np.testing.assert_allclose(out["proba"], raw.predict_proba(out["features"]), atol=1e-12)
+    preds = old.predictions(out)
+    assert [p.label for p in preds] == [old.label_names[i] for i in out["proba"].argmax(1)]
+    assert all(p.threshold is None for p in preds)
+    assert old.card.startswith("# An old card") and UNCALIBRATED in old.card
+    assert UNCALIBRATED not in Predictor.from_bundle(path).card
+
+
+def test_predictor_labels_follow_the_bundles_threshold(tiny_bundle):
+    from medcae.model.classifier import LinearHead
+
+    path, images, _ = tiny_bundle
+    p = Predictor.from_bundle(path)
+    features = p.predict_arrays(images[:40])["features"]
+    d = features.shape[1]
+    rng = np.random.default_rng(0)
+    head = LinearHead(
+        "logreg",
+        np.zeros(d),
+        np.ones(d),
+        rng.normal(size=(1, d)) / d,
+        np.zeros(1),
+        np.array([[1.0, 0.0]]),
+        2,
+    )
+    proba = head.predict_proba(features)[:, 1]
+    threshold = float(np.median(proba))
+    op = {"rule": "specificity", "target": 0.5, "threshold": threshold, "positive": 1}
+    binary = Predictor(p.extractor, p.cae, head, ["normal", "lesion"], {"operating_point": op})
+    preds = binary.predict(images[:40])
+    assert [x.label for x in preds] == ["lesion" if q >= threshold else "normal" for q in proba]
+    assert {x.threshold for x in preds} == {threshold} and {x.positive for x in preds} == {"lesion"}
+    # not the argmax: some labels differ from a 0.5 threshold
+    assert any((q >= 0.5) != (q >= threshold) for q in proba)

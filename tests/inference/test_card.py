@@ -19,6 +19,7 @@ SECTIONS = (
     "## Not intended use",
     "## Data",
     "## Evaluation",
+    "## Decisions and calibration",
     "## Out-of-distribution flag",
     "## Known limitations",
     "## Versions",
@@ -146,7 +147,7 @@ def test_the_bundle_card_has_every_section_and_the_real_numbers(demo_bundle, dem
     ]
     assert "trained without labels on 240 images" in card
     assert f"{loaded['ood']['threshold']:.6g}" in card and "99th percentile" in card
-    assert loaded["created"] in card and "Bundle format version: 2" in card
+    assert loaded["created"] in card and "Bundle format version: 3" in card
     assert all(f"- {k}: {v}" in card for k, v in loaded["versions"].items())
 
 
@@ -180,8 +181,10 @@ def _as_format_1(src, dest):
     """A bundle as medcae wrote them before model cards."""
     shutil.copytree(src, dest)
     (dest / "MODEL_CARD.md").unlink()
+    (dest / "reliability.png").unlink()
     meta = json.loads((dest / "bundle.json").read_text())
     del meta["files"]["MODEL_CARD.md"], meta["data_summary"], meta["metrics"]["test_ci"]
+    del meta["files"]["reliability.png"]
     (dest / "bundle.json").write_text(json.dumps({**meta, "format_version": 1}))
     return dest
 
@@ -200,7 +203,7 @@ def test_a_format_1_bundle_loads_with_a_card_that_says_so(demo_bundle, tmp_path)
         read_bundle(old)
 
 
-@pytest.mark.parametrize(("version", "match"), [(3, "newer medcae"), ("2", "expected one of")])
+@pytest.mark.parametrize(("version", "match"), [(4, "newer medcae"), ("3", "expected one of")])
 def test_unknown_format_versions_are_refused(demo_bundle, tmp_path, version, match):
     dest = tmp_path / "b"
     shutil.copytree(demo_bundle.path, dest)
@@ -214,7 +217,46 @@ def test_rewriting_a_loaded_bundle_renders_a_fresh_card(demo_bundle, tmp_path):
     meta, state, arrays = read_bundle(demo_bundle.path)
     dest = write_bundle(tmp_path / "again", {**meta, "format_version": 1}, state, arrays)
     stored = json.loads((dest / "bundle.json").read_text())
-    assert "model_card" not in stored and stored["format_version"] == 2
+    assert "model_card" not in stored and stored["format_version"] == 3
     again, _, _ = read_bundle(dest)
     assert again["model_card"] == (dest / "MODEL_CARD.md").read_text()
     assert again["created"] in again["model_card"]
+
+
+def test_the_card_states_the_operating_point_and_the_calibration(demo_bundle, loaded):
+    card, cal = loaded["model_card"], loaded["calibration"]
+    assert "Operating point: `argmax`" in card  # three exclusive classes
+    assert f"Calibration: {cal['reason']}." in card
+    for split in ("val", "test"):
+        for when in ("before", "after"):
+            r = cal[split][when]
+            assert f"| {r['ece']:.3f} | {r['brier']:.3f} | {r['log_loss']:.3f} |" in card
+    assert "![Reliability diagram: validation and test](reliability.png)" in card
+    per = loaded["metrics"]["test"]["decision"]["per_class"]
+    assert set(per) == set(loaded["label_names"]) and "Wilson score" in card
+    assert "Probability calibration was not evaluated" not in card
+
+
+def test_a_binary_card_gives_the_threshold_and_the_decisions_with_intervals():
+    from medcae.metrics.decision import decision_report
+    from medcae.model.operating_point import choose_operating_point
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = 1 / (1 + np.exp(-(rng.normal(size=200) + 2 * y - 1)))
+    p = np.stack([1 - s, s], 1)
+    op = choose_operating_point("sensitivity=0.9", y, p)
+    decision = decision_report(y, p, op.decide(p), ["normal", "pneumonia"], 1)
+    meta = {
+        "label_names": ["normal", "pneumonia"],
+        "operating_point": op.to_dict(),
+        "calibration": {"method": "platt", "reason": "platt: chosen"},
+        "metrics": {"test": {"decision": decision}},
+    }
+    card = model_card(meta)
+    assert f"`pneumonia` when its probability is at least **{op.threshold:.4f}**" in card
+    assert "`sensitivity=0.9`" in card
+    sens = decision["sensitivity"]
+    row = f"| Sensitivity | {sens['value']:.3f} | {sens['ci'][0]:.3f} - {sens['ci'][1]:.3f} | "
+    assert row + f"{sens['k']}/{sens['n']} |" in card
+    assert "| AUC (DeLong) |" in card

@@ -131,8 +131,18 @@ function showResult(body, file) {
     row.querySelector(".name").textContent = name;
     row.querySelector(".fill").style.width = (100 * prob).toFixed(1) + "%";
     row.querySelector(".val").textContent = (100 * prob).toFixed(1) + "%";
+    if (p.threshold != null && name === p.positive) {  // the operating point on its class's bar
+      const mark = document.createElement("span");
+      mark.className = "threshold";
+      mark.style.left = (100 * Math.min(1, p.threshold)).toFixed(1) + "%";
+      mark.title = `threshold ${(100 * p.threshold).toFixed(1)}%`;
+      row.querySelector(".track").appendChild(mark);
+    }
     bars.appendChild(row);
   });
+  $("decision").textContent = p.threshold != null
+    ? `"${p.positive}" when its probability is at least ${(100 * p.threshold).toFixed(1)}% (the operating point chosen on validation; the mark on its bar).`
+    : "The most probable class.";
   const ood = $("ood");
   const err = p.reconstruction_error.toFixed(4);
   const thr = e ? e.ood_threshold.toFixed(4) : "the bundle's";
