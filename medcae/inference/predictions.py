@@ -3,7 +3,8 @@
 One row per image: ``path``, ``label`` (the class name, decided at the bundle's operating
 point), ``probabilities`` (in the bundle's label order, calibrated), one ``p_<name>`` column per
 class, ``threshold`` (the operating point's threshold on the positive class's probability, null
-where the label is the most probable class), ``reconstruction_error`` and ``in_distribution``; with ``vectors`` (``medcae suggest``), also ``vector``: the classifier's
+where the label is the most probable class), ``reconstruction_error`` and
+``in_distribution``; with ``vectors`` (``medcae suggest``), also ``vector``: the classifier's
 input vector. The files sit beside each other: ``preds.parquet``, ``preds.csv`` (with
 ``--csv``), ``preds.skipped.csv`` (``path,reason`` of every image that could not be read) and
 ``preds.log``. Each is written to a temporary name and renamed into place. Rows come in the
