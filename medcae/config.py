@@ -261,6 +261,10 @@ class PipelineConfig:
 
     data: str = "demo"
     unlabeled: str | None = None
+    #: Multi-label sources (:mod:`medcae.data.findings`): the 0/1 finding columns of a CSV,
+    #: and the name that means "no finding" in a ``labels`` column.
+    label_columns: tuple[str, ...] = ()
+    no_finding: str = "No Finding"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cae: CAEConfig = field(default_factory=CAEConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)

@@ -51,12 +51,15 @@ class Dataset:
         splits: ``{"train": ImageSet, "val": ImageSet, "test": ImageSet}``.
         label_names: Class names; label ``i`` is ``label_names[i]``.
         skipped: ``(path, reason)`` for every file or row that could not be read.
+        multilabel: Labels are bitmasks of findings (:mod:`medcae.data.findings`) and
+            ``label_names`` the findings.
     """
 
     name: str
     splits: dict[str, ImageSet]
     label_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    multilabel: bool = False
 
     @property
     def num_classes(self) -> int:

@@ -17,16 +17,72 @@ DEMO_NAME = "demo"
 DEMO_DATASET_NAME = "synthetic-lesions"
 DEMO_FILENAME = "medcae-demo.npz"
 DEMO_LABEL_NAMES = ("normal", "nodule", "ring")
+#: The multi-label variant: findings that may appear together, or none.
+FINDINGS_DEMO_NAME = "demo-findings"
+FINDINGS_DATASET_NAME = "synthetic-findings"
+FINDINGS_FILENAME = "medcae-demo-findings.npz"
+FINDING_NAMES = ("nodule", "ring", "effusion")
+#: Each finding's prevalence (drawn independently per image).
+FINDING_RATES = (0.35, 0.30, 0.30)
 
 
-def _demo_path(data_dir: str | None) -> Path:
-    """``<data_dir or ~/.cache/medcae>/medcae-demo.npz``, generated on first use."""
+def _demo_path(data_dir: str | None, findings: bool = False) -> Path:
+    """``<data_dir or ~/.cache/medcae>/medcae-demo[-findings].npz``, generated on first use."""
     root = Path(data_dir).expanduser() if data_dir else Path.home() / ".cache" / "medcae"
-    path = root / DEMO_FILENAME
+    path = root / (FINDINGS_FILENAME if findings else DEMO_FILENAME)
     if not path.exists():
-        logger.info("generating the demo data set %r at %s", DEMO_DATASET_NAME, path)
-        make_demo_dataset(path)
+        name = FINDINGS_DATASET_NAME if findings else DEMO_DATASET_NAME
+        logger.info("generating the demo data set %r at %s", name, path)
+        (make_findings_dataset if findings else make_demo_dataset)(path)
     return path
+
+
+def make_findings_dataset(
+    dest: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 600,
+    n_val: int = 200,
+    n_test: int = 300,
+    size: int = 64,
+) -> Path:
+    """Generate ``synthetic-findings``, the demo's multi-label variant, as a ``.npz`` whose
+    labels are ``(N, 3)`` 0/1: ``nodule`` (blobs), ``ring`` (an annulus) and ``effusion`` (a
+    brighter base of one lung field), each present independently at :data:`FINDING_RATES`,
+    so an image may show none, one or several. Same background and noise as the demo.
+    """
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    for split, count in zip(SPLITS, (n_train, n_val, n_test)):
+        y = (rng.random((count, len(FINDING_NAMES))) < np.asarray(FINDING_RATES)).astype(np.int64)
+        image = _synth_background(count, size, rng, yy, xx)
+        image += _synth_lesions(np.where(y[:, 0] == 1, 1, 0), size, rng, yy, xx)
+        image += _synth_lesions(np.where(y[:, 1] == 1, 2, 0), size, rng, yy, xx)
+        image += _synth_effusion(y[:, 2] == 1, rng, yy, xx)
+        image += rng.standard_normal(image.shape, dtype=np.float32) * _uniform(
+            rng, 0.02, 0.05, count
+        )
+        arrays[f"{split}_images"] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = y
+    arrays["label_names"] = np.array(FINDING_NAMES)
+    _atomic_savez(Path(dest), arrays)
+    return Path(dest)
+
+
+def _synth_effusion(
+    present: np.ndarray, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
+    """float32 ``(N, size, size)``: a brighter base of one lung field where ``present``, its
+    upper edge a soft meniscus."""
+    n = len(present)
+    side = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)[:, None, None]
+    level = _uniform(rng, 0.0, 0.3, n)
+    across = np.exp(-(((xx - side * 0.42) / 0.3) ** 2))
+    up = 0.5 + 0.5 * np.tanh((yy - level + 0.15 * (xx - side * 0.42) ** 2) * 12)
+    contrast = _uniform(rng, 0.08, 0.28, n)
+    return (contrast * present[:, None, None]) * across * up
 
 
 def make_demo_dataset(

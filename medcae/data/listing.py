@@ -14,6 +14,7 @@ import numpy as np
 
 from medcae.data.dataset import SPLITS, Dataset, ImageSet, Skipped, _resize, _skip, to_uniform
 from medcae.data.decode import DataError, ImageDecodeError, decode_image
+from medcae.data.findings import decode, iterative_split
 from medcae.data.splits import _stratified_split
 
 #: One listed image: a file to read, or its encoded bytes.
@@ -33,6 +34,7 @@ class Listing:
         split: int64 ``(N,)`` split ids (0 train, 1 val, 2 test) given by the source, or None.
         label_names: Class names; label ``i`` is ``label_names[i]`` (``[]`` when unlabeled).
         skipped: ``(where, reason)`` for rows dropped while listing.
+        multilabel: ``labels`` are bitmasks of findings (:mod:`medcae.data.findings`).
     """
 
     source: str
@@ -43,16 +45,20 @@ class Listing:
     split: np.ndarray | None = None
     label_names: list[str] = field(default_factory=list)
     skipped: Skipped = field(default_factory=list)
+    multilabel: bool = False
 
     def __len__(self) -> int:
         return len(self.items)
 
     def assignment(self, seed: int) -> np.ndarray:
-        """int64 ``(N,)`` split ids: the source's own, else the stratified seeded 70/15/15 split."""
+        """int64 ``(N,)`` split ids: the source's own, else the stratified seeded 70/15/15 split
+        (for findings, iterative stratification)."""
         if self.split is not None:
             return self.split
         if self.labels is None:
             raise DataError(f"{self.source}: an unlabeled source has no train/val/test split")
+        if self.multilabel:
+            return iterative_split(decode(self.labels, len(self.label_names)), seed)
         return _stratified_split(self.labels, seed)
 
 
@@ -109,13 +115,15 @@ def load_listing(listing: Listing, seed: int, size: int | None) -> Dataset:
     if not images:
         raise _no_images(listing)
     labels = listing.labels[kept]
-    given = listing.split if listing.split is not None else _stratified_split(listing.labels, seed)
-    assignment = given[kept]  # split before dropping undecodable rows, as list_rows does
+    # split before dropping undecodable rows, as list_rows does
+    assignment = listing.assignment(seed)[kept]
     stacked = to_uniform(images, size)
     splits = {
         s: ImageSet(stacked[assignment == i], labels[assignment == i]) for i, s in enumerate(SPLITS)
     }
-    return Dataset(listing.name, splits, list(listing.label_names), listing.skipped)
+    return Dataset(
+        listing.name, splits, list(listing.label_names), listing.skipped, listing.multilabel
+    )
 
 
 def load_listing_unlabeled(listing: Listing, size: int | None) -> tuple[ImageSet, Skipped]:

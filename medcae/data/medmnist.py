@@ -79,6 +79,23 @@ MEDMNIST: dict[str, list[str]] = {
     "organamnist": _ORGAN_LABELS,
     "organcmnist": _ORGAN_LABELS,
     "organsmnist": _ORGAN_LABELS,
+    # multi-label: 14 findings per image, labels (N, 14) of 0/1 (medcae.data.findings)
+    "chestmnist": [
+        "atelectasis",
+        "cardiomegaly",
+        "effusion",
+        "infiltration",
+        "mass",
+        "nodule",
+        "pneumonia",
+        "pneumothorax",
+        "consolidation",
+        "edema",
+        "emphysema",
+        "fibrosis",
+        "pleural",
+        "hernia",
+    ],
 }
 
 

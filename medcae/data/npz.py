@@ -10,6 +10,7 @@ import numpy as np
 
 from medcae.data.dataset import DEFAULT_SIZE, SPLITS, Dataset, ImageSet, to_uniform
 from medcae.data.decode import DataError
+from medcae.data.findings import encode
 from medcae.data.medmnist import MEDMNIST, _medmnist_base
 
 
@@ -45,13 +46,20 @@ def _check_images(images: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, count: int, where: str) -> np.ndarray:
-    """Validate labels ``(N,)`` or ``(N, 1)``; return int64 ``(N,)``."""
+    """Validate labels ``(N,)`` or ``(N, 1)``; return int64 ``(N,)``. Labels ``(N, F)`` with
+    ``F > 1`` are findings (multi-label): 0/1 only, returned as bitmasks
+    (:func:`medcae.data.findings.encode`)."""
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
+    if labels.ndim == 2 and len(labels) == count:
+        if not np.isin(labels, (0, 1)).all():
+            bad = np.unique(labels[~np.isin(labels, (0, 1))])[:5].tolist()
+            raise DataError(f"{where}: multi-label labels must be 0 or 1, got values {bad}")
+        return encode(labels)
     if labels.ndim != 1 or len(labels) != count:
         raise DataError(
-            f"{where}: expected labels of shape ({count},) or ({count}, 1), got "
-            f"{labels.shape} (multi-label data is not supported)"
+            f"{where}: expected labels of shape ({count},), ({count}, 1) or ({count}, F) "
+            f"findings, got {labels.shape}"
         )
     if not np.issubdtype(labels.dtype, np.number) or np.any(labels != np.round(labels)):
         raise DataError(f"{where}: expected integer class labels, got {labels.dtype}")
@@ -74,12 +82,22 @@ def _uniform_batches(batches: list[np.ndarray], size: int | None) -> list[np.nda
     return out
 
 
-def _npz_label_names(npz: Any, path: Path, name: str, labels: list[np.ndarray]) -> list[str]:
+def _npz_label_names(
+    npz: Any, path: Path, name: str, labels: list[np.ndarray], findings: int = 0
+) -> list[str]:
+    """Class (or, with ``findings``, finding) names: the file's ``label_names``, MedMNIST's,
+    or the ids."""
+    names = None
     if "label_names" in npz.files:
-        return [str(v) for v in _npz_get(npz, "label_names", path).ravel()]
-    known = MEDMNIST.get(_medmnist_base(name.lower()))
-    if known is not None:
-        return list(known)
+        names = [str(v) for v in _npz_get(npz, "label_names", path).ravel()]
+    elif MEDMNIST.get(_medmnist_base(name.lower())) is not None:
+        names = list(MEDMNIST[_medmnist_base(name.lower())])
+    if findings:
+        if names is not None and len(names) != findings:
+            raise DataError(f"{path}: {findings} finding columns but {len(names)} label names")
+        return names or [f"finding_{i}" for i in range(findings)]
+    if names is not None:
+        return names
     top = max((int(lab.max()) for lab in labels if lab.size), default=-1)
     return [str(i) for i in range(top + 1)]
 
@@ -109,11 +127,19 @@ def _load_npz(path: Path, size: int | None, name: str) -> Dataset:
             _check_labels(_npz_get(npz, f"{s}_labels", path), len(im), f"{path}[{s}_labels]")
             for s, im in zip(SPLITS, images)
         ]
-        label_names = _npz_label_names(npz, path, name, labels)
-    _check_label_range(labels, len(label_names), str(path))
+        widths = {
+            _npz_get(npz, f"{s}_labels", path).reshape(len(im), -1).shape[1]
+            for s, im in zip(SPLITS, images)
+        }
+        multilabel = max(widths) > 1
+        if multilabel and len(widths) > 1:
+            raise DataError(f"{path}: the splits' labels have different widths {sorted(widths)}")
+        label_names = _npz_label_names(npz, path, name, labels, max(widths) if multilabel else 0)
+    if not multilabel:
+        _check_label_range(labels, len(label_names), str(path))
     images = _uniform_batches(images, size)
     splits = {s: ImageSet(im, lab) for s, im, lab in zip(SPLITS, images, labels)}
-    return Dataset(name, splits, label_names)
+    return Dataset(name, splits, label_names, multilabel=multilabel)
 
 
 def _image_keys(files: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from medcae.data.dataset import SPLITS, Dataset, Skipped
 from medcae.data.decode import DataError, encode_png
+from medcae.data.findings import NO_FINDING, check_splits
 from medcae.data.listing import Listing
 from medcae.data.npz import _load_npz, _npz_all_images
 from medcae.data.sources import Source, _resolve, is_npz, list_labeled, resolve_unlabeled
@@ -41,19 +42,28 @@ class Rows:
             (binary: encoded image bytes; ``.npz`` arrays PNG-encoded, Parquet cells).
         skipped: ``(where, reason)`` for rows dropped while listing (e.g. CSV rows whose file
             is missing).
+        multilabel: ``label`` holds bitmasks of findings (:mod:`medcae.data.findings`) and
+            ``label_names`` the findings.
     """
 
     name: str
     label_names: list[str]
     table: Any
     skipped: Skipped = field(default_factory=list)
+    multilabel: bool = False
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
 
 
 def list_rows(
-    source: Source, data_dir: str | None = None, *, seed: int = 0, download: bool = True
+    source: Source,
+    data_dir: str | None = None,
+    *,
+    seed: int = 0,
+    download: bool = True,
+    label_columns: Sequence[str] = (),
+    no_finding: str = NO_FINDING,
 ) -> Rows:
     """List a labeled source without decoding it.
 
@@ -67,18 +77,26 @@ def list_rows(
         data_dir: Where named data sets live (see ``load_dataset``).
         seed: Seed of the stratified split.
         download: Download a named MedMNIST data set when it is missing.
+        label_columns: A CSV's 0/1 finding columns (multi-label).
+        no_finding: The name meaning "no finding" in a ``labels`` column (multi-label).
 
     Returns:
         The rows, ``N`` of them (see :class:`Rows`).
 
     Raises:
-        DataError: As ``load_dataset``, and when no image is listed.
+        DataError: As ``load_dataset``, and when no image is listed; for findings, one never
+            seen in train or without a positive in val.
     """
     path, name = _resolve(source, data_dir, download)
     if is_npz(path):
-        return _dataset_rows(_load_npz(path, None, name))
-    listing = list_labeled(path)
-    return _listing_rows(listing, listing.assignment(seed))
+        rows = _dataset_rows(_load_npz(path, None, name))
+    else:
+        listing = list_labeled(path, label_columns, no_finding)
+        rows = _listing_rows(listing, listing.assignment(seed))
+    if rows.multilabel:
+        labels = rows.table.column("label").to_numpy()
+        check_splits(labels, rows.table.column("split").to_pylist(), rows.label_names, str(path))
+    return rows
 
 
 def list_unlabeled_rows(source: Source, data_dir: str | None = None) -> Rows:
@@ -147,7 +165,8 @@ def _dataset_rows(dataset: Dataset) -> Rows:
         data += [encode_png(image) for image in part.images]
     ids = _split_ids(dataset.name, splits)
     table = _table(ids, splits, np.concatenate(labels), "data", data)
-    return Rows(dataset.name, list(dataset.label_names), table, list(dataset.skipped))
+    names = list(dataset.label_names)
+    return Rows(dataset.name, names, table, list(dataset.skipped), dataset.multilabel)
 
 
 def _listing_rows(listing: Listing, assignment: np.ndarray | None) -> Rows:
@@ -166,4 +185,5 @@ def _listing_rows(listing: Listing, assignment: np.ndarray | None) -> Rows:
         table = _table(paths, splits, labels, "path", paths)
     else:  # Parquet cells
         table = _table(_split_ids(listing.name, splits), splits, labels, "data", listing.items)
-    return Rows(listing.name, list(listing.label_names), table, listing.skipped)
+    multilabel = listing.multilabel and assignment is not None
+    return Rows(listing.name, list(listing.label_names), table, listing.skipped, multilabel)

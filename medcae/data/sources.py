@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from medcae.data.decode import DataError
-from medcae.data.demo import DEMO_DATASET_NAME, DEMO_NAME, _demo_path
+from medcae.data.demo import (
+    DEMO_DATASET_NAME,
+    DEMO_NAME,
+    FINDINGS_DATASET_NAME,
+    FINDINGS_DEMO_NAME,
+    _demo_path,
+)
+from medcae.data.findings import NO_FINDING
 from medcae.data.folders import is_pattern, list_files, list_folder, list_glob
 from medcae.data.listing import Listing
 from medcae.data.medmnist import MEDMNIST, _fetch_medmnist, _medmnist_base
@@ -43,13 +51,16 @@ def _resolve(source: Source, data_dir: str | None, download: bool) -> tuple[Path
     key = text.strip().lower()
     if key == DEMO_NAME:
         return _demo_path(data_dir), DEMO_DATASET_NAME
+    if key == FINDINGS_DEMO_NAME:
+        return _demo_path(data_dir, findings=True), FINDINGS_DATASET_NAME
     if _medmnist_base(key) in MEDMNIST:
         return _fetch_medmnist(key, data_dir, download), key
     if _looks_like_path(text):
         raise DataError(f"no such file or folder: {path}")
     raise DataError(
         f"no such file or folder: {text!r}, and it is not a known data set name. Expected a "
-        f"path to a .npz/.csv/.parquet file or an image folder, {DEMO_NAME!r}, or one of: "
+        f"path to a .npz/.csv/.parquet file or an image folder, {DEMO_NAME!r}, "
+        f"{FINDINGS_DEMO_NAME!r}, or one of: "
         f"{', '.join(sorted(MEDMNIST))}"
     )
 
@@ -65,19 +76,28 @@ def is_npz(path: Path) -> bool:
     return path.suffix.lower() == ".npz" and not path.is_dir()
 
 
-def list_labeled(path: Path) -> Listing:
+def list_labeled(
+    path: Path, label_columns: Sequence[str] = (), no_finding: str = NO_FINDING
+) -> Listing:
     """List a labeled folder, ``.csv`` or ``.parquet`` without decoding.
+
+    Args:
+        path: The source.
+        label_columns: A CSV's 0/1 finding columns (multi-label).
+        no_finding: The name meaning "no finding" in a ``labels`` column.
 
     Raises:
         DataError: Another kind of file, or the source's own errors (missing columns, ...).
     """
     suffix = path.suffix.lower()
+    if label_columns and suffix != ".csv":
+        raise DataError(f"--label-columns needs a .csv source, got {path}")
     if path.is_dir():
         return list_folder(path)
     if suffix == ".csv":
-        return list_csv(path, labeled=True)
+        return list_csv(path, labeled=True, label_columns=label_columns, no_finding=no_finding)
     if suffix == ".parquet":
-        return list_parquet(path, labeled=True)
+        return list_parquet(path, labeled=True, no_finding=no_finding)
     raise _unsupported(path)
 
 

@@ -16,13 +16,15 @@ import numpy as np
 
 from medcae.data.dataset import _skip
 from medcae.data.decode import DataError, ImageDecodeError
+from medcae.data.findings import NO_FINDING, parse_columns, parse_findings
 from medcae.data.listing import Listing
 from medcae.data.splits import _parse_splits
 
 _INT = re.compile(r"[+-]?\d+")
 _CSV_EXPECTED = (
     "expected a header row naming the columns 'path' (relative to the CSV's folder, or "
-    "absolute), 'label' (int or name) and optionally 'split' (train, val or test)"
+    "absolute), 'label' (int or name) or 'labels' (findings separated by '|'), and "
+    "optionally 'split' (train, val or test)"
 )
 
 
@@ -78,14 +80,27 @@ def _row_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def list_parquet(path: Path, labeled: bool) -> Listing:
-    """List a Parquet file: an ``image`` column, plus ``label`` (and ``split``) if labeled.
+def list_parquet(path: Path, labeled: bool, no_finding: str = NO_FINDING) -> Listing:
+    """List a Parquet file: an ``image`` column, plus ``label`` (or ``labels``: findings
+    separated by ``|``, multi-label) and ``split`` if labeled.
 
     Rows with a null label or a cell that holds no bytes are skipped, named ``file#row=i``.
     """
-    table = _read_parquet(path, required=("image", "label") if labeled else ("image",))
+    multilabel = False
+    if labeled:
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # unreadable: _read_parquet says why
+            names = []
+        multilabel = "labels" in names and "label" not in names
+    column = "labels" if multilabel else "label"
+    table = _read_parquet(path, required=("image", column) if labeled else ("image",))
     cells = table.column("image").to_pylist()
-    raw = table.column("label").to_pylist() if labeled else [None] * len(cells)
+    raw = table.column(column).to_pylist() if labeled else [None] * len(cells)
+    if multilabel:
+        raw = ["" if v is None else v for v in raw]  # an empty findings cell: no finding
     listing = Listing(source=str(path), name=path.stem, items=[], where=[])
     kept = []
     for row, cell in enumerate(cells):
@@ -100,8 +115,14 @@ def list_parquet(path: Path, labeled: bool) -> Listing:
             continue
         listing.where.append(where)
         kept.append(row)
-    if labeled:
+    if labeled and multilabel:
+        listing.labels, listing.label_names = parse_findings(
+            [str(raw[r]) for r in kept], listing.where, no_finding
+        )
+        listing.multilabel = True
+    elif labeled:
         listing.labels, listing.label_names = _encode_labels([raw[r] for r in kept], path)
+    if labeled:
         if "split" in table.column_names:
             split = table.column("split").to_pylist()
             listing.split = _parse_splits([split[r] for r in kept], path)
@@ -138,10 +159,11 @@ def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict
 
 
 def _csv_file(row: dict[str, str], base: Path, labeled: bool) -> Path | str:
-    """The row's file as an absolute path, or the reason the row is skipped."""
+    """The row's file as an absolute path, or the reason the row is skipped (``labeled``: a
+    single-label row must have a label; a findings row may be empty)."""
     if not row.get("path"):
         return "empty 'path' cell"
-    if labeled and not row.get("label"):
+    if labeled and "label" in row and not row.get("label"):
         return "missing label (empty 'label' cell)"
     file = Path(os.path.abspath(base / os.path.expanduser(row["path"])))
     return file if file.is_file() else f"no such file: {file}"
@@ -154,8 +176,16 @@ def _encode_csv_labels(values: list[str], path: Path) -> tuple[np.ndarray, list[
     return _encode_labels(values, path)
 
 
-def list_csv(path: Path, labeled: bool) -> Listing:
+def list_csv(
+    path: Path,
+    labeled: bool,
+    label_columns: Sequence[str] = (),
+    no_finding: str = NO_FINDING,
+) -> Listing:
     """List a CSV of ``path,label[,split]`` rows (``label`` is ignored when unlabeled).
+
+    Multi-label (:mod:`medcae.data.findings`): a ``labels`` column (instead of ``label``) of
+    findings separated by ``|``, or 0/1 columns named by ``label_columns``.
 
     A row whose file is missing (or whose path or label is empty) is skipped and named
     ``file.csv#row=i``, ``i`` counting data rows from 0 as for Parquet. Nothing is decoded.
@@ -163,11 +193,16 @@ def list_csv(path: Path, labeled: bool) -> Listing:
     Args:
         path: The CSV file; relative paths in it are relative to its folder.
         labeled: Require and read the ``label`` (and ``split``) columns.
+        label_columns: The 0/1 finding columns.
+        no_finding: The name meaning "no finding" in a ``labels`` column.
 
     Returns:
         The listing; files are absolute paths.
     """
-    header, rows = _read_csv(path, ("path", "label") if labeled else ("path",))
+    found = _read_csv(path, ("path",))[0] if labeled else []
+    findings = labeled and (bool(label_columns) or ("labels" in found and "label" not in found))
+    required = ("path",) if findings or not labeled else ("path", "label")
+    header, rows = _read_csv(path, required)
     listing = Listing(source=str(path), name=path.stem, items=[], where=[])
     kept: list[dict[str, str]] = []
     for i, row in enumerate(rows):
@@ -178,8 +213,17 @@ def list_csv(path: Path, labeled: bool) -> Listing:
         listing.items.append(file)
         listing.where.append(f"{path}#row={i}")
         kept.append(row)
-    if labeled:
+    if findings and label_columns:
+        listing.labels, listing.label_names = parse_columns(
+            kept, label_columns, path, listing.where
+        )
+    elif findings:
+        cells = [r.get("labels", "") for r in kept]
+        listing.labels, listing.label_names = parse_findings(cells, listing.where, no_finding)
+    elif labeled:
         listing.labels, listing.label_names = _encode_csv_labels([r["label"] for r in kept], path)
+    listing.multilabel = findings
+    if labeled:
         if "split" in header:
             listing.split = _parse_splits([r.get("split", "") for r in kept], path)
     return listing

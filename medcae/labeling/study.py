@@ -108,7 +108,9 @@ def fit_on(
 
     :func:`medcae.evaluation.protocol.fit_ensemble` on the labeled rows with a budget of every label
     (``1.0``), so the head, its C choice on validation and its test report are the ones of the
-    evaluation, on a labeled set chosen here rather than sampled.
+    evaluation, on a labeled set chosen here rather than sampled. Uncalibrated: the study
+    simulates the method's labeling loop, and calibration on the validation labels (which the
+    study does not count) would move where margin sampling looks without changing any AUC.
 
     Args:
         indices: int ``(n,)`` rows of the training split (every class among them).
@@ -120,7 +122,7 @@ def fit_on(
     idx = np.sort(np.asarray(indices, np.int64))
     sub = {**arrays, "train": {k: np.asarray(v)[idx] for k, v in arrays["train"].items()}}
     y = {**labels, "train": np.asarray(labels["train"])[idx]}
-    clf = replace(cfg, budget=1.0)
+    clf = replace(cfg, budget=1.0, calibration="none")
     return fit_ensemble(clf, get_representation(REPRESENTATION), sub, y, names)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,8 @@ class LinearHead:
         num_classes: K.
         shrink: ``(K + 1,)``: a weight ``w`` and a prior ``pi`` mixing several exclusive
             classes' probabilities as ``w * p + (1 - w) * pi`` (their calibration); None: none.
+        multilabel: One binary head per finding (``K`` findings, ``K' = K``): probabilities
+            ``(N, K)`` are each finding's own, not a distribution over classes.
     """
 
     kind: str
@@ -79,6 +82,7 @@ class LinearHead:
     platt: np.ndarray
     num_classes: int
     shrink: np.ndarray | None = None
+    multilabel: bool = False
 
     def decision(self, x: np.ndarray) -> np.ndarray:
         """Decision values ``(N, K')`` for features ``(N, D)``."""
@@ -94,7 +98,9 @@ class LinearHead:
         return self.proba_from_logits(self.logits(x))
 
     def proba_from_logits(self, d: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(N, K)`` from :meth:`logits`."""
+        """Class probabilities ``(N, K)`` from :meth:`logits` (for findings, each one's)."""
+        if self.multilabel:
+            return _sigmoid(d)
         if self.num_classes == 2:
             p = np.stack([_sigmoid(-d[:, 0]), _sigmoid(d[:, 0])], axis=1)
         elif self.kind == "linear_svm":
@@ -121,13 +127,29 @@ class LinearHead:
         return arrays
 
     @classmethod
-    def from_arrays(cls, kind: str, num_classes: int, arrays: dict[str, np.ndarray]) -> LinearHead:
+    def from_arrays(
+        cls, kind: str, num_classes: int, arrays: dict[str, np.ndarray], multilabel: bool = False
+    ) -> LinearHead:
         """Inverse of :meth:`to_arrays`."""
         return cls(
             kind=kind,
             num_classes=num_classes,
             **{k: np.asarray(arrays[k]) for k in ("mean", "scale", "coef", "intercept", "platt")},
             shrink=np.asarray(arrays["shrink"]) if "shrink" in arrays else None,
+            multilabel=multilabel,
+        )
+
+    def finding(self, j: int) -> LinearHead:
+        """Finding ``j``'s head as a two-class head (its probabilities ``(N, 2)``)."""
+        rows = slice(j, j + 1)
+        return LinearHead(
+            self.kind,
+            self.mean,
+            self.scale,
+            self.coef[rows],
+            self.intercept[rows],
+            self.platt[rows],
+            2,
         )
 
 
@@ -164,6 +186,7 @@ def average_heads(heads: Sequence[LinearHead]) -> LinearHead:
         np.asarray(intercept),
         np.tile([1.0, 0.0], (len(coef), 1)),
         heads[0].num_classes,
+        multilabel=heads[0].multilabel,
     )
 
 
@@ -228,3 +251,94 @@ def fit_classifier(
             best = (auc, c, head)
     assert best is not None
     return best[2], {"C": best[1], "val_auc": best[0], "n_labels": float(len(idx))}
+
+
+def sample_findings_budget(matrix: np.ndarray, budget: float, seed: int = 0) -> np.ndarray:
+    """The labeled subset of a multi-label training split, seeded.
+
+    A fraction takes that share of the images at random (at least one positive of every
+    finding kept); a count ``n`` takes up to ``n`` positives of each finding and ``n`` images
+    without any finding.
+
+    Args:
+        matrix: ``(N, F)`` 0/1 findings.
+        budget: As :func:`sample_budget`.
+        seed: Seed of the sampling.
+
+    Returns:
+        Sorted indices.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(matrix)
+    per_count = isinstance(budget, (int, np.integer)) or budget > 1
+    if budget <= 0 or (per_count and not float(budget).is_integer()):
+        raise BudgetError(
+            f"budget must be a fraction in (0, 1] or a whole count >= 1, got {budget}"
+        )
+    if not per_count:
+        k = max(1, int(round(budget * len(y))))
+        picked = set(rng.choice(len(y), size=k, replace=False).tolist())
+        for j in range(y.shape[1]):  # keep every finding seen
+            pos = np.flatnonzero(y[:, j] == 1)
+            if len(pos) and not picked & set(pos.tolist()):
+                picked.add(int(rng.choice(pos)))
+        return np.array(sorted(picked))
+    n, picked = int(budget), set()
+    groups = [np.flatnonzero(y[:, j] == 1) for j in range(y.shape[1])]
+    groups.append(np.flatnonzero(y.sum(axis=1) == 0))
+    for idx in groups:
+        picked |= set(rng.choice(idx, size=min(n, len(idx)), replace=False).tolist())
+    return np.array(sorted(picked))
+
+
+def fit_findings(
+    cfg: ClassifierConfig,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+) -> tuple[LinearHead, dict[str, Any]]:
+    """One binary head per finding on the same labeled images, each choosing its own C by
+    its validation AUC; stacked as one multi-label head (one standard scaler).
+
+    Args:
+        cfg: Classifier configuration.
+        x_train: ``(N, D)`` training features (the budget is sampled here).
+        y_train: ``(N, F)`` 0/1 training findings.
+        x_val: ``(M, D)`` validation features.
+        y_val: ``(M, F)`` 0/1 validation findings.
+
+    Returns:
+        The head and ``{"C": first finding's, "finding_C": [...], "finding_val_auc": [...],
+        "val_auc": their mean, "n_labels"}``.
+    """
+    idx = sample_findings_budget(y_train, cfg.budget, cfg.seed)
+    rows, cs, aucs = [], [], []
+    for j in range(y_train.shape[1]):
+        best: tuple[float, float, LinearHead] | None = None
+        for c in cfg.C_grid:
+            head = _fit_once(cfg.kind, x_train[idx], y_train[idx, j], c, cfg.seed, 2)
+            auc = auc_score(y_val[:, j], head.predict_proba(x_val), 2)
+            if best is None or auc > best[0] or not np.isfinite(best[0]):
+                best = (auc, c, head)
+        assert best is not None
+        aucs.append(best[0])
+        cs.append(best[1])
+        rows.append(best[2])
+    head = LinearHead(
+        cfg.kind,
+        rows[0].mean,
+        rows[0].scale,
+        np.concatenate([h.coef for h in rows]),
+        np.concatenate([h.intercept for h in rows]),
+        np.concatenate([h.platt for h in rows]),
+        len(rows),
+        multilabel=True,
+    )
+    return head, {
+        "C": cs[0],
+        "finding_C": cs,
+        "finding_val_auc": aucs,
+        "val_auc": float(np.nanmean(aucs)),
+        "n_labels": float(len(idx)),
+    }
