@@ -134,6 +134,20 @@ class BundleCase:
 def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
     """Real backbone (64 px), a small CAE trained for a few epochs, a fitted head, real OOD
     threshold; built with the Ray-free core in a few seconds."""
+    return core_bundle(tmp_path_factory.mktemp("bundle") / "bundle", demo_npz)
+
+
+@pytest.fixture(scope="session")
+def findings_bundle(tmp_path_factory) -> BundleCase:
+    """:func:`demo_bundle` of the demo's multi-label variant (three findings per image)."""
+    from medcae.data.demo import make_findings_dataset
+
+    npz = make_findings_dataset(tmp_path_factory.mktemp("findings") / "findings.npz", seed=0)
+    return core_bundle(tmp_path_factory.mktemp("fbundle") / "bundle", npz)
+
+
+def core_bundle(dest: Path, npz: Path) -> BundleCase:
+    """A bundle of ``npz`` built with the Ray-free core (train 240, val 80, test 80)."""
     import torch
 
     from medcae.config import CAEConfig, ClassifierConfig, PipelineConfig
@@ -145,12 +159,12 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
     from medcae.model.trainer import fit_cae
 
     cfg = PipelineConfig(
-        data=str(demo_npz),
+        data=str(npz),
         backbone=BackboneConfig(taps=("stage4",), resolution=64),
         cae=CAEConfig(channels=(32,), latent_channels=8),
         classifier=ClassifierConfig(C_grid=(0.1, 1.0)),
     )
-    ds = load_dataset(str(demo_npz))
+    ds = load_dataset(str(npz))
     n = {"train": 240, "val": 80, "test": 80}
     ext = FeatureExtractor(cfg.backbone)
     maps = {s: ext(ds.splits[s].images[:k])["maps"] for s, k in n.items()}
@@ -161,9 +175,9 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
     batches = [{"maps": x[i : i + 32]} for i in range(0, len(x), 32)]
     fit_cae(cae, cae_cfg, lambda epoch: batches, in_channels=x.shape[1])
     codes = {s: embed_all(cae, m) for s, m in maps.items()}
-    fitted = fit_and_test(cfg.classifier, codes, labels, ds.label_names)
+    fitted = fit_and_test(cfg.classifier, codes, labels, ds.label_names, ds.multilabel)
     path = save_model(
-        tmp_path_factory.mktemp("bundle") / "bundle",
+        dest,
         cfg,
         ds.name,
         ds.label_names,
@@ -171,6 +185,7 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
         fitted,
         errors_all(cae, maps["val"]),
         labels=labels,
+        multilabel=ds.multilabel,
     )
     return BundleCase(
         path,

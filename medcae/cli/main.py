@@ -91,6 +91,11 @@ def _predict_http(args: argparse.Namespace) -> int:
         ood = "" if p["in_distribution"] else "  [out of distribution]"
         if p.get("threshold") is not None:
             probs += f"  (threshold {p['threshold']:.3f})"
+        if p.get("thresholds"):
+            probs = " ".join(
+                f"{k}={v:.3f}{'*' if p['findings'][k] else ''}/{p['thresholds'][k]:.3f}"
+                for k, v in p["probabilities"].items()
+            )
         who = f"  ({out['model']} version {out['version']})" if "version" in out else ""
         print(f"{path}: {p['label']}  {probs}{ood}{who}")
     return 1 if failures else 0

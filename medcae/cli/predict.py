@@ -33,14 +33,34 @@ def main(args: argparse.Namespace) -> int:
     rows = list_unlabeled_rows(args.data)  # no image found: DataError
     paths = OutputPaths.beside(args.out)
     setup_run_logging(paths.log.parent, paths.log.name)
-    res = _run(args, rows, meta["label_names"], cfg.backbone.resolution, paths)
+    res = _run(args, rows, meta, cfg.backbone.resolution, paths)
     if res.rows == 0:
         raise DataError(
             f"{args.data}: none of the {res.listed} listed images could be read; "
             f"the reasons are in {paths.skipped}"
         )
-    print_summary(summary(res))
+    print_summary([*summary(res), decision_line(meta)])
     return 0
+
+
+def decision_line(meta: dict) -> str:
+    """How the labels were decided: the bundle's operating point(s), in one line."""
+    op, names = meta.get("operating_point") or {}, meta.get("label_names", [])
+    if "findings" in op:
+        each = ", ".join(
+            f"{n} >= {op['findings'][n]['threshold']:.3f}" for n in names if n in op["findings"]
+        )
+        return f"labels: each finding at its own threshold ({each}); finding_<name> columns"
+    if op.get("threshold") is not None and op.get("positive") is not None:
+        rule = op["rule"] + (f"={op['target']:g}" if op.get("target") is not None else "")
+        return (
+            f"labels: {names[op['positive']]} when p_{names[op['positive']]} >= "
+            f"{op['threshold']:.4f} (operating point {rule}, chosen on validation; the "
+            "threshold column)"
+        )
+    if op:
+        return "labels: the most probable class (operating point argmax)"
+    return "labels: the most probable class (a bundle from before operating points)"
 
 
 def check_stage_sizes(args: argparse.Namespace) -> None:
@@ -63,14 +83,18 @@ def check_stage_sizes(args: argparse.Namespace) -> None:
 def _run(
     args: argparse.Namespace,
     rows: Rows,
-    label_names: list[str],
+    meta: dict,
     resolution: int,
     paths: OutputPaths,
 ) -> BatchResult:
     from medcae.distributed.predict import PredictOptions, predict_files
     from medcae.distributed.runtime import init_ray, shutdown_ray
 
-    opts = PredictOptions(args.batch_size, args.actors, args.threads, args.runtime, args.csv)
+    label_names = meta["label_names"]
+    findings = meta.get("task") == "multilabel"
+    opts = PredictOptions(
+        args.batch_size, args.actors, args.threads, args.runtime, args.csv, findings=findings
+    )
     init_ray(args.address, args.num_cpus)
     route_ray_output()
     try:

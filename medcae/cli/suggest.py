@@ -66,12 +66,15 @@ def main(args: argparse.Namespace) -> int:
     get_strategy(args.strategy)
     meta, cfg = check_bundle(args.bundle, runtime=args.runtime)
     names = list(meta["label_names"])
+    multilabel = meta.get("task") == "multilabel"
     rows = list_unlabeled_rows(args.pool)  # no image found: DataError
-    labeled = read_labeled(args.labeled, names) if args.labeled else no_labels()
+    labeled = (
+        read_labeled(args.labeled, names, multilabel) if args.labeled else no_labels(multilabel)
+    )
     paths = SuggestPaths.under(args.out or _default_out(), labeled.source)
     setup_run_logging(paths.out, paths.batch.log.name)
-    batch = _predict(args, rows, names, cfg.backbone.resolution, paths)
-    outcome = _suggest(args, batch, rows, labeled, names, paths)
+    batch = _predict(args, rows, names, cfg.backbone.resolution, paths, multilabel)
+    outcome = _suggest(args, batch, rows, labeled, names, paths, _thresholds(meta))
     threshold = float(meta.get("ood", {}).get("threshold", float("inf")))
     print_summary(summary(args, outcome, paths, labeled, threshold))
     return 0
@@ -81,15 +84,32 @@ def _default_out() -> str:
     return f"runs/suggest-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _thresholds(meta: dict) -> Any:
+    """A multi-label bundle's thresholds in finding order (0.5 where it has none), else None."""
+    import numpy as np
+
+    if meta.get("task") != "multilabel":
+        return None
+    ops = (meta.get("operating_point") or {}).get("findings", {})
+    return np.array([(ops.get(n) or {}).get("threshold", 0.5) for n in meta["label_names"]])
+
+
 def _predict(
-    args: argparse.Namespace, rows: Rows, names: list[str], resolution: int, paths: SuggestPaths
+    args: argparse.Namespace,
+    rows: Rows,
+    names: list[str],
+    resolution: int,
+    paths: SuggestPaths,
+    findings: bool = False,
 ) -> BatchResult:
     """The pool through the batch-prediction stage, with vectors, into ``pool.parquet``."""
     from medcae.data import DataError
     from medcae.distributed.predict import PredictOptions, predict_files
     from medcae.distributed.runtime import init_ray, shutdown_ray
 
-    opts = PredictOptions(args.batch_size, args.actors, args.threads, args.runtime, vectors=True)
+    opts = PredictOptions(
+        args.batch_size, args.actors, args.threads, args.runtime, vectors=True, findings=findings
+    )
     init_ray(args.address, args.num_cpus)
     route_ray_output()
     try:
@@ -112,6 +132,7 @@ def _suggest(
     labeled: Labeled,
     names: list[str],
     paths: SuggestPaths,
+    thresholds: Any = None,
 ) -> Outcome:
     """Rank the pool on the driver and write the files."""
     import pyarrow.parquet as pq
@@ -119,7 +140,7 @@ def _suggest(
     from medcae.labeling.suggestions import pool_from_table, rows_of
 
     table = pq.read_table(paths.batch.parquet).sort_by("path")
-    pool, _ = pool_from_table(table, labeled, len(names))
+    pool, _ = pool_from_table(table, labeled, len(names), thresholds)
     found = _rank(args, pool)
     picked = rows_of(table, found.ranking.indices)
     labels = _write(paths, table, rows, labeled, found, picked)

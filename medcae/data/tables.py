@@ -163,6 +163,8 @@ def _csv_file(row: dict[str, str], base: Path, labeled: bool) -> Path | str:
     single-label row must have a label; a findings row may be empty)."""
     if not row.get("path"):
         return "empty 'path' cell"
+    if labeled and row.get("labels") == "?":
+        return "not labeled yet ('?' in 'labels')"
     if labeled and "label" in row and not row.get("label"):
         return "missing label (empty 'label' cell)"
     file = Path(os.path.abspath(base / os.path.expanduser(row["path"])))

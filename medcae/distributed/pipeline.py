@@ -26,7 +26,7 @@ from medcae.distributed.store import ExtractOptions, FeatureStore, build_store
 from medcae.distributed.train import StreamedSplits, TrainOutcome, train_cae
 from medcae.evaluation.export import save_model
 from medcae.evaluation.protocol import describe, fit_representations
-from medcae.metrics.classification import format_results
+from medcae.metrics.classification import format_findings, format_results
 from medcae.model.backbones import get_spec
 from medcae.model.cae import ConvAutoEncoder
 from medcae.model.representations import tap_pool
@@ -244,7 +244,8 @@ def run_pipeline(
     emb = embed_splits(store, training.state, cfg.cae)
     _require_labeled(emb, store)
     labels = {s: emb[s]["label"] for s in LABELED}
-    fitted, choice = fit_representations(cfg.classifier, emb, labels, store.label_names)
+    multilabel = sources[0].multilabel
+    fitted, choice = fit_representations(cfg.classifier, emb, labels, store.label_names, multilabel)
     ours, frozen = fitted[choice.name], fitted["frozen_final"]
     cfg = replace(cfg, classifier=replace(cfg.classifier, representation=choice.name))
     progress_log.info("representation: %s", choice.reason)
@@ -279,6 +280,7 @@ def run_pipeline(
         labels=labels,
         unlabeled=store.count("unlabeled"),
         representation=choice.to_dict(),
+        multilabel=multilabel,
     )
     progress_log.info("bundle: %s", bundle)
     _write_predictions(
@@ -286,6 +288,8 @@ def run_pipeline(
     )
     t["total_s"] = time.perf_counter() - t0
     table = format_results(reports, store.label_names)
+    if multilabel:
+        table += "\n\n" + format_findings(ours.test, store.label_names)
     result = PipelineResult(bundle, reports, table, store, training, t)
     _write_results(paths.out / "results.json", result, cfg)
     return result

@@ -51,6 +51,7 @@ class PredictOptions:
         csv: Also write the table as CSV.
         vectors: Also return each image's classifier input vector (a ``vector`` column, for
             ``medcae suggest``); ``medcae predict`` leaves it off.
+        findings: The bundle is multi-label: a 0/1 ``finding_<name>`` column per finding.
     """
 
     batch_size: int = 64
@@ -59,6 +60,7 @@ class PredictOptions:
     runtime: str = "auto"
     csv: bool = False
     vectors: bool = False
+    findings: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def predict_files(
         ds = decoded_images(table, resolution, str(work / SKIPPED_DIR))
         ds = in_input_order(predict_stage(ds, bundle, opts))
         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-        schema = prediction_schema(label_names, opts.vectors)
+        schema = prediction_schema(label_names, opts.vectors, opts.findings)
         n = write_parquet(_counted(batches, progress), paths.parquet, schema)
         decoded_skipped = collect_skipped(str(work / SKIPPED_DIR))
     finally:

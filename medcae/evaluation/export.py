@@ -14,6 +14,7 @@ from medcae.data.preprocess import PREPARE_VERSION
 from medcae.evaluation.protocol import Evaluated
 from medcae.inference.bundle import write_bundle
 from medcae.inference.card import data_summary
+from medcae.metrics.findings import bootstrap_findings_intervals
 from medcae.metrics.intervals import bootstrap_intervals
 from medcae.model.backbones import get_spec, weights_sha256
 from medcae.model.cae import ConvAutoEncoder
@@ -34,6 +35,7 @@ def save_model(
     labels: Mapping[str, np.ndarray] | None = None,
     unlabeled: int = 0,
     representation: Mapping[str, Any] | None = None,
+    multilabel: bool = False,
 ) -> Path:
     """Write a model bundle, calibrating the out-of-distribution threshold on validation maps.
 
@@ -56,6 +58,7 @@ def save_model(
         unlabeled: Images of the unlabeled pool the auto-encoder also trained on.
         representation: The head's input and why (:class:`medcae.model.representations.Choice`
             as a dict); default: the config's, or ``cae``.
+        multilabel: The labels are findings (bitmasks; ``label_names`` the findings).
     """
     spec = get_spec(cfg.backbone.name)
     rep_name = cfg.classifier.representation
@@ -65,6 +68,7 @@ def save_model(
         "config": cfg.to_dict(),
         "data": data_name,
         "label_names": list(label_names),
+        "task": "multilabel" if multilabel else "multiclass",
         "in_channels": cae.in_channels,
         "preprocessing": {
             "resolution": cfg.backbone.resolution,
@@ -88,7 +92,7 @@ def save_model(
         },
     }
     if labels is not None:
-        meta["data_summary"] = data_summary(label_names, labels, unlabeled)
+        meta["data_summary"] = data_summary(label_names, labels, unlabeled, multilabel)
     figures = {}
     if meta.get("calibration"):
         from medcae.evaluation.report import reliability_png
@@ -104,6 +108,9 @@ def _intervals(fitted: Evaluated) -> dict[str, Any]:
     if fitted.test_labels is None or fitted.test_proba is None:
         return {}
     pred = fitted.test_pred if fitted.operating_point is not None else None
+    if isinstance(fitted.operating_point, list):
+        ci = bootstrap_findings_intervals(fitted.test_labels, fitted.test_proba, pred)
+        return {"test_ci": ci}
     return {"test_ci": bootstrap_intervals(fitted.test_labels, fitted.test_proba, pred=pred)}
 
 
@@ -112,6 +119,22 @@ def _decision(fitted: Evaluated) -> dict[str, Any]:
     (nothing for a fit from before them: the bundle then decides by argmax)."""
     if fitted.calibration is None or fitted.operating_point is None:
         return {}
+    if isinstance(fitted.operating_point, list) and isinstance(fitted.calibration, list):
+        names = list(fitted.test["per_class"])
+        methods = sorted({c.method for c in fitted.calibration})
+        return {
+            "calibration": {
+                "method": "/".join(methods),
+                "reason": "per finding, each chosen on validation: "
+                + "; ".join(f"{n}: {c.reason}" for n, c in zip(names, fitted.calibration)),
+                "findings": {n: c.to_dict() for n, c in zip(names, fitted.calibration)},
+                "val": fitted.val_calibration,
+                "test": {k: v for k, v in fitted.test["calibration"].items() if k != "per_finding"},
+            },
+            "operating_point": {
+                "findings": {n: op.to_dict() for n, op in zip(names, fitted.operating_point)}
+            },
+        }
     return {
         "calibration": {
             **fitted.calibration.to_dict(),

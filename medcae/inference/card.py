@@ -23,22 +23,40 @@ _NOT_RECORDED = "not recorded in this bundle"
 
 
 def data_summary(
-    label_names: Sequence[str], labels: Mapping[str, np.ndarray], unlabeled: int = 0
+    label_names: Sequence[str],
+    labels: Mapping[str, np.ndarray],
+    unlabeled: int = 0,
+    multilabel: bool = False,
 ) -> dict[str, Any]:
     """Images per class and split, and what the auto-encoder trained on, JSON-ready.
 
     Args:
-        label_names: K class names.
+        label_names: K class names (or findings).
         labels: ``{"train"|"val"|"test": (N,)}`` labels of the images each split used.
         unlabeled: Images of the unlabeled pool the auto-encoder also trained on.
+        multilabel: Labels are findings' bitmasks: counts are each finding's positive images,
+            and ``totals`` the images per split.
     """
     k = len(label_names)
-    counts = {
-        s: dict(zip(label_names, map(int, np.bincount(np.asarray(y, np.int64), minlength=k))))
-        for s, y in labels.items()
+    if multilabel:
+        from medcae.data.findings import decode
+
+        counts = {
+            s: dict(zip(label_names, map(int, decode(y, k).sum(axis=0)))) for s, y in labels.items()
+        }
+        totals = {s: int(len(y)) for s, y in labels.items()}
+    else:
+        counts = {
+            s: dict(zip(label_names, map(int, np.bincount(np.asarray(y, np.int64), minlength=k))))
+            for s, y in labels.items()
+        }
+        totals = {s: sum(c.values()) for s, c in counts.items()}
+    return {
+        "counts": counts,
+        "totals": totals,
+        "unlabeled": int(unlabeled),
+        "cae_train_images": totals.get("train", 0) + unlabeled,
     }
-    train = sum(counts.get("train", {}).values())
-    return {"counts": counts, "unlabeled": int(unlabeled), "cae_train_images": train + unlabeled}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -173,21 +191,24 @@ def _data(meta: Mapping[str, Any]) -> str:
         lines.append(f"- Unlabeled pool: `{PurePath(str(unl)).name or unl}`")
     if not summary:
         return "\n".join([*lines, f"- Images per class and split: {_NOT_RECORDED}"])
-    counts = summary["counts"]
-    head = "| split | " + " | ".join(names) + " | total |"
+    counts, totals = summary["counts"], summary.get("totals") or {}
+    findings = meta.get("task") == "multilabel"
+    head = "| split | " + " | ".join(names) + (" | images |" if findings else " | total |")
     rows = [head, "|" + " --- |" * (len(names) + 2)]
     for s in [s for s in SPLITS if s in counts] + [s for s in counts if s not in SPLITS]:
         c = counts[s]
         rows.append(f"| {s} | " + " | ".join(str(c.get(n, 0)) for n in names))
-        rows[-1] += f" | {sum(c.values())} |"
-    train = sum(counts.get("train", {}).values())
+        rows[-1] += f" | {totals.get(s, sum(c.values()))} |"
+    train = totals.get("train", sum(counts.get("train", {}).values()))
     lines += [
         f"- Auto-encoder: trained without labels on {summary['cae_train_images']} images "
         f"({train} of the train split, {summary['unlabeled']} of an unlabeled pool).",
         f"- Classifier: fitted on {_int(clf.get('n_labels'))} labeled train images "
         f"(label budget {budget}); C chosen on the val split; the test split was used once.",
         "",
-        "Images per class and split:",
+        "Positive images per finding and split (an image may have several, or none):"
+        if findings
+        else "Images per class and split:",
         "",
         *rows,
     ]
@@ -202,6 +223,12 @@ def _evaluation(meta: Mapping[str, Any]) -> str:
     names = dict(_NAMES)
     if meta.get("operating_point"):
         names["acc"] = "Accuracy (at the operating point)"
+    if meta.get("task") == "multilabel":
+        names = {
+            "auc": "AUC (macro over findings)",
+            "acc": "Accuracy (mean over findings, at their thresholds)",
+            "balanced_acc": "Balanced accuracy (mean over findings)",
+        }
     for key, name in names.items():
         if key in test:
             rows.append(f"| {name} | {_num(test[key])} | {_interval(ci, key)} |")
@@ -209,7 +236,12 @@ def _evaluation(meta: Mapping[str, Any]) -> str:
     if ci:
         lines.append(
             f"Intervals: {ci['method']}; {ci['resamples']} resamples of the {ci['n']} test "
-            f"images, seed {ci['seed']}. Multi-class AUC is the one-vs-rest macro average."
+            f"images, seed {ci['seed']}."
+            + (
+                ""
+                if meta.get("task") == "multilabel"
+                else " Multi-class AUC is the one-vs-rest macro average."
+            )
         )
     else:
         lines.append(f"Confidence intervals: {_NOT_RECORDED}.")
@@ -235,6 +267,8 @@ def _decisions(meta: Mapping[str, Any]) -> str:
     op, cal = meta.get("operating_point"), meta.get("calibration")
     if not op or not cal:
         return f"## Decisions and calibration\n\n{UNCALIBRATED}"
+    if "findings" in op:
+        return _finding_decisions(meta)
     names = meta.get("label_names", [])
     lines = ["## Decisions and calibration", ""]
     if op.get("threshold") is not None and op.get("positive") is not None:
@@ -270,6 +304,53 @@ def _decisions(meta: Mapping[str, Any]) -> str:
             f"{how['balanced_accuracy']} for the balanced accuracy.",
         ]
     lines += ["", *_calibration_table(cal)]
+    if "reliability.png" in (meta.get("files") or {}):
+        lines += ["", "![Reliability diagram: validation and test](reliability.png)"]
+    return "\n".join(lines)
+
+
+def _finding_decisions(meta: Mapping[str, Any]) -> str:
+    ops, cal = meta["operating_point"]["findings"], meta["calibration"]
+    test = meta.get("metrics", {}).get("test", {})
+    per = (test.get("decision") or {}).get("per_finding", {})
+    lines = [
+        "## Decisions and calibration",
+        "",
+        "Each finding has its own head, calibration and operating point, chosen on the val "
+        "split; an image may have several findings, or none.",
+        "",
+        "On test, per finding (95% intervals: DeLong for the AUC, Wilson for the proportions):",
+        "",
+        "| finding | rule | threshold | AUC | sensitivity | specificity | PPV | NPV "
+        "| calibration |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, op in ops.items():
+        d = per.get(name, {})
+        method = (cal.get("findings", {}).get(name) or {}).get("method", "?")
+        cells = [_with_ci(d.get(k)) for k in ("auc", "sensitivity", "specificity", "ppv", "npv")]
+        threshold = op.get("threshold")
+        lines.append(
+            f"| {name} | `{_rule(op)}` | {_num(threshold)} | "
+            + " | ".join(cells)
+            + f" | {method} |"
+        )
+        if op.get("note"):
+            lines.append(f"| | note: {op['note']} | | | | | | | |")
+    macro, micro = (
+        (test.get("decision") or {}).get("macro"),
+        (test.get("decision") or {}).get("micro"),
+    )
+    if macro and micro:
+        lines += [
+            "",
+            f"Macro (mean over findings): AUC {_num(test.get('auc'))}, sensitivity "
+            f"{_num(macro['sensitivity'])}, specificity {_num(macro['specificity'])}. Micro "
+            f"(every image and finding pooled): AUC {_num(test.get('micro_auc'))}, sensitivity "
+            f"{_with_ci(micro['sensitivity'])}, specificity {_with_ci(micro['specificity'])}.",
+        ]
+    lines += ["", *_calibration_table(cal)]
+    lines[-1] = "ECE: 10 equal-width bins of p(finding), every image and finding pooled."
     if "reliability.png" in (meta.get("files") or {}):
         lines += ["", "![Reliability diagram: validation and test](reliability.png)"]
     return "\n".join(lines)
@@ -322,7 +403,8 @@ def _per_class(test: Mapping[str, Any]) -> list[str]:
     per = test.get("per_class")
     if not per:
         return []
-    rows = ["", "Per class on test:", "", "| class | precision | recall | support |"]
+    what = "finding" if test.get("task") == "multilabel" else "class"
+    rows = ["", f"Per {what} on test:", "", f"| {what} | precision | recall | support |"]
     rows.append("| --- | --- | --- | --- |")
     for name, r in per.items():
         rows.append(

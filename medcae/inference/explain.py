@@ -69,7 +69,8 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
     Args:
         predictor: A loaded bundle's predictor.
         image: One decoded image, uint8 ``(H, W)`` or ``(H, W, 3)``.
-        label: Class to explain; default the predicted one.
+        label: Class (or finding) to explain; default the predicted class, or the most
+            probable finding of a multi-label model.
 
     Raises:
         ValueError: An unknown ``label``, naming the known ones.
@@ -77,6 +78,8 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
     out = predictor.backbone([image])  # one backbone pass for the label and the map
     (pred,) = predictor.predictions(predictor.head_outputs(out))
     name = pred.label if label is None else label
+    if label is None and predictor.multilabel:  # findings: the most probable one's map
+        name = max(pred.probabilities, key=pred.probabilities.__getitem__)
     if name not in predictor.label_names:
         raise ValueError(f"unknown class {name!r}; the model knows {predictor.label_names}")
     rep = predictor.representation
@@ -90,7 +93,7 @@ def explain(predictor: Predictor, image: np.ndarray, label: str | None = None) -
     with torch.no_grad():
         z = predictor.cae.encode(maps)[0].numpy().astype(np.float64)  # (latent, h, w)
     head = predictor.head
-    binary = head.coef.shape[0] == 1
+    binary = head.coef.shape[0] == 1 and not head.multilabel
     row = 0 if binary else k
     sign = -1.0 if binary and k == 0 else 1.0
     w = head.coef[row] / head.scale  # weight per standardised feature, unscaled

@@ -38,15 +38,20 @@ if TYPE_CHECKING:
 ROW_GROUP_ROWS = 65_536
 
 
-def prediction_schema(label_names: Sequence[str], vectors: bool = False) -> pa.Schema:
+def prediction_schema(
+    label_names: Sequence[str], vectors: bool = False, findings: bool = False
+) -> pa.Schema:
     """The schema of the prediction table for a bundle with these class names (and, with
-    ``vectors``, a last column ``vector``: float32 lists, the classifier's input)."""
+    ``vectors``, a last column ``vector``: float32 lists, the classifier's input). A
+    multi-label bundle (``findings``) adds a 0/1 column ``finding_<name>`` per finding: its
+    decision at its own threshold (``label`` joins the present ones with ``|``)."""
     return pa.schema(
         [
             ("path", pa.string()),
             ("label", pa.string()),
             ("probabilities", pa.list_(pa.float64())),
             *((f"p_{name}", pa.float64()) for name in label_names),
+            *((f"finding_{name}", pa.int8()) for name in (label_names if findings else ())),
             ("threshold", pa.float64()),
             ("reconstruction_error", pa.float64()),
             ("in_distribution", pa.bool_()),
@@ -75,20 +80,25 @@ def prediction_table(
     if vectors is not None and len(vectors) != len(paths):
         raise ValueError(f"{len(paths)} paths for {len(vectors)} vectors")
     probs = [[p.probabilities[name] for name in label_names] for p in predictions]
+    findings = bool(predictions) and predictions[0].findings is not None
     columns = {
         "path": [str(p) for p in paths],
         "label": [p.label for p in predictions],
         "probabilities": probs,
         **{f"p_{name}": [row[i] for row in probs] for i, name in enumerate(label_names)},
+        **{
+            f"finding_{name}": [int(p.findings[name]) for p in predictions]  # type: ignore[index]
+            for name in (label_names if findings else ())
+        },
         "threshold": [p.threshold for p in predictions],
         "reconstruction_error": [p.reconstruction_error for p in predictions],
         "in_distribution": [p.in_distribution for p in predictions],
     }
     if vectors is None:
-        return pa.table(columns, schema=prediction_schema(label_names))
+        return pa.table(columns, schema=prediction_schema(label_names, findings=findings))
     x = np.asarray(vectors, np.float32)
     columns["vector"] = _vector_column(x.reshape(len(paths), -1) if len(paths) else x.reshape(0, 0))
-    return pa.table(columns, schema=prediction_schema(label_names, vectors=True))
+    return pa.table(columns, schema=prediction_schema(label_names, True, findings))
 
 
 def _vector_column(x: np.ndarray) -> pa.Array:

@@ -34,6 +34,9 @@ class Prediction:
         threshold: The operating point's threshold on the positive class's probability, or
             None where the label is the most probable class.
         positive: The class that threshold applies to, else None.
+        findings: A multi-label model's decision per finding (``label`` then joins the
+            present ones with ``|``, or says ``no finding``), else None.
+        thresholds: Each finding's threshold, else None.
     """
 
     label: str
@@ -42,6 +45,8 @@ class Prediction:
     in_distribution: bool
     threshold: float | None = None
     positive: str | None = None
+    findings: dict[str, bool] | None = None
+    thresholds: dict[str, float] | None = None
 
 
 class Predictor:
@@ -71,7 +76,14 @@ class Predictor:
         self.meta = meta or {}
         self.ood_threshold = float(self.meta.get("ood", {}).get("threshold", np.inf))
         # Bundles from before operating points decide by argmax, uncalibrated.
-        self.operating_point = OperatingPoint.from_dict(self.meta.get("operating_point"))
+        op = self.meta.get("operating_point") or {}
+        self.multilabel = self.meta.get("task") == "multilabel"
+        self.finding_points = (
+            [OperatingPoint.from_dict(op["findings"][n]) for n in self.label_names]
+            if "findings" in op
+            else None
+        )
+        self.operating_point = OperatingPoint.from_dict(None if "findings" in op else op)
         # Bundles from before the representation choice hold a head on CAE codes.
         self.representation = get_representation(
             (self.meta.get("representation") or {}).get("name", "cae")
@@ -93,7 +105,10 @@ class Predictor:
         _check_backbone_weights(meta, cfg, path)
         cae = ConvAutoEncoder(meta["in_channels"], cfg.cae)
         cae.load_state_dict(state)
-        head = LinearHead.from_arrays(cfg.classifier.kind, len(meta["label_names"]), arrays)
+        multilabel = meta.get("task") == "multilabel"
+        head = LinearHead.from_arrays(
+            cfg.classifier.kind, len(meta["label_names"]), arrays, multilabel=multilabel
+        )
         extractor = FeatureExtractor(cfg.backbone, device, runtime=runtime)
         return cls(extractor, cae, head, meta["label_names"], meta)
 
@@ -185,6 +200,8 @@ class Predictor:
     def predictions(self, out: dict[str, np.ndarray]) -> list[Prediction]:
         """:class:`Prediction` per image from :meth:`predict_arrays`' (or
         :meth:`head_outputs`') arrays."""
+        if self.multilabel:
+            return self._finding_predictions(out)
         op = self.operating_point
         decided = op.decide(out["proba"])
         threshold = op.threshold if op.positive is not None else None
@@ -200,6 +217,31 @@ class Predictor:
             )
             for p, e, c in zip(out["proba"], out["error"], decided)
         ]
+
+    def _finding_predictions(self, out: dict[str, np.ndarray]) -> list[Prediction]:
+        """Each finding against its own threshold (0.5 for a bundle without them)."""
+        points = self.finding_points or [OperatingPoint("argmax", threshold=0.5)] * len(
+            self.label_names
+        )
+        thresholds = {n: float(op.threshold or 0.5) for n, op in zip(self.label_names, points)}
+        preds = []
+        for p, e in zip(out["proba"], out["error"]):
+            present = {n: bool(q >= thresholds[n]) for n, q in zip(self.label_names, p)}
+            label = "|".join(n for n, yes in present.items() if yes) or NO_FINDING_LABEL
+            preds.append(
+                Prediction(
+                    label=label,
+                    probabilities=dict(zip(self.label_names, map(float, p))),
+                    reconstruction_error=float(e),
+                    in_distribution=bool(e <= self.ood_threshold),
+                    findings=present,
+                    thresholds=thresholds,
+                )
+            )
+        return preds
+
+
+NO_FINDING_LABEL = "no finding"
 
 
 def check_bundle(

@@ -48,7 +48,10 @@ class Pool:
             needs them).
         in_distribution: bool ``(N,)`` the bundle's out-of-distribution check passed.
         labeled: bool ``(N,)`` already labeled: never suggested; covers its cluster.
-        class_counts: int ``(K,)`` labels known per class, in the pool or not.
+        class_counts: int ``(K,)`` labels known per class, in the pool or not (for findings,
+            positive labels known per finding).
+        thresholds: ``(F,)`` a multi-label model's thresholds, one per finding (``proba`` then
+            holds each finding's probability); None for classes.
     """
 
     proba: np.ndarray
@@ -56,6 +59,7 @@ class Pool:
     in_distribution: np.ndarray
     labeled: np.ndarray
     class_counts: np.ndarray
+    thresholds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.proba)
@@ -156,11 +160,23 @@ def random_order(pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Gene
 
 @register("margin")
 def margin(pool: Pool, candidates: np.ndarray, k: int, rng: np.random.Generator) -> Ranking:
-    """Smallest gap between the two most likely classes first (ties: pool order)."""
+    """Smallest gap between the two most likely classes first (ties: pool order). For
+    findings: the image whose most uncertain finding is closest to its threshold first."""
     rows = np.flatnonzero(candidates)
-    gap = top_two_gap(pool.proba[rows])
+    gap = (
+        top_two_gap(pool.proba[rows])
+        if pool.thresholds is None
+        else threshold_gap(pool.proba[rows], pool.thresholds)
+    )
     order = np.argsort(gap, kind="stable")[:k]
     return Ranking(rows[order], 1.0 - gap[order], "margin")
+
+
+def threshold_gap(proba: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per image, the least distance of a finding's probability to that finding's threshold,
+    on the scale of :func:`top_two_gap` (0: a finding on its threshold); ``(N,)``."""
+    p = np.asarray(proba, np.float64)
+    return np.clip(2 * np.abs(p - np.asarray(thresholds)[None, :]).min(axis=1), 0.0, 1.0)
 
 
 def top_two_gap(proba: np.ndarray) -> np.ndarray:

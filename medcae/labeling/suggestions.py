@@ -67,8 +67,9 @@ class Labeled:
         source: The CSV, or None when none was given.
         paths: Absolute paths (relative ones in the CSV are relative to its folder).
         labels: The label cells as written (class names or indices).
-        classes: int ``(n,)`` the bundle's class of each row.
+        classes: int ``(n,)`` the bundle's class of each row (for findings, their bitmask).
         split: The ``split`` cells, or None when the CSV has no such column.
+        multilabel: Rows list findings (a ``labels`` column, ``|`` between findings).
     """
 
     source: Path | None
@@ -76,23 +77,31 @@ class Labeled:
     labels: list[str]
     classes: np.ndarray
     split: list[str] | None = None
+    multilabel: bool = False
 
     def class_counts(self, num_classes: int) -> np.ndarray:
-        """int ``(K,)`` labels per class."""
+        """int ``(K,)`` labels per class (for findings, positive labels per finding)."""
+        if self.multilabel:
+            from medcae.data.findings import decode
+
+            return decode(self.classes, num_classes).sum(axis=0)
         return np.bincount(self.classes, minlength=num_classes)
 
 
-def no_labels() -> Labeled:
+def no_labels(multilabel: bool = False) -> Labeled:
     """The :class:`Labeled` of a cold start."""
-    return Labeled(None, [], [], np.zeros(0, np.int64))
+    return Labeled(None, [], [], np.zeros(0, np.int64), multilabel=multilabel)
 
 
-def read_labeled(path: str | Path, label_names: Sequence[str]) -> Labeled:
-    """Read a ``path,label[,split]`` CSV, the format of ``medcae run --data``.
+def read_labeled(path: str | Path, label_names: Sequence[str], multilabel: bool = False) -> Labeled:
+    """Read a ``path,label[,split]`` CSV, the format of ``medcae run --data`` (for findings,
+    ``path,labels[,split]`` with ``|`` between findings, an empty cell or ``No Finding``
+    meaning none).
 
     Args:
         path: The CSV.
-        label_names: The bundle's classes; a label is one of them or its index.
+        label_names: The bundle's classes (or findings); a label is one of them or its index.
+        multilabel: The bundle is multi-label.
 
     Raises:
         DataError: Unreadable file, no ``path`` or ``label`` column (the message names the
@@ -101,6 +110,8 @@ def read_labeled(path: str | Path, label_names: Sequence[str]) -> Labeled:
     from medcae.data.tables import _read_csv
 
     path = Path(path).expanduser()
+    if multilabel:
+        return _read_findings(path, label_names)
     header, rows = _read_csv(path, ("path", "label"))
     kept = [(i, r) for i, r in enumerate(rows) if r.get("path") and r.get("label")]
     classes = [_class_of(r["label"], label_names, f"{path}#row={i}") for i, r in kept]
@@ -110,6 +121,35 @@ def read_labeled(path: str | Path, label_names: Sequence[str]) -> Labeled:
         [r["label"] for _, r in kept],
         np.array(classes, np.int64),
         [r.get("split", "") for _, r in kept] if "split" in header else None,
+    )
+
+
+def _read_findings(path: Path, names: Sequence[str]) -> Labeled:
+    """:func:`read_labeled` of a findings CSV; every row with a path is labeled (an empty
+    ``labels`` cell is "no finding") unless its cell is ``?`` (not yet labeled)."""
+    from medcae.data.findings import NO_FINDING, SEPARATOR
+    from medcae.data.tables import _read_csv
+
+    header, rows = _read_csv(path, ("path", "labels"))
+    kept = [(i, r) for i, r in enumerate(rows) if r.get("path") and r.get("labels") != "?"]
+    masks = []
+    for i, r in kept:
+        found = [v.strip() for v in r.get("labels", "").split(SEPARATOR) if v.strip()]
+        found = [v for v in found if v.lower() != NO_FINDING.lower()]
+        unknown = [v for v in found if v not in names]
+        if unknown:
+            raise DataError(
+                f"{path}#row={i}: finding(s) {unknown} were never seen in training; the "
+                f"bundle's findings are {list(names)}"
+            )
+        masks.append(sum(1 << list(names).index(v) for v in set(found)))
+    return Labeled(
+        path,
+        [os.path.abspath(path.parent / os.path.expanduser(r["path"])) for _, r in kept],
+        [r.get("labels", "") for _, r in kept],
+        np.array(masks, np.int64),
+        [r.get("split", "") for _, r in kept] if "split" in header else None,
+        multilabel=True,
     )
 
 
@@ -178,7 +218,9 @@ class SuggestPaths:
 # --------------------------------------------------------------------------- the pool
 
 
-def pool_from_table(table: Any, labeled: Labeled, num_classes: int) -> tuple[Pool, list[str]]:
+def pool_from_table(
+    table: Any, labeled: Labeled, num_classes: int, thresholds: np.ndarray | None = None
+) -> tuple[Pool, list[str]]:
     """The prediction table of ``pool.parquet`` (with ``vector``) as a :class:`Pool`.
 
     Args:
@@ -187,6 +229,7 @@ def pool_from_table(table: Any, labeled: Labeled, num_classes: int) -> tuple[Poo
             ``path`` (workers finish in any order; sorted, a seed gives the same picks).
         labeled: The labeled images; those in the table are marked labeled.
         num_classes: K of the bundle.
+        thresholds: A multi-label bundle's thresholds, one per finding.
 
     Returns:
         ``(pool, paths)``: row ``i`` of the pool is ``paths[i]``.
@@ -198,6 +241,7 @@ def pool_from_table(table: Any, labeled: Labeled, num_classes: int) -> tuple[Poo
         in_distribution=table.column("in_distribution").to_numpy(zero_copy_only=False),
         labeled=np.isin(paths, labeled.paths),
         class_counts=labeled.class_counts(num_classes),
+        thresholds=thresholds,
     )
     return pool, paths
 
@@ -257,10 +301,13 @@ def write_ood(path: Path, rows: Sequence[Row]) -> None:
 
 def write_labels(path: Path, labeled: Labeled, suggested: Sequence[str]) -> None:
     """``labels.csv``: the labeled rows, then each suggestion with an empty label (and split
-    ``train`` when the labeled CSV has a ``split`` column)."""
-    header = ["path", "label"] + (["split"] if labeled.split is not None else [])
+    ``train`` when the labeled CSV has a ``split`` column). For findings the column is
+    ``labels`` and an unlabeled suggestion holds ``?`` (an empty cell would mean "no
+    finding")."""
+    column = "labels" if labeled.multilabel else "label"
+    header = ["path", column] + (["split"] if labeled.split is not None else [])
     old = [[p, lab] for p, lab in zip(labeled.paths, labeled.labels)]
-    new = [[p, ""] for p in suggested]
+    new = [[p, "?" if labeled.multilabel else ""] for p in suggested]
     if labeled.split is not None:
         old = [[*row, s] for row, s in zip(old, labeled.split)]
         new = [[*row, "train"] for row in new]

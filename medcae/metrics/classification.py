@@ -77,6 +77,8 @@ def format_results(rows: dict[str, dict[str, Any]], label_names: Sequence[str]) 
     operating point with their 95% Wilson intervals, PPV, NPV, and the ECE before and after
     calibration (when the reports carry them). Several classes: per-class precision/recall.
     """
+    if rows and all(r.get("task") == "multilabel" for r in rows.values()):
+        return _format_multilabel(rows)
     binary = all("sensitivity" in r.get("decision", {}) for r in rows.values()) and rows
     calibrated = all("calibration" in r for r in rows.values()) and rows
     head = ["method", "AUC", "ACC", "BalACC"]
@@ -103,6 +105,60 @@ def format_results(rows: dict[str, dict[str, Any]], label_names: Sequence[str]) 
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     fmt = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
     return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])
+
+
+def _table(lines: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    fmt = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
+    return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])
+
+
+def _format_multilabel(rows: dict[str, dict[str, Any]]) -> str:
+    head = ["method", "AUC macro", "AUC micro", "ACC", "BalACC", "Sens macro", "Spec macro"]
+    head += ["ECE raw>cal"]
+    lines = [head]
+    for method, r in rows.items():
+        macro, c = r["decision"]["macro"], r["calibration"]
+        lines.append(
+            [method, f"{r['auc']:.3f}", f"{r['micro_auc']:.3f}", f"{r['acc']:.3f}"]
+            + [f"{r['balanced_acc']:.3f}", f"{macro['sensitivity']:.3f}"]
+            + [f"{macro['specificity']:.3f}", f"{c['before']['ece']:.3f}>{c['after']['ece']:.3f}"]
+        )
+    return _table(lines)
+
+
+def format_findings(report: dict[str, Any], names: Sequence[str]) -> str:
+    """One row per finding of a multi-label report: positives, AUC with its DeLong interval,
+    the threshold, sensitivity and specificity with Wilson intervals, PPV, NPV, and the ECE
+    before and after calibration; then the macro and micro rows."""
+    per = report["decision"]["per_finding"]
+    ops = report.get("operating_point", {})
+    cal = report.get("calibration", {}).get("per_finding", {})
+    lines = [["finding", "pos", "AUC [95% CI]", "threshold", "Sens [95% CI]", "Spec [95% CI]"]]
+    lines[0] += ["PPV", "NPV", "ECE raw>cal"]
+    for n in names:
+        d, c = per[n], cal.get(n, {})
+        auc = d.get("auc")
+        t = (ops.get(n) or {}).get("threshold")
+        lines.append(
+            [n, str(d["sensitivity"]["n"]), _with_ci(auc) if auc else "n/a"]
+            + [f"{t:.3f}" if t is not None else "?"]
+            + [_with_ci(d["sensitivity"]), _with_ci(d["specificity"])]
+            + [f"{d['ppv']['value']:.3f}", f"{d['npv']['value']:.3f}"]
+            + [f"{c['before']['ece']:.3f}>{c['after']['ece']:.3f}" if c else "?"]
+        )
+    macro, micro = report["decision"]["macro"], report["decision"]["micro"]
+    lines.append(
+        ["macro", "", f"{report['auc']:.3f}", ""]
+        + [f"{macro['sensitivity']:.3f}", f"{macro['specificity']:.3f}"]
+        + [f"{macro['ppv']:.3f}", f"{macro['npv']:.3f}", ""]
+    )
+    lines.append(
+        ["micro", "", f"{report['micro_auc']:.3f}", ""]
+        + [_with_ci(micro["sensitivity"]), _with_ci(micro["specificity"])]
+        + [f"{micro['ppv']['value']:.3f}", f"{micro['npv']['value']:.3f}", ""]
+    )
+    return _table(lines)
 
 
 def _with_ci(p: dict[str, Any]) -> str:

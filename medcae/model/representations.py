@@ -29,7 +29,7 @@ candidate within one standard error of the best. Candidates, simplest first: ``f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,6 +170,7 @@ def choose(
     resamples: int = 200,
     seed: int = 0,
     prior: str | None = None,
+    metric: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> Choice:
     """Pick by the one-standard-error rule (see the module docstring).
 
@@ -186,22 +187,27 @@ def choose(
         resamples: Bootstrap resamples for the standard errors.
         seed: Seed of the resampling.
         prior: The candidate kept unless clearly beaten (``None``: plain one-SE rule).
+        metric: ``metric(labels, proba)`` in place of the AUC (findings: the mean AUC over
+            findings); a resample where it is not finite is left out.
     """
     order = [n for n in REPRESENTATIONS if n in val_proba] + [
         n for n in val_proba if n not in REPRESENTATIONS
     ]
     y = np.asarray(val_labels)
-    auc = {n: auc_score(y, val_proba[n], num_classes) for n in order}
+    score = metric or (lambda yy, pp: auc_score(yy, pp, num_classes))
+    auc = {n: score(y, val_proba[n]) for n in order}
     best = max(order, key=lambda n: auc[n])
     rng = np.random.default_rng(seed)
     diffs: dict[str, list[float]] = {n: [] for n in order}
     for _ in range(resamples):
         idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) < len(np.unique(y)):
+        if metric is None and len(np.unique(y[idx])) < len(np.unique(y)):
             continue  # a resample missing a class has no AUC
-        ref = auc_score(y[idx], val_proba[best][idx], num_classes)
+        ref = score(y[idx], val_proba[best][idx])
+        if not np.isfinite(ref):
+            continue
         for n in order:
-            diffs[n].append(ref - auc_score(y[idx], val_proba[n][idx], num_classes))
+            diffs[n].append(ref - score(y[idx], val_proba[n][idx]))
     se = {n: float(np.std(d)) if d else 0.0 for n, d in diffs.items()}
     if prior in auc:
         return _keep_or_switch(prior, best, order, auc, se)

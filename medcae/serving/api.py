@@ -309,6 +309,14 @@ class PredictionOut(BaseModel):
         "(label is positive at or above it); null when the label is the most probable class",
     )
     positive: str | None = Field(default=None, description="The class the threshold applies to")
+    findings: dict[str, bool] | None = Field(
+        default=None,
+        description="A multi-label model: each finding's decision at its own threshold "
+        "(label joins the present ones with '|', or says 'no finding')",
+    )
+    thresholds: dict[str, float] | None = Field(
+        default=None, description="A multi-label model: each finding's threshold"
+    )
 
 
 class Answered(BaseModel):

@@ -124,23 +124,32 @@ function showResult(body, file) {
   $("label").textContent = p.label;
   const bars = $("bars");
   bars.innerHTML = "";
-  Object.entries(p.probabilities).sort((a, b) => b[1] - a[1]).forEach(([name, prob]) => {
+  const entries = Object.entries(p.probabilities);
+  if (!p.findings) entries.sort((a, b) => b[1] - a[1]);  // findings keep their order
+  entries.forEach(([name, prob]) => {
     const row = document.createElement("div");
     row.className = "bar";
     row.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span><span class="val"></span>`;
     row.querySelector(".name").textContent = name;
     row.querySelector(".fill").style.width = (100 * prob).toFixed(1) + "%";
     row.querySelector(".val").textContent = (100 * prob).toFixed(1) + "%";
-    if (p.threshold != null && name === p.positive) {  // the operating point on its class's bar
+    const t = p.thresholds ? p.thresholds[name] : (name === p.positive ? p.threshold : null);
+    if (t != null) {  // the operating point on its class's (or finding's) bar
       const mark = document.createElement("span");
       mark.className = "threshold";
-      mark.style.left = (100 * Math.min(1, p.threshold)).toFixed(1) + "%";
-      mark.title = `threshold ${(100 * p.threshold).toFixed(1)}%`;
+      mark.style.left = (100 * Math.min(1, t)).toFixed(1) + "%";
+      mark.title = `threshold ${(100 * t).toFixed(1)}%`;
       row.querySelector(".track").appendChild(mark);
+    }
+    if (p.findings) {
+      row.classList.add(p.findings[name] ? "present" : "absent");
+      row.querySelector(".name").textContent = (p.findings[name] ? "\u2713 " : "") + name;
     }
     bars.appendChild(row);
   });
-  $("decision").textContent = p.threshold != null
+  $("decision").textContent = p.findings
+    ? "Each finding is present (\u2713) when its probability is at or above its own threshold (the mark on its bar), chosen on validation; an image may have several findings, or none."
+    : p.threshold != null
     ? `"${p.positive}" when its probability is at least ${(100 * p.threshold).toFixed(1)}% (the operating point chosen on validation; the mark on its bar).`
     : "The most probable class.";
   const ood = $("ood");
