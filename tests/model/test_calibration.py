@@ -251,3 +251,55 @@ def test_bootstrap_ci_of_decided_accuracy_uses_the_decisions():
     assert ci["acc"][0] <= acc <= ci["acc"][1]
     low, high = bootstrap_ci(y, p, rank_auc, n=200)
     assert ci["auc"] == [low, high]
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _findings(rng, n, rates=(0.4, 0.2, 0.1)):
+    y = (rng.random((n, len(rates))) < np.asarray(rates)).astype(np.int64)
+    x = rng.normal(size=(n, 20))
+    x[:, : len(rates)] += 1.5 * y
+    return x, y
+
+
+def test_findings_calibration_keeps_each_findings_ranking_and_decides_at_its_threshold():
+    from medcae.data.findings import encode
+    from medcae.evaluation.protocol import calibrate_findings_and_test
+    from medcae.model.classifier import fit_findings
+
+    rng = np.random.default_rng(0)
+    xs = {s: _findings(rng, n) for s, n in (("train", 150), ("val", 400), ("test", 2000))}
+    cfg = ClassifierConfig(C_grid=(10.0,))
+    head, sel = fit_findings(cfg, xs["train"][0], xs["train"][1], xs["val"][0], xs["val"][1])
+    assert head.multilabel and len(sel["finding_C"]) == 3
+    x = {s: v[0] for s, v in xs.items()}
+    labels = {s: encode(v[1]) for s, v in xs.items()}
+    ev = calibrate_findings_and_test(cfg, head, sel, x, labels, ["a", "b", "c"])
+    y = xs["test"][1]
+    raw, cal = head.predict_proba(x["test"]), ev.head.predict_proba(x["test"])
+    for j in range(3):
+        before = rank_auc(y[:, j], np.stack([1 - raw[:, j], raw[:, j]], 1))
+        after = rank_auc(y[:, j], np.stack([1 - cal[:, j], cal[:, j]], 1))
+        assert after == pytest.approx(before, abs=1e-9)
+    thresholds = [op.threshold for op in ev.operating_point]
+    np.testing.assert_array_equal(ev.test_pred, (cal >= thresholds).astype(int))
+    assert ev.test["calibration"]["after"]["ece"] < ev.test["calibration"]["before"]["ece"]
+    micro = ev.test["decision"]["micro"]["counts"]
+    assert sum(micro.values()) == y.size
+
+
+def test_a_finding_without_a_validation_positive_is_named():
+    from medcae.data.findings import encode
+    from medcae.evaluation.protocol import calibrate_findings_and_test
+    from medcae.model.classifier import fit_findings
+
+    rng = np.random.default_rng(1)
+    xs = {s: _findings(rng, 200) for s in ("train", "val", "test")}
+    xs["val"][1][:, 2] = 0
+    cfg = ClassifierConfig(C_grid=(1.0,))
+    head, sel = fit_findings(cfg, xs["train"][0], xs["train"][1], xs["val"][0], xs["val"][1])
+    x = {s: v[0] for s, v in xs.items()}
+    labels = {s: encode(v[1]) for s, v in xs.items()}
+    with pytest.raises(ConfigError, match=r"of finding 'effusion': validation has 0 positive"):
+        calibrate_findings_and_test(cfg, head, sel, x, labels, ["nodule", "ring", "effusion"])
