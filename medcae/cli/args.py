@@ -58,8 +58,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--data",
         default="demo",
-        help="data set: .npz / folder / .parquet path, "
-        "a MedMNIST name (pneumoniamnist, ...) or 'demo' (built-in synthetic set)",
+        help="data set: .npz / folder / .csv / .parquet path, a MedMNIST name "
+        "(pneumoniamnist, chestmnist, ...), 'demo' (built-in synthetic set) or 'demo-findings' "
+        "(its multi-label variant); a CSV with a 'labels' column ('Effusion|Mass') is "
+        "multi-label",
+    )
+    d.add_argument(
+        "--label-columns",
+        type=lambda v: tuple(c.strip() for c in v.split(",") if c.strip()),
+        default=(),
+        help="multi-label CSV: its 0/1 finding columns, comma-separated",
+    )
+    d.add_argument(
+        "--no-finding",
+        default="No Finding",
+        help="multi-label: the name that means no finding in a 'labels' column (besides empty)",
     )
     d.add_argument(
         "--unlabeled",
@@ -463,6 +476,19 @@ def _pick(cls: type, g: dict[str, Any], **flag_of: str) -> dict[str, Any]:
     return out
 
 
+def single_label_only(rows: Any, job: str) -> None:
+    """Refuse multi-label data in a job that has no findings path yet, before Ray starts.
+
+    Raises:
+        ConfigError: Naming the data, its findings, and the job that does take them.
+    """
+    if getattr(rows, "multilabel", False):
+        raise ConfigError(
+            f"medcae {job}: {rows.name} is multi-label (findings {', '.join(rows.label_names)}); "
+            f"{job} takes single-label data only for now. `medcae run` trains on findings"
+        )
+
+
 def config_from_args(a: argparse.Namespace) -> PipelineConfig:
     """Build the pipeline config from parsed flags; flags a job lacks keep the defaults."""
     g = vars(a)
@@ -472,6 +498,8 @@ def config_from_args(a: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(
         data=a.data,
         unlabeled=a.unlabeled,
+        label_columns=tuple(getattr(a, "label_columns", ()) or ()),
+        no_finding=getattr(a, "no_finding", None) or "No Finding",
         backbone=backbone,
         cae=cae_config(g, backbone),
         classifier=ClassifierConfig(**_pick(ClassifierConfig, g, kind="classifier")),

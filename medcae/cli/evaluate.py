@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medcae.cli.args import config_from_args, default_store_root
+from medcae.cli.args import config_from_args, default_store_root, single_label_only
 from medcae.cli.logs import route_ray_output, setup_run_logging
 
 SMOKE_BUDGETS: list[float | int] = [0.1, 1.0, 5]
@@ -93,6 +93,7 @@ def main(a: argparse.Namespace) -> int:
 
         hierarchical(cfg)  # fewer than two taps: one error line before Ray
     sources = list_sources(cfg, a.data_dir, a.smoke_test)  # bad input fails before Ray
+    single_label_only(sources[0], "evaluate")
     out = Path(a.out)
     setup_run_logging(out)
     start = time.perf_counter()
@@ -145,6 +146,7 @@ def main_active(a: argparse.Namespace) -> int:
         cfg, seeds, study = smoke_config(cfg), [0], SMOKE_STUDY
     cfg = resolved_backbone(cfg)
     sources = list_sources(cfg, a.data_dir, a.smoke_test)  # bad input fails before Ray
+    single_label_only(sources[0], "evaluate --active")
     study.schedule(len(sources[0].label_names))  # so does a start above the last round
     out = Path(a.out)
     setup_run_logging(out)

@@ -109,11 +109,25 @@ def subsample_rows(rows: Rows, per_split: dict[str, int], seed: int = 0) -> Rows
 
 def list_sources(cfg: PipelineConfig, data_dir: str | None, smoke_test: bool) -> list[Rows]:
     """The labeled listing (and the unlabeled pool's), without Ray: bad input fails here."""
-    sources = [list_rows(cfg.data, data_dir, seed=cfg.classifier.seed)]
+    sources = [
+        list_rows(
+            cfg.data,
+            data_dir,
+            seed=cfg.classifier.seed,
+            label_columns=cfg.label_columns,
+            no_finding=cfg.no_finding,
+        )
+    ]
     if cfg.unlabeled:
         sources.append(list_unlabeled_rows(cfg.unlabeled, data_dir))
     if smoke_test:
         sources = [subsample_rows(r, SMOKE_ROWS) for r in sources]
+        if sources[0].multilabel:  # the smaller splits must still hold every finding
+            from medcae.data.findings import check_splits
+
+            table = sources[0].table
+            labels, splits = table.column("label").to_numpy(), table.column("split").to_pylist()
+            check_splits(labels, splits, sources[0].label_names, f"{cfg.data} (--smoke-test)")
     return sources
 
 
