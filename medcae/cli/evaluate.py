@@ -111,7 +111,8 @@ def main(a: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     from medcae.evaluation.report import write_report
 
-    table = write_report(out, ds, cfg, rows, examples, budgets, ft, wall)
+    test_labels = feats["test"]["labels"]
+    table = write_report(out, ds, cfg, rows, examples, budgets, ft, wall, test_labels)
     from medcae.cli.tracking import log_job, tracking_uri
     from medcae.evaluation.comparison import aggregate
 

@@ -70,12 +70,22 @@ def _rows(
     for b in budgets:
         clf = replace(cfg.classifier, budget=b, seed=seed)
         ev = fit_and_test(clf, feats, labels, names)
-        out.append(_row(method, seed, b, ev.test, ev.selection["n_labels"]))
+        out.append(_row(method, seed, b, ev.test, ev.selection["n_labels"], ev.test_proba))
     return out
 
 
-def _row(method: str, seed: int, budget: float, test: dict[str, Any], n: float) -> dict:
-    return {
+def _row(
+    method: str,
+    seed: int,
+    budget: float,
+    test: dict[str, Any],
+    n: float,
+    proba: np.ndarray | None = None,
+) -> dict:
+    """One method's result at one budget and seed; ``test_proba`` (a list, left out of
+    ``results.csv``) feeds the paired DeLong tests (:func:`paired_delong`)."""
+    extra = {} if proba is None else {"test_proba": np.asarray(proba, np.float64).tolist()}
+    return extra | {
         "method": method,
         "seed": seed,
         "budget": budget,
@@ -256,7 +266,7 @@ def auto_row(
     clf = replace(cfg.classifier, budget=budget, seed=seed, representation="auto")
     fitted, choice = fit_representations(clf, arrays, labels, names)
     ev = fitted[choice.name]
-    return _row("auto", seed, budget, ev.test, ev.selection["n_labels"]) | {
+    return _row("auto", seed, budget, ev.test, ev.selection["n_labels"], ev.test_proba) | {
         "chosen": choice.name,
         "val_auc": json.dumps({k: round(v, 5) for k, v in choice.val_auc.items()}),
         "val_se": json.dumps({k: round(v, 5) for k, v in choice.se.items()}),
@@ -278,7 +288,7 @@ def ensemble_row(
 
     clf = replace(cfg.classifier, budget=budget, seed=seed)
     ev = fit_ensemble(clf, get_representation("cae_ensemble"), arrays, labels, names)
-    return _row("cae_ensemble", seed, budget, ev.test, ev.selection["n_labels"])
+    return _row("cae_ensemble", seed, budget, ev.test, ev.selection["n_labels"], ev.test_proba)
 
 
 SPREAD_GRID = {"n_neighbors": (7, 15, 30), "alpha": (0.2, 0.5, 0.8)}
@@ -327,8 +337,9 @@ def spread_row(
         for a in SPREAD_GRID["alpha"]
     ]
     best = max(grid, key=lambda g: auc_score(labels["val"], proba(g, "val"), k))
-    report = classification_report(labels["test"], proba(best, "test"), names)
-    return _row("cae_spread", seed, budget, report, len(idx))
+    test = proba(best, "test")
+    report = classification_report(labels["test"], test, names)
+    return _row("cae_spread", seed, budget, report, len(idx), test)
 
 
 def run_finetune(
@@ -357,7 +368,7 @@ def run_finetune(
     )
     proba = model.predict_proba(np.asarray(data["test"]["images"]))
     report = classification_report(np.asarray(data["test"]["labels"]), proba, names)
-    return _row("finetune", seed, budget, report, len(idx)) | {"finetune": model.summary()}
+    return _row("finetune", seed, budget, report, len(idx), proba) | {"finetune": model.summary()}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -403,3 +414,51 @@ def reconstruction_examples(
     recon, _ = model(x)
     recon = recon * model.input_std + model.input_mean
     return {"maps": x.mean(1).numpy(), "recon": recon.mean(1).numpy()}
+
+
+def paired_delong(
+    rows: list[dict], test_labels: np.ndarray, default: str = "auto"
+) -> list[dict[str, Any]]:
+    """DeLong's paired test of ``default`` against each other method, per budget and seed,
+    on the same test images.
+
+    Two classes: one test on the positive class's probability. Several: one per class, that
+    class against the rest (``class`` names it). Methods whose rows kept no test
+    probabilities are left out.
+
+    Returns:
+        Rows ``{"budget", "seed", "baseline", "class", "auc_default", "auc_baseline",
+        "difference", "z", "p"}``.
+    """
+    from medcae.metrics.decision import delong_test
+
+    y = np.asarray(test_labels)
+    by = {(r["method"], r["budget"], r["seed"]): r for r in rows if "test_proba" in r}
+    out = []
+    for (method, budget, seed), ref in by.items():
+        if method != default:
+            continue
+        p_ref = np.asarray(ref["test_proba"])
+        k = p_ref.shape[1]
+        for (other, b, s), row in by.items():
+            if other == default or b != budget or s != seed:
+                continue
+            p = np.asarray(row["test_proba"])
+            if p.shape != p_ref.shape or len(p) != len(y):
+                continue
+            for c in [1] if k == 2 else range(k):
+                t = delong_test(y == c, p_ref[:, c], p[:, c])
+                out.append(
+                    {
+                        "budget": budget,
+                        "seed": seed,
+                        "baseline": other,
+                        "class": None if k == 2 else int(c),
+                        "auc_default": t["auc_a"],
+                        "auc_baseline": t["auc_b"],
+                        "difference": t["difference"],
+                        "z": t["z"],
+                        "p": t["p"],
+                    }
+                )
+    return out

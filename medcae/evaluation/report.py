@@ -172,10 +172,15 @@ def write_report(
     budgets: list[float | int],
     ft: FinetuneConfig,
     wall: float,
+    test_labels: np.ndarray | None = None,
 ) -> str:
-    """Write results.csv, the plots and report.md to ``out``; returns the evidence table."""
+    """Write results.csv, the plots and report.md to ``out``; returns the evidence table.
 
-    from medcae.evaluation.comparison import QUOTED, aggregate
+    With ``test_labels`` (the test split's, in the rows' order) and the default (``auto``)
+    among the methods, also ``delong.csv`` and a table of DeLong's paired test of the default
+    against each baseline at each budget and seed."""
+
+    from medcae.evaluation.comparison import QUOTED, aggregate, paired_delong
 
     agg = aggregate(rows)
     with open(out / "results.csv", "w", newline="") as f:
@@ -205,6 +210,13 @@ def write_report(
         plot_reconstructions(examples, out / "reconstructions.png")
         np.savez(out / "reconstructions.npz", **examples)
     table = evidence_table(agg, QUOTED.get(cfg.data, {}))
+    tests = paired_delong(rows, test_labels) if test_labels is not None else []
+    if tests:
+        with open(out / "delong.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(tests[0]))
+            w.writeheader()
+            w.writerows(tests)
+        table += "\n\n" + delong_table(tests, ds.label_names)
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)"
     report = (
         f"# medcae evidence: {ds.name}\n\nCommand: `{command_line()}`  \nMachine: {machine}  \n"
@@ -218,6 +230,32 @@ def write_report(
     )
     (out / "report.md").write_text(report)
     return table
+
+
+def delong_table(tests: list[dict[str, Any]], names: list[str]) -> str:
+    """Markdown: per budget and baseline, the default's AUC minus the baseline's and DeLong's
+    two-sided p, one value per seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for t in tests:
+        groups.setdefault((t["budget"], t["baseline"], t["class"]), []).append(t)
+    lines = [
+        "Paired DeLong tests, the default (`auto`) against each baseline on the same test "
+        "images (one value per seed):",
+        "",
+        "| labels | baseline | class | AUC default - baseline | p |",
+        "|---|---|---|---|---|",
+    ]
+    for (budget, base, cls), ts in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))
+    ):
+        ts = sorted(ts, key=lambda t: t["seed"])
+        diff = ", ".join(f"{t['difference']:+.3f}" for t in ts)
+        p = ", ".join(f"{t['p']:.3g}" for t in ts)
+        what = "positive" if cls is None else names[cls]
+        lines.append(
+            f"| {_budget_name(budget)} | {LABELS.get(base, base)} | {what} | {diff} | {p} |"
+        )
+    return "\n".join(lines)
 
 
 def reliability_png(calibration: dict[str, Any], title: str = "") -> bytes:

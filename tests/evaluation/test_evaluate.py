@@ -83,6 +83,12 @@ def test_evaluate_smoke_writes_report_table_and_plots(ray_session, demo_npz, tmp
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "Command:" in report and "| method |" in report
+    with open(out / "delong.csv") as f:
+        tests = list(csv.DictReader(f))
+    assert len(tests) == 8 * 3 * 3  # eight baselines x three budgets x three classes (one seed)
+    assert {t["baseline"] for t in tests} == methods - {"auto"}
+    assert all(0 <= float(t["p"]) <= 1 for t in tests if t["p"] != "nan")
+    assert "Paired DeLong tests" in report
 
 
 @pytest.mark.ray
@@ -169,3 +175,31 @@ def test_report_header_names_fine_tuning_only_when_it_ran():
     text = finetune_clause(tuned, ft, 112)
     assert text.startswith("; fine-tuning the whole backbone") and "at 112 px" in text
     assert "20: best epoch 3.0 of 4.0 run, 80 steps, 12 s per run" in text
+
+
+def test_paired_delong_compares_the_default_with_each_baseline_on_the_same_images():
+    from medcae.evaluation.comparison import paired_delong
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    good = 1 / (1 + np.exp(-(3 * y - 1.5 + rng.normal(size=300))))
+    weak = 1 / (1 + np.exp(-(0.6 * y - 0.3 + rng.normal(size=300))))
+
+    def row(method, p, seed=0, budget=1.0):
+        return {
+            "method": method,
+            "seed": seed,
+            "budget": budget,
+            "test_proba": np.stack([1 - p, p], 1).tolist(),
+        }
+
+    rows = [
+        row("auto", good),
+        row("cae", weak),
+        row("frozen_final", good),
+        row("finetune", weak, 1),
+    ]
+    tests = {t["baseline"]: t for t in paired_delong(rows, y)}
+    assert set(tests) == {"cae", "frozen_final"}  # finetune ran with another seed only
+    assert tests["cae"]["difference"] > 0.1 and tests["cae"]["p"] < 1e-6
+    assert tests["frozen_final"]["difference"] == 0 and np.isnan(tests["frozen_final"]["p"])
