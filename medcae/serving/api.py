@@ -426,6 +426,12 @@ def model_info(meta: dict[str, Any], model_id: str) -> dict[str, Any]:
         "id": model_id,
         "data": meta.get("data"),
         "label_names": meta.get("label_names"),
+        "task": meta.get("task", "multiclass"),
+        "operating_point": meta.get("operating_point"),
+        "calibration": {
+            k: v for k, v in (meta.get("calibration") or {}).items() if k not in ("val", "test")
+        }
+        or None,
         "backbone": cfg.get("backbone"),
         "cae": cfg.get("cae"),
         "classifier": meta.get("classifier"),

@@ -170,16 +170,21 @@ class Served:
 
     def stats(self) -> dict[str, Any]:
         """The last answers against the bundle's validation split: OOD share and label mix,
-        each flagged when outside :func:`drift_band`."""
+        each flagged when outside :func:`drift_band`. For a multi-label model, each finding's
+        share of answers that have it against its share of validation images."""
         meta = self.loaded.predictor.meta
         with self._lock:
             recent = list(self._recent)
         n = len(recent)
         names = list(meta.get("label_names") or [])
-        val = meta.get("data_summary", {}).get("counts", {}).get("val", {}) or {}
-        total = sum(val.values()) or 1
-        expected = {k: val.get(k, 0) / total for k in names}
-        seen = Counter(label for _, label, _ in recent)
+        summary = meta.get("data_summary", {})
+        val = summary.get("counts", {}).get("val", {}) or {}
+        findings = meta.get("task") == "multilabel"
+        total = (summary.get("totals", {}).get("val") if findings else None) or sum(val.values())
+        expected = {k: val.get(k, 0) / (total or 1) for k in names}
+        seen = Counter(
+            part for _, label, _ in recent for part in (label.split("|") if findings else [label])
+        )
         observed = {k: (seen[k] / n if n else 0.0) for k in names}
         ood_expected = 1.0 - float(meta.get("ood", {}).get("quantile", 0.99))
         ood_rate = sum(1 for *_, ood in recent if ood) / n if n else 0.0

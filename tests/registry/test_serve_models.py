@@ -38,9 +38,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_bundle):
-    """``--model chest@champion --model breast=FOLDER``: chest has versions 1 to 3 (1 the
-    champion; 3's bundle corrupted in the artifact store after registration)."""
+def server(tmp_path_factory, demo_bundle, findings_bundle):
+    """``--model chest@champion --model breast=FOLDER --model findings=FOLDER``: chest has
+    versions 1 to 3 (1 the champion; 3's bundle corrupted in the artifact store after
+    registration); findings is multi-label."""
     tmp = tmp_path_factory.mktemp("serve-models")
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     registry = Registry(uri)
@@ -52,6 +53,7 @@ def server(tmp_path_factory, demo_bundle):
     logs, metrics_port = tmp / "logs", free_port()
     cmd = [sys.executable, "-m", "medcae", "serve", "--model", "chest@champion"]
     cmd += ["--model", f"breast={demo_bundle.path}", "--mlflow", uri, "--follow-s", "1"]
+    cmd += ["--model", f"findings={findings_bundle.path}"]
     cmd += ["--log-dir", str(logs), "--metrics-port", str(metrics_port)]
     env = {**os.environ, "MEDCAE_CACHE_DIR": str(tmp / "cache")}
     started: queue.Queue = queue.Queue()
@@ -85,7 +87,8 @@ def test_models_are_listed_and_each_answers_as_itself(server, demo_bundle):
     with server.client() as c:
         listed = c.get("/v1/models").json()
         assert listed["default"] == "chest"
-        chest, breast = listed["models"]
+        chest, breast, findings = listed["models"]
+        assert findings["name"] == "findings"
         assert (chest["name"], chest["default"], chest["registered"]) == ("chest", True, True)
         assert {v["version"]: v["aliases"] for v in chest["versions"]} == {
             "3": [],
@@ -120,7 +123,7 @@ def test_models_are_listed_and_each_answers_as_itself(server, demo_bundle):
 
         # What does not exist is a 404 that names what does.
         r = c.post("/v1/models/lung/predict", content=image)
-        assert r.status_code == 404 and "serves chest, breast" in r.json()["detail"]
+        assert r.status_code == 404 and "serves chest, breast, findings" in r.json()["detail"]
         r = c.post("/v1/models/chest/predict?alias=challenger", content=image)
         assert r.status_code == 404 and "its aliases: champion" in r.json()["detail"], r.text
         r = c.post("/v1/models/chest/predict?version=9", content=image)
@@ -159,7 +162,11 @@ def test_medcae_predict_asks_a_named_model(server, demo_bundle, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # the default
     assert out.returncode == 0 and "(chest version 1)" in out.stdout, out.stdout + out.stderr
     out = subprocess.run([*cmd, "--model", "lung"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and "HTTP 404" in out.stderr and "serves chest, breast" in out.stderr
+    assert (
+        out.returncode == 1
+        and "HTTP 404" in out.stderr
+        and "serves chest, breast, findings" in out.stderr
+    )
 
 
 def test_prometheus_scrapes_requests_predictions_and_latency_by_model(
@@ -189,7 +196,35 @@ def test_prometheus_scrapes_requests_predictions_and_latency_by_model(
         assert got["labels"] and float(got["latency"][0]["value"][1]) >= 6, got
 
 
-def test_the_page_picks_a_model_and_shows_its_recent_answers(server, demo_bundle, tmp_path):
+def test_a_multilabel_model_answers_each_finding_at_its_own_threshold(server, findings_bundle):
+    from medcae.inference.predictor import Predictor
+
+    local = Predictor.from_bundle(findings_bundle.path)
+    images = findings_bundle.test_images[:6]
+    with server.client() as c:
+        info = c.get("/v1/models/findings").json()
+        assert info["task"] == "multilabel" and list(info["operating_point"]["findings"]) == [
+            "nodule",
+            "ring",
+            "effusion",
+        ]
+        r = c.post(
+            "/v1/models/findings/predict/batch", json={"images": [_b64(im) for im in images]}
+        )
+        assert r.status_code == 200, r.text
+        for got, want in zip(r.json()["predictions"], local.predict(images)):
+            assert got["label"] == want.label and got["findings"] == want.findings
+            assert got["thresholds"] == pytest.approx(want.thresholds)
+            assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)
+        exp = c.post("/v1/models/findings/explain?label=effusion", content=png_bytes(images[0]))
+        assert exp.status_code == 200 and exp.json()["explanation"]["label"] == "effusion"
+        stats = c.get("/v1/models/findings/stats").json()
+        assert set(stats["labels"]) == {"nodule", "ring", "effusion"} and stats["answers"] >= 6
+
+
+def test_the_page_picks_a_model_and_shows_its_recent_answers(
+    server, demo_bundle, findings_bundle, tmp_path
+):
     """Chromium: the picker lists both models, the default first; picking the folder model
     and uploading an image gets that model's answer and its recent-answers table; a screenshot
     is kept in .test-output/page-models.png."""
@@ -198,6 +233,8 @@ def test_the_page_picks_a_model_and_shows_its_recent_answers(server, demo_bundle
 
     path = tmp_path / "scan.png"
     path.write_bytes(png_bytes(demo_bundle.test_images[2]))
+    findings_image = tmp_path / "chest.png"
+    findings_image.write_bytes(png_bytes(findings_bundle.test_images[1]))
     out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", ROOT / ".test-output"))
     out.mkdir(parents=True, exist_ok=True)
     browser = chromium()
@@ -207,7 +244,7 @@ def test_the_page_picks_a_model_and_shows_its_recent_answers(server, demo_bundle
         ident = browser.find_element(By.ID, "model-id")
         wait.until(lambda _: ident.text.startswith("chest version"))
         pick = Select(browser.find_element(By.ID, "model-pick"))
-        assert [o.text for o in pick.options] == ["chest (default)", "breast"]
+        assert [o.text for o in pick.options] == ["chest (default)", "breast", "findings"]
         pick.select_by_value("breast")
         wait.until(lambda _: ident.text.startswith("breast version"))
         browser.find_element(By.ID, "file").send_keys(str(path))
@@ -217,6 +254,19 @@ def test_the_page_picks_a_model_and_shows_its_recent_answers(server, demo_bundle
         wait.until(lambda _: "answers of version" in stats.text)
         assert "validation" in stats.text and "out of distribution" in stats.text
         browser.save_screenshot(str(out / "page-models.png"))
+
+        # A multi-label model: a bar per finding, each with its threshold's mark.
+        pick.select_by_value("findings")
+        wait.until(lambda _: ident.text.startswith("findings version"))
+        browser.find_element(By.ID, "file").send_keys(str(findings_image))
+        wait.until(lambda _: "answered by findings" in status.text)
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+        assert (
+            len(bars) == 3 and len(browser.find_elements(By.CSS_SELECTOR, "#bars .threshold")) == 3
+        )
+        decision = browser.find_element(By.ID, "decision").text
+        assert "its own threshold" in decision
+        browser.save_screenshot(str(out / "page-findings.png"))
     finally:
         browser.quit()
 
