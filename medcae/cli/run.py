@@ -130,9 +130,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _report_metrics(reports: dict) -> dict[str, float]:
-    """``{"cae.test.auc": 0.93, ...}``: every number in the run's per-method reports."""
+    """``{"cae.test.auc": 0.93, ...}``: every number in the run's per-method reports, and
+    the decisions' worth (:func:`_decision_metrics`)."""
     out = {}
     for method, report in (reports or {}).items():
+        out.update({f"{method}.{k}": v for k, v in _decision_metrics(report or {}).items()})
         for key, value in (report or {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 out[f"{method}.{key}"] = float(value)
@@ -140,6 +142,34 @@ def _report_metrics(reports: dict) -> dict[str, float]:
                 for k, v in value.items():
                     if isinstance(v, int | float) and not isinstance(v, bool):
                         out[f"{method}.{key}.{k}"] = float(v)
+    return out
+
+
+def _decision_metrics(report: dict) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV, accuracy and the AUC at the operating point with
+    their interval bounds (``sensitivity``, ``sensitivity.ci_low``, ...), ECE/Brier/log-loss
+    before and after calibration, and for findings each one's and the macro means."""
+    out: dict[str, float] = {}
+
+    def proportions(prefix: str, d: dict) -> None:
+        for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "auc"):
+            p = d.get(key)
+            if isinstance(p, dict) and isinstance(p.get("value"), int | float):
+                out[f"{prefix}{key}"] = float(p["value"])
+                low, high = p.get("ci") or (None, None)
+                if low is not None:
+                    out[f"{prefix}{key}.ci_low"], out[f"{prefix}{key}.ci_high"] = low, high
+
+    decision = report.get("decision") or {}
+    proportions("", decision)
+    for name, d in (decision.get("per_finding") or {}).items():
+        proportions(f"finding.{name}.", d)
+    for key, v in (decision.get("macro") or {}).items():
+        out[f"macro.{key}"] = float(v)
+    for when, r in (report.get("calibration") or {}).items():
+        if when in ("before", "after") and isinstance(r, dict):
+            for key in ("ece", "brier", "log_loss"):
+                out[f"calibration.{when}.{key}"] = float(r[key])
     return out
 
 
