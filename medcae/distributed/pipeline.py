@@ -271,6 +271,8 @@ def run_pipeline(
     }
     t["classifier_s"] = time.perf_counter() - t2
     progress_log.info("classifier: %s, %.1fs", ours.selection, t["classifier_s"])
+    for line in decision_lines(ours, store.label_names):
+        progress_log.info("%s", line)
 
     model = ConvAutoEncoder(store.shape[0], cfg.cae)
     model.load_state_dict(training.state)
@@ -307,6 +309,33 @@ def run_pipeline(
     result = PipelineResult(bundle, reports, table, store, training, t)
     _write_results(paths.out / "results.json", result, cfg)
     return result
+
+
+def decision_lines(ev: Any, names: list[str]) -> list[str]:
+    """The console's lines on how the chosen head decides: its calibration and operating
+    point (per finding for findings), and any target validation could not meet exactly."""
+    cals = ev.calibration if isinstance(ev.calibration, list) else [ev.calibration]
+    ops = ev.operating_point if isinstance(ev.operating_point, list) else [ev.operating_point]
+    lines = []
+    for i, (cal, op) in enumerate(zip(cals, ops)):
+        if cal is None or op is None:
+            continue
+        who = f"{names[i]}: " if len(ops) > 1 else ""
+        if op.threshold is None:
+            point = f"{op.text}: the most probable class"
+        else:
+            pos = names[i] if len(ops) > 1 else names[op.positive or 1]
+            val = op.val or {}
+            point = (
+                f"{op.text}: p({pos}) >= {op.threshold:.4f} (val sensitivity "
+                f"{val.get('sensitivity', float('nan')):.3f}, specificity "
+                f"{val.get('specificity', float('nan')):.3f})"
+            )
+        lines.append(f"{who}calibration {cal.reason}")
+        lines.append(f"{who}operating point {point}")
+        if op.note:
+            lines.append(f"{who}note: {op.note}")
+    return lines
 
 
 def _require_labeled(emb: dict[str, dict[str, np.ndarray]], store: FeatureStore) -> None:

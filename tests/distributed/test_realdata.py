@@ -31,6 +31,8 @@ def test_pneumoniamnist_cae_codes_beat_the_floor(ray_session, shared_data_dir, t
 
     cfg = PipelineConfig(data="pneumoniamnist")
     cfg = resolved_backbone(replace(cfg, cae=replace(CAEConfig(), epochs=6)))
+    # the CAE's head and the frozen baseline only (auto would fit five representations)
+    cfg = replace(cfg, classifier=replace(cfg.classifier, representation="cae"))
     paths = RunPaths(tmp_path / "run", str(tmp_path / "store"), str(tmp_path / "ckpt"), "real")
     res = run_pipeline(cfg, paths, list_sources(cfg, str(shared_data_dir), smoke_test=False))
     cae = next(v for k, v in res.reports.items() if k.startswith("CAE"))
@@ -42,3 +44,10 @@ def test_pneumoniamnist_cae_codes_beat_the_floor(ray_session, shared_data_dir, t
     assert cae["auc"] > CAE_AUC_FLOOR
     assert frozen["auc"] > FROZEN_AUC_FLOOR
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    # two classes: a youden threshold chosen on validation, decisions with Wilson intervals
+    decision = cae["decision"]
+    assert cae["operating_point"]["rule"] == "youden" and decision["positive"] == "pneumonia"
+    for key in ("sensitivity", "specificity", "ppv", "npv"):
+        low, high = decision[key]["ci"]
+        assert 0.5 < low <= decision[key]["value"] <= high, (key, decision[key])
+    assert cae["calibration"]["after"]["ece"] < 0.2
