@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--resolution", type=int, default=112)
     p.add_argument("--target", type=float, default=0.95, help="the sensitivity operating point")
+    p.add_argument("--calibration", default="auto", help="as medcae run's --calibration")
     a = p.parse_args()
     ds, maps, cfg = features(a.data, a.resolution)
     names = list(ds.label_names)
@@ -74,7 +75,7 @@ def main() -> None:
     for seed in range(a.seeds):
         t0 = time.perf_counter()
         run = replace(cfg, cae=replace(cfg.cae, epochs=a.epochs, seed=seed))
-        run = replace(run, classifier=replace(run.classifier, seed=seed))
+        run = replace(run, classifier=replace(run.classifier, seed=seed, calibration=a.calibration))
         cae = train_cae_on_arrays(maps["train"]["maps"], run, seed, maps["val"]["maps"])
         arrays = {
             s: {
@@ -110,6 +111,20 @@ def main() -> None:
             f"{row['brier'][0]:.4f} -> {row['brier'][1]:.4f} ({row['s']:.0f}s)",
             flush=True,
         )
+        if len(names) > 2 and not ds.multilabel:  # what calibration did to each class's AUC
+            from medcae.metrics.findings import finding_aucs
+
+            x = get_representation(choice.name).features(arrays["test"])
+            raw = ev.head.predict_proba(x) if ev.calibration.method == "none" else None
+            onehot = np.eye(len(names), dtype=np.int64)[labels["test"]]
+            after = finding_aucs(onehot, ev.test_proba)
+            if raw is None:
+                from dataclasses import replace as _r
+
+                raw = _r(ev.head, platt=ev.head.platt / ev.calibration.slope, shrink=None)
+                raw = raw.predict_proba(x)
+            before = finding_aucs(onehot, raw)
+            print(f"  per-class AUC change: {np.abs(after - before).max():.2e} (max)")
         if binary and not ds.multilabel:
             x = {s: get_representation(choice.name).features(arrays[s]) for s in ("val", "test")}
             pv, pt = ev.head.predict_proba(x["val"]), ev.head.predict_proba(x["test"])
