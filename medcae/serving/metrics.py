@@ -107,12 +107,17 @@ def classify(path: str) -> tuple[str, str] | None:
 
 
 def record_predictions(model: str, version: str, predictions: Iterable[dict[str, Any]]) -> None:
-    """Count answered images by label, and those out of distribution."""
+    """Count answered images by label, and those out of distribution. A multi-label answer
+    counts once per finding present (or once as ``no finding``), so the label values stay the
+    model's finding names, never their combinations."""
     m = _get()
     if m is None:
         return
     for p in predictions:
-        m.predictions.inc(1, {"model": model, "version": version, "label": p["label"]})
+        found = p.get("findings")
+        labels = [p["label"]] if found is None else [f for f, yes in found.items() if yes]
+        for label in labels or [p["label"]]:
+            m.predictions.inc(1, {"model": model, "version": version, "label": label})
         if not p["in_distribution"]:
             m.ood.inc(1, {"model": model, "version": version})
 

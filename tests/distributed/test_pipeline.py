@@ -10,7 +10,7 @@ import pytest
 from helpers import ROOT, medcae_subprocess
 from PIL import Image
 
-from medcae.config import PipelineConfig
+from medcae.config import ClassifierConfig, PipelineConfig
 from medcae.inference.predictor import Predictor
 from medcae.metrics.classification import classification_report
 
@@ -129,6 +129,7 @@ def test_a_findings_run_ends_in_a_multilabel_bundle_with_a_threshold_per_finding
         data="demo-findings",
         backbone=BackboneConfig(taps=("stage4",), resolution=48),
         cae=CAEConfig(channels=(16,), latent_channels=4, epochs=2),
+        classifier=ClassifierConfig(representation="cae"),  # the CAE's and the baseline's
     )
     paths = RunPaths(tmp_path / "f", str(tmp_path / "store"), str(tmp_path / "ckpt"), "f")
     res = run_pipeline(cfg, paths, list_sources(cfg, str(tmp_path), smoke_test=True))

@@ -401,3 +401,44 @@ def test_cli_suggests_from_a_folder(tmp_path, demo_bundle, pool_folder):
     assert [bool(r["label"]) for r in template] == [True, True, False, False, False, False]
     assert "predict: " in run.stderr and "rank: hybrid:typiclust over" in run.stderr
     assert f"medcae run --data {out / 'labels.csv'}" in run.stdout
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def test_margin_over_findings_asks_first_for_the_finding_closest_to_its_threshold():
+    proba = np.array([[0.9, 0.1], [0.32, 0.05], [0.5, 0.5], [0.1, 0.69]])
+    pool = Pool(
+        proba, None, np.ones(4, bool), np.zeros(4, bool), np.array([5, 5]), np.array([0.3, 0.7])
+    )
+    ranking = suggest(pool, 4, "margin", seed=0).ranking
+    # distances to the thresholds: 0.6 | 0.02 | 0.2 | 0.01 (finding 2 of image 3)
+    assert ranking.indices.tolist() == [3, 1, 2, 0]
+
+
+def test_a_findings_labels_csv_round_trips_into_medcae_run(tmp_path):
+    """Findings: ``labels`` with ``|``, an empty cell is "no finding", ``?`` is not labeled
+    yet; a finding the bundle never saw is refused naming it."""
+    files = _pngs(tmp_path / "pool", 10)
+    names = ["effusion", "mass"]
+    cells = ["effusion|mass", "", "mass", "effusion", "No Finding", "effusion", "mass"]
+    splits = ["train", "train", "val", "val", "test", "train", "train"]
+    (tmp_path / "given.csv").write_text(
+        "path,labels,split\n"
+        + "".join(f"pool/{f.name},{c},{s}\n" for f, c, s in zip(files, cells, splits))
+    )
+    labeled = read_labeled(tmp_path / "given.csv", names, multilabel=True)
+    assert labeled.class_counts(2).tolist() == [3, 3] and len(labeled.paths) == 7
+    out = tmp_path / "labels.csv"
+    write_labels(out, labeled, [str(f) for f in files[7:]])
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["labels"] for r in rows][-3:] == ["?", "?", "?"]
+    listed = list_rows(out)
+    assert listed.multilabel and listed.label_names == names
+    assert len(listed.skipped) == 3 and all("not labeled yet" in r for _, r in listed.skipped)
+    (tmp_path / "bad.csv").write_text(f"path,labels\npool/{files[0].name},hernia|mass\n")
+    with pytest.raises(
+        DataError, match=r"bad.csv#row=0: finding\(s\) \['hernia'\] were never seen"
+    ):
+        read_labeled(tmp_path / "bad.csv", names, multilabel=True)
