@@ -138,12 +138,17 @@ def demo_bundle(tmp_path_factory, demo_npz) -> BundleCase:
 
 
 @pytest.fixture(scope="session")
-def findings_bundle(tmp_path_factory) -> BundleCase:
-    """:func:`demo_bundle` of the demo's multi-label variant (three findings per image)."""
+def findings_npz(tmp_path_factory) -> Path:
+    """The demo's multi-label variant (nodule, ring, effusion), generated once per session."""
     from medcae.data.demo import make_findings_dataset
 
-    npz = make_findings_dataset(tmp_path_factory.mktemp("findings") / "findings.npz", seed=0)
-    return core_bundle(tmp_path_factory.mktemp("fbundle") / "bundle", npz)
+    return make_findings_dataset(tmp_path_factory.mktemp("findings") / "findings.npz", seed=0)
+
+
+@pytest.fixture(scope="session")
+def findings_bundle(tmp_path_factory, findings_npz) -> BundleCase:
+    """:func:`demo_bundle` of the demo's multi-label variant (three findings per image)."""
+    return core_bundle(tmp_path_factory.mktemp("fbundle") / "bundle", findings_npz)
 
 
 def core_bundle(dest: Path, npz: Path) -> BundleCase:

@@ -31,4 +31,10 @@ def check_budget(dataset: Any, budget: float | int, seed: int) -> None:
         labels = dataset.splits["train"].labels
     if labels is None:
         raise DataError(f"{dataset.name}: the training split has no labels for the classifier")
+    if getattr(dataset, "multilabel", False):
+        from medcae.data.findings import decode
+        from medcae.model.classifier import sample_findings_budget
+
+        sample_findings_budget(decode(labels, len(dataset.label_names)), budget, seed)
+        return
     sample_budget(labels, budget, seed)

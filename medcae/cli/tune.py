@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medcae.cli.args import config_from_args, default_store_root, single_label_only
+from medcae.cli.args import config_from_args, default_store_root
 from medcae.cli.checks import check_budget
 from medcae.cli.logs import print_summary, route_ray_output, setup_run_logging
 from medcae.cli.models import register_bundle
@@ -41,7 +41,6 @@ def main(a: argparse.Namespace) -> int:
         space = {**space, **mt.SMOKE_SPACE}
     base = config_from_args(a)
     sources = list_sources(base, a.data_dir, a.smoke_test)  # bad input fails before Ray
-    single_label_only(sources[0], "tune")
     for b in [a.budget, *space.get("classifier.budget", {}).get("choice", [])]:
         check_budget(sources[0], b, a.seed)  # counts per class the data cannot give: now
     out = Path(a.out).resolve()
@@ -56,10 +55,11 @@ def main(a: argparse.Namespace) -> int:
     uri = tracking_uri(a.mlflow)
     experiment = f"medcae-tune-{a.name}"
     try:
+        multilabel = sources[0].multilabel
         tuner = mt.make_tuner(
-            space, base, stores, opts, out, a.name, tune_callbacks(uri, experiment)
+            space, base, stores, opts, out, a.name, tune_callbacks(uri, experiment), multilabel
         )
-        summary = mt.finalize(tuner.fit(), space, base, stores, out, sources[0].name)
+        summary = mt.finalize(tuner.fit(), space, base, stores, out, sources[0].name, multilabel)
     finally:
         shutdown_ray()  # no process of a local Ray outlives the job
     log_job(  # the search as a whole, next to one MLflow run per trial

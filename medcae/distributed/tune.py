@@ -27,8 +27,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medcae.config import PipelineConfig
 from medcae.data import Rows
+from medcae.data.findings import decode
 from medcae.distributed.store import ExtractOptions, FeatureStore, build_store, load_store
-from medcae.model.classifier import fit_classifier
+from medcae.model.classifier import fit_classifier, fit_findings
 from medcae.model.epoch import build_cae, embed_all, errors_all, shuffled_batches
 from medcae.model.trainer import TrainerState, fit_cae, load_checkpoint, save_checkpoint
 from medcae.tuning.space import apply_params, backbone_variants
@@ -63,9 +64,12 @@ def cae_maps(store: FeatureStore) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
-def trial(params: dict[str, Any], base: dict, stores: dict[str, str]) -> None:
+def trial(
+    params: dict[str, Any], base: dict, stores: dict[str, str], multilabel: bool = False
+) -> None:
     """One Tune trial: :func:`~medcae.model.trainer.fit_cae` on the store's maps; after each epoch
-    the classifier is fitted on the budget and scored on validation (ASHA reads it)."""
+    the classifier is fitted on the budget and scored on validation (ASHA reads it); for
+    findings (``multilabel``), a head per finding scored by the mean AUC over findings."""
     torch.set_num_threads(
         max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
     )
@@ -78,14 +82,21 @@ def trial(params: dict[str, Any], base: dict, stores: dict[str, str]) -> None:
 
     def on_epoch(state: TrainerState, metrics: dict[str, Any]) -> None:
         codes = {s: embed_all(model, labeled[s]["maps"]) for s in labeled}
-        _, sel = fit_classifier(
-            cfg.classifier,
-            codes["train"],
-            labeled["train"]["label"],
-            codes["val"],
-            labeled["val"]["label"],
-            len(store.label_names),
-        )
+        if multilabel:
+            f = len(store.label_names)
+            y = {s: decode(labeled[s]["label"], f) for s in labeled}
+            _, sel = fit_findings(
+                cfg.classifier, codes["train"], y["train"], codes["val"], y["val"]
+            )
+        else:
+            _, sel = fit_classifier(
+                cfg.classifier,
+                codes["train"],
+                labeled["train"]["label"],
+                codes["val"],
+                labeled["val"]["label"],
+                len(store.label_names),
+            )
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(state.checkpoint(), d)
             tune.report(
@@ -137,13 +148,14 @@ def make_tuner(
     storage: Path,
     name: str,
     callbacks: list[Any] | None = None,
+    multilabel: bool = False,
 ) -> tune.Tuner:
     """A Tuner: OptunaSearch (TPE, seeded) limited to ``max_concurrent``, ASHA on val AUC.
 
     ``callbacks`` (e.g. MLflow's) see every trial's reports.
     """
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base.to_dict(), stores=stores),
+        tune.with_parameters(trial, base=base.to_dict(), stores=stores, multilabel=multilabel),
         {"cpu": opts["cpus_per_trial"], "gpu": opts["gpus_per_trial"]},
     )
     path = storage / name
@@ -235,6 +247,7 @@ def finalize(
     stores: dict[str, str],
     out: Path,
     data_name: str,
+    multilabel: bool = False,
 ) -> dict[str, Any]:
     """Best trial -> bundle (its checkpoint reused), test split touched once; tables and plots."""
     from medcae.evaluation.export import save_model
@@ -254,7 +267,7 @@ def finalize(
     feats = {s: store.arrays(s, ("label", "maps")) for s in splits}
     codes = {s: embed_all(model, feats[s]["maps"]) for s in splits}
     labels = {s: feats[s]["label"] for s in splits}
-    fitted = fit_and_test(cfg.classifier, codes, labels, store.label_names)
+    fitted = fit_and_test(cfg.classifier, codes, labels, store.label_names, multilabel)
     bundle = save_model(
         out / "bundle",
         cfg,
@@ -266,6 +279,7 @@ def finalize(
         {"search_best_trial": best.config, "feature_store": {"uri": store.uri, "key": store.key}},
         labels=labels,
         unlabeled=store.count("unlabeled"),
+        multilabel=multilabel,
     )
     imp = importances(rows, space, METRIC)
     plot_history(rows, METRIC, out / "history.png")

@@ -44,13 +44,15 @@ def _rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
+def test_smoke_search_writes_report_and_a_working_bundle(findings_npz, tmp_path):
+    """On the demo's findings (multi-label: trials score the mean AUC over findings); the
+    resume test below searches the single-label demo."""
     from helpers.reaper import run_reaped
 
     out = tmp_path / "search"
+    args = ("--num-samples", "6", "--max-concurrent", "2", "--grace-period", "1")
     run, report = run_reaped(
-        _cmd(demo_npz, out, "--num-samples", "6", "--max-concurrent", "2", "--grace-period", "1")
-        + ["--mlflow", f"sqlite:///{tmp_path / 'mlruns.db'}"],
+        _cmd(findings_npz, out, *args) + ["--mlflow", f"sqlite:///{tmp_path / 'mlruns.db'}"],
         tmp_path / "reaper.json",
         capture_output=True,
         text=True,
@@ -70,8 +72,9 @@ def test_smoke_search_writes_report_and_a_working_bundle(demo_npz, tmp_path):
     pred = Predictor.from_bundle(out / "bundle")
     from medcae.data import load_dataset
 
-    proba = pred.predict_proba(load_dataset(str(demo_npz)).splits["test"].images[:8])
-    assert proba.shape == (8, 3)
+    images = load_dataset(str(findings_npz)).splits["test"].images[:8]
+    assert pred.multilabel and pred.predict_proba(images).shape == (8, 3)
+    assert set(pred.predict(images)[0].thresholds) == {"nodule", "ring", "effusion"}
     assert "model bundle:" in run.stdout and "test (touched once)" in run.stdout
     # --mlflow: one MLflow run per trial (Ray's callback) and one for the search
     from mlflow.tracking import MlflowClient
