@@ -354,9 +354,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
     e.add_argument(
         "--methods",
-        default="frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_ensemble,cae_spread,auto,"
-        "finetune",
-        help="comma-separated; also cae_hier (one CAE per tap: give two or more --taps)",
+        default=DEFAULT_METHODS,
+        help="comma-separated; also cae_hier (one CAE per tap: give two or more --taps); "
+        "for findings cae_spread and finetune are left out",
     )
     e.add_argument("--epochs", type=int, default=15, help="CAE epochs")
     e.add_argument(
@@ -474,6 +474,12 @@ def _pick(cls: type, g: dict[str, Any], **flag_of: str) -> dict[str, Any]:
         if g.get(flag) is not None:
             out[f.name] = g[flag]
     return out
+
+
+#: ``medcae evaluate --methods``' default.
+DEFAULT_METHODS = (
+    "frozen_final,frozen_tap,cae,cae_pixels,cae_concat,cae_ensemble,cae_spread,auto,finetune"
+)
 
 
 def single_label_only(rows: Any, job: str) -> None:

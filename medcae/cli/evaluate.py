@@ -13,8 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medcae.cli.args import config_from_args, default_store_root, single_label_only
+from medcae.cli.args import (
+    DEFAULT_METHODS,
+    config_from_args,
+    default_store_root,
+    single_label_only,
+)
 from medcae.cli.logs import route_ray_output, setup_run_logging
+from medcae.config import ConfigError
 
 SMOKE_BUDGETS: list[float | int] = [0.1, 1.0, 5]
 
@@ -48,6 +54,7 @@ def store_inputs(store, rows) -> tuple:
         rows.name,
         {s: ImageSet(to_uniform(ims, side), feats[s]["labels"]) for s, ims in splits.items()},
         store.label_names,
+        multilabel=rows.multilabel,
     )
     return ds, feats
 
@@ -93,7 +100,16 @@ def main(a: argparse.Namespace) -> int:
 
         hierarchical(cfg)  # fewer than two taps: one error line before Ray
     sources = list_sources(cfg, a.data_dir, a.smoke_test)  # bad input fails before Ray
-    single_label_only(sources[0], "evaluate")
+    if sources[0].multilabel:  # findings: the methods that have a multi-label form
+        from medcae.evaluation.comparison import SINGLE_LABEL_ONLY
+
+        asked = [m for m in SINGLE_LABEL_ONLY if m in methods]
+        if asked and a.methods != DEFAULT_METHODS:
+            raise ConfigError(
+                f"medcae evaluate: {', '.join(asked)} take one class per image; "
+                f"{sources[0].name} is multi-label (findings): leave them out of --methods"
+            )
+        methods = [m for m in methods if m not in SINGLE_LABEL_ONLY]
     out = Path(a.out)
     setup_run_logging(out)
     start = time.perf_counter()
@@ -112,7 +128,8 @@ def main(a: argparse.Namespace) -> int:
     from medcae.evaluation.report import write_report
 
     test_labels = feats["test"]["labels"]
-    table = write_report(out, ds, cfg, rows, examples, budgets, ft, wall, test_labels)
+    multilabel = sources[0].multilabel
+    table = write_report(out, ds, cfg, rows, examples, budgets, ft, wall, test_labels, multilabel)
     from medcae.cli.tracking import log_job, tracking_uri
     from medcae.evaluation.comparison import aggregate
 

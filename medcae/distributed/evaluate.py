@@ -76,7 +76,7 @@ def run_evaluation(
             "images": ds.splits[s].images,
         }
         for s in ("train", "val", "test")
-    }
+    } | {"multilabel": ds.multilabel}
     ref = ray.put(data)
     cfg_d, names = cfg.to_dict(), list(ds.label_names)
     pending = {

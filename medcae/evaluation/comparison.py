@@ -65,11 +65,12 @@ def _rows(
     labels: dict[str, np.ndarray],
     cfg: PipelineConfig,
     names: Sequence[str],
+    multilabel: bool = False,
 ) -> list[dict]:
     out = []
     for b in budgets:
         clf = replace(cfg.classifier, budget=b, seed=seed)
-        ev = fit_and_test(clf, feats, labels, names)
+        ev = fit_and_test(clf, feats, labels, names, multilabel)
         out.append(_row(method, seed, b, ev.test, ev.selection["n_labels"], ev.test_proba))
     return out
 
@@ -93,7 +94,7 @@ def _row(
         "acc": test["acc"],
         "balanced_acc": test["balanced_acc"],
         "n_labels": int(n),
-        "confusion": test["confusion"],
+        "confusion": test.get("confusion"),  # findings have one per finding, not one
     }
 
 
@@ -146,6 +147,9 @@ def pixels(images: np.ndarray) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
 
+
+#: Methods with no multi-label form (label spreading and fine-tuning take one class per image).
+SINGLE_LABEL_ONLY = ("cae_spread", "finetune")
 
 #: Methods built on the one tap CAE of a seed: an evaluation trains it once for all of them.
 SHARED_CAE = ("cae", "cae_concat", "cae_ensemble", "cae_spread", "auto")
@@ -216,15 +220,18 @@ def run_feature_method(
 ) -> tuple[list[dict], torch.nn.Module | None]:
     """Rows of one feature method for one seed (one CAE per seed, reused for all budgets, and
     ``model``, the seed's tap CAE, reused when given)."""
+    ml = bool(data.get("multilabel"))
+    if ml and method in SINGLE_LABEL_ONLY:
+        raise ValueError(f"{method} has no multi-label form; leave it out for findings")
     feats, model = feature_sets(method, seed, data, cfg, model)
     labels = {s: np.asarray(data[s]["labels"]) for s in SPLITS}
     if method == "cae_spread":
         return [spread_row(feats, labels, b, seed, names) for b in budgets], model
     if method == "auto":
-        return [auto_row(feats, labels, b, seed, cfg, names) for b in budgets], model
+        return [auto_row(feats, labels, b, seed, cfg, names, ml) for b in budgets], model
     if method == "cae_ensemble":
-        return [ensemble_row(feats, labels, b, seed, cfg, names) for b in budgets], model
-    return _rows(method, seed, budgets, feats, labels, cfg, names), model
+        return [ensemble_row(feats, labels, b, seed, cfg, names, ml) for b in budgets], model
+    return _rows(method, seed, budgets, feats, labels, cfg, names, ml), model
 
 
 def run_feature_methods(
@@ -257,6 +264,7 @@ def auto_row(
     seed: int,
     cfg: PipelineConfig,
     names: Sequence[str],
+    multilabel: bool = False,
 ) -> dict:
     """The default's row: the representation ``auto`` picks on validation
     (:func:`medcae.model.representations.choose`), tested once; ``chosen`` names it, ``val_auc`` and
@@ -264,7 +272,7 @@ def auto_row(
     from medcae.evaluation.protocol import fit_representations
 
     clf = replace(cfg.classifier, budget=budget, seed=seed, representation="auto")
-    fitted, choice = fit_representations(clf, arrays, labels, names)
+    fitted, choice = fit_representations(clf, arrays, labels, names, multilabel)
     ev = fitted[choice.name]
     return _row("auto", seed, budget, ev.test, ev.selection["n_labels"], ev.test_proba) | {
         "chosen": choice.name,
@@ -280,6 +288,7 @@ def ensemble_row(
     seed: int,
     cfg: PipelineConfig,
     names: Sequence[str],
+    multilabel: bool = False,
 ) -> dict:
     """The ``cae_ensemble`` representation's row
     (:func:`medcae.evaluation.protocol.fit_ensemble`)."""
@@ -287,7 +296,7 @@ def ensemble_row(
     from medcae.model.representations import get_representation
 
     clf = replace(cfg.classifier, budget=budget, seed=seed)
-    ev = fit_ensemble(clf, get_representation("cae_ensemble"), arrays, labels, names)
+    ev = fit_ensemble(clf, get_representation("cae_ensemble"), arrays, labels, names, multilabel)
     return _row("cae_ensemble", seed, budget, ev.test, ev.selection["n_labels"], ev.test_proba)
 
 
@@ -417,13 +426,14 @@ def reconstruction_examples(
 
 
 def paired_delong(
-    rows: list[dict], test_labels: np.ndarray, default: str = "auto"
+    rows: list[dict], test_labels: np.ndarray, default: str = "auto", multilabel: bool = False
 ) -> list[dict[str, Any]]:
     """DeLong's paired test of ``default`` against each other method, per budget and seed,
     on the same test images.
 
     Two classes: one test on the positive class's probability. Several: one per class, that
-    class against the rest (``class`` names it). Methods whose rows kept no test
+    class against the rest (``class`` names it). Findings (``multilabel``, bitmask labels):
+    one per finding. Methods whose rows kept no test
     probabilities are left out.
 
     Returns:
@@ -446,14 +456,17 @@ def paired_delong(
             p = np.asarray(row["test_proba"])
             if p.shape != p_ref.shape or len(p) != len(y):
                 continue
-            for c in [1] if k == 2 else range(k):
-                t = delong_test(y == c, p_ref[:, c], p[:, c])
+            for c in [1] if k == 2 and not multilabel else range(k):
+                truth = ((y >> c) & 1) == 1 if multilabel else y == c
+                if truth.all() or not truth.any():
+                    continue
+                t = delong_test(truth, p_ref[:, c], p[:, c])
                 out.append(
                     {
                         "budget": budget,
                         "seed": seed,
                         "baseline": other,
-                        "class": None if k == 2 else int(c),
+                        "class": None if k == 2 and not multilabel else int(c),
                         "auc_default": t["auc_a"],
                         "auc_baseline": t["auc_b"],
                         "difference": t["difference"],

@@ -173,6 +173,7 @@ def write_report(
     ft: FinetuneConfig,
     wall: float,
     test_labels: np.ndarray | None = None,
+    multilabel: bool = False,
 ) -> str:
     """Write results.csv, the plots and report.md to ``out``; returns the evidence table.
 
@@ -200,17 +201,26 @@ def write_report(
         for r in rows
         if r["method"] == full["method"] and r["budget"] == full["budget"] and r["seed"] == 0
     )
-    plot_confusion(
-        conf,
-        ds.label_names,
-        f"{full['method']}, {full['budget']:g} labels, seed 0",
-        out / "confusion_best.png",
-    )
+    if conf is not None:  # findings have no single confusion matrix
+        plot_confusion(
+            conf,
+            ds.label_names,
+            f"{full['method']}, {full['budget']:g} labels, seed 0",
+            out / "confusion_best.png",
+        )
     if examples is not None:
         plot_reconstructions(examples, out / "reconstructions.png")
         np.savez(out / "reconstructions.npz", **examples)
     table = evidence_table(agg, QUOTED.get(cfg.data, {}))
-    tests = paired_delong(rows, test_labels) if test_labels is not None else []
+    if multilabel:
+        table = (
+            f"Findings ({', '.join(ds.label_names)}): test AUC is the mean over findings, ACC and "
+            "balanced ACC the means of each finding's at its own threshold; a count budget is "
+            "that many positives of each finding and as many images without one.\n\n" + table
+        )
+    tests = (
+        paired_delong(rows, test_labels, multilabel=multilabel) if test_labels is not None else []
+    )
     if tests:
         with open(out / "delong.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(tests[0]))
@@ -245,7 +255,7 @@ def delong_table(tests: list[dict[str, Any]], names: list[str]) -> str:
         "| labels | baseline | class | AUC default - baseline | p |",
         "|---|---|---|---|---|",
     ]
-    for (budget, base, cls), ts in sorted(
+    for (budget, base, cls), ts in sorted(  # noqa: B007
         groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))
     ):
         ts = sorted(ts, key=lambda t: t["seed"])

@@ -203,3 +203,50 @@ def test_paired_delong_compares_the_default_with_each_baseline_on_the_same_image
     assert set(tests) == {"cae", "frozen_final"}  # finetune ran with another seed only
     assert tests["cae"]["difference"] > 0.1 and tests["cae"]["p"] < 1e-6
     assert tests["frozen_final"]["difference"] == 0 and np.isnan(tests["frozen_final"]["p"])
+
+
+def test_findings_evaluate_the_feature_methods_and_test_each_finding_paired():
+    """The Ray-free core of ``medcae evaluate`` on multi-label data: a head per finding for
+    every feature method, and DeLong's paired test per finding."""
+    from medcae.config import CAEConfig, PipelineConfig
+    from medcae.data.findings import encode
+    from medcae.evaluation.comparison import paired_delong, run_feature_methods
+
+    rng = np.random.default_rng(0)
+    data = {"multilabel": True}
+    for s, n in (("train", 90), ("val", 60), ("test", 60)):
+        y = (rng.random((n, 2)) < 0.4).astype(int)
+        y[:4] = [[1, 1], [0, 0], [1, 0], [0, 1]]
+        maps = rng.normal(size=(n, 8, 3, 3)).astype(np.float32)
+        maps[:, :2] += 2 * y[:, :, None, None]
+        data[s] = {"maps": maps, "final": maps.mean(axis=(2, 3)), "labels": encode(y)}
+    cfg = PipelineConfig(cae=CAEConfig(channels=(8,), latent_channels=4, epochs=1))
+    rows, _ = run_feature_methods(["frozen_final", "auto"], 0, [1.0], data, cfg, ["a", "b"])
+    assert {r["method"] for r in rows} == {"frozen_final", "auto"}
+    assert all(r["confusion"] is None and 0.5 < r["auc"] <= 1 for r in rows)
+    tests = paired_delong(rows, data["test"]["labels"], multilabel=True)
+    assert [t["class"] for t in tests] == [0, 1] and all(
+        t["baseline"] == "frozen_final" for t in tests
+    )
+    with pytest.raises(ValueError, match="cae_spread has no multi-label form"):
+        run_feature_methods(["cae_spread"], 0, [1.0], data, cfg, ["a", "b"])
+
+
+def test_findings_evaluate_refuses_single_label_methods_asked_by_name(tmp_path):
+    from helpers import medcae_subprocess
+
+    out = medcae_subprocess(
+        "evaluate",
+        "--data",
+        "demo-findings",
+        "--data-dir",
+        str(tmp_path),
+        "--methods",
+        "cae,finetune",
+        "--smoke-test",
+        "--out",
+        str(tmp_path / "ev"),
+        ray_imported_ok=True,  # the job imports Ray; it must not start it
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "finetune take one class per image" in out.stderr.strip().splitlines()[-1]
