@@ -249,11 +249,14 @@ def test_forwarded_worker_lines_keep_progress_and_errors():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
+    """``medcae run`` as a user types it, on the demo's multi-label variant (the single-label
+    demo runs through the same command in the multi-node and recovery tests)."""
     from helpers.reaper import run_reaped
 
     out_dir = tmp_path / "run"
     run, report = run_reaped(
-        [sys.executable, "-m", "medcae", "run", "--data", "demo", "--smoke-test"]
+        [sys.executable, "-m", "medcae", "run", "--data", "demo-findings", "--smoke-test"]
+        + ["--data-dir", str(tmp_path / "data")]
         + ["--out", str(out_dir), "--num-cpus", "4", "--mlflow", "--register", "demo-model"],
         tmp_path / "reaper.json",
         capture_output=True,
@@ -265,7 +268,10 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-4000:]
     assert report["left"] == [], report  # no Ray process of the job outlives it
-    assert "ACC" in run.stdout and "AUC" in run.stdout and "P/R nodule" in run.stdout
+    assert "AUC macro" in run.stdout and "AUC micro" in run.stdout
+    for finding in ("nodule", "ring", "effusion"):  # the per-finding table, and how it decides
+        assert any(x.startswith(f"{finding} ") for x in run.stdout.splitlines()), run.stdout
+        assert f"{finding}: operating point youden: p({finding}) >= " in console
     bundle = next(x for x in run.stdout.splitlines() if x.startswith("model bundle: "))
     meta = json.loads((Path(bundle.split(": ", 1)[1]) / "bundle.json").read_text())
     # --representation auto (the default): every candidate fitted, one chosen, and why
@@ -303,6 +309,12 @@ def test_medcae_run_smoke_is_quiet_and_logs_to_file(tmp_path):
     history = client.get_metric_history(mlrun.info.run_id, "val_loss")
     assert [m.value for m in history] == pytest.approx([h["val_loss"] for h in full["history"]])
     assert any(k.endswith("auc") for k in mlrun.data.metrics), mlrun.data.metrics
+    assert any("finding.nodule.sensitivity.ci_low" in k for k in mlrun.data.metrics)
+    assert meta["task"] == "multilabel" and set(meta["operating_point"]["findings"]) == {
+        "nodule",
+        "ring",
+        "effusion",
+    }
     files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "bundle")}
     assert {"bundle/bundle.json", "bundle/MODEL_CARD.md"} <= files
     # --register: the bundle is version 1 of demo-model in the same database's registry

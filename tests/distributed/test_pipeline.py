@@ -10,7 +10,7 @@ import pytest
 from helpers import ROOT, medcae_subprocess
 from PIL import Image
 
-from medcae.config import ClassifierConfig, PipelineConfig
+from medcae.config import PipelineConfig
 from medcae.inference.predictor import Predictor
 from medcae.metrics.classification import classification_report
 
@@ -112,37 +112,3 @@ def test_mixed_folder_run_ends_in_a_bundle_that_serves_the_same_answers(
     ]
     assert classification_report(labels, online, ["a", "b"], decided)["acc"] == chosen["acc"]
     assert predictor.operating_point.rule == "youden"  # two classes: a threshold, not argmax
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_findings_run_ends_in_a_multilabel_bundle_with_a_threshold_per_finding(
-    ray_session, tmp_path
-):
-    import pyarrow.parquet as pq
-
-    from medcae.config import BackboneConfig, CAEConfig
-    from medcae.data import load_dataset
-    from medcae.distributed.pipeline import RunPaths, list_sources, run_pipeline
-
-    cfg = PipelineConfig(
-        data="demo-findings",
-        backbone=BackboneConfig(taps=("stage4",), resolution=48),
-        cae=CAEConfig(channels=(16,), latent_channels=4, epochs=2),
-        classifier=ClassifierConfig(representation="cae"),  # the CAE's and the baseline's
-    )
-    paths = RunPaths(tmp_path / "f", str(tmp_path / "store"), str(tmp_path / "ckpt"), "f")
-    res = run_pipeline(cfg, paths, list_sources(cfg, str(tmp_path), smoke_test=True))
-    names = ["nodule", "ring", "effusion"]
-    assert "AUC macro" in res.table and all(f"\n{n} " in res.table for n in names)
-    predictor = Predictor.from_bundle(res.bundle)
-    assert predictor.multilabel and predictor.label_names == names
-    preds = pq.read_table(tmp_path / "f" / "test_predictions.parquet").to_pydict()
-    ds = load_dataset("demo-findings", str(tmp_path))
-    index = [int(i.rsplit("/", 1)[1]) for i in preds["id"]]
-    online = predictor.predict(ds.splits["test"].images[index])
-    offline = np.stack([preds[f"p_{n}"] for n in names], axis=1)
-    got = np.array([[p.probabilities[n] for n in names] for p in online])
-    np.testing.assert_allclose(got, offline, atol=1e-5)
-    ops = predictor.meta["operating_point"]["findings"]
-    assert all(p.thresholds[n] == ops[n]["threshold"] for p in online for n in names)
