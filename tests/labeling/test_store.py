@@ -49,8 +49,9 @@ def test_leases_skip_labeled_and_others_images_and_expire(tmp_path):
     store.release("m", IDS[2], "alice")  # skipped
     assert store.lease("m", IDS, 2, "bob", lease_s=60, now=103.0) == IDS[4:6]
     assert store.lease("m", IDS, 2, "carol", lease_s=60, now=104.0) == [IDS[2], IDS[7]]
-X
-    assert IDS[3] in store.lease("m", IDS, 10, "bob", lease_s=60, now=161.0)
+    # alice's lease of IDS[3] (renewed at 102) runs out at 162: then bob may have it
+    assert IDS[3] not in store.lease("m", IDS, 10, "bob", lease_s=60, now=161.0)
+    assert IDS[3] in store.lease("m", IDS, 11, "bob", lease_s=60, now=162.5)  # his 10 + it
     with pytest.raises(LabelStoreError, match="k >= 1"):
         store.lease("m", IDS, 0, "bob")
 
