@@ -28,7 +28,7 @@ from pathlib import Path
 from medcae.cli import args as jobargs
 from medcae.cli.models import add_models_parser
 from medcae.config import ConfigError
-from medcae.serving.auth import hash_key, load_key_hashes, require_keys_for
+from medcae.serving.auth import key_line, load_key_hashes, require_keys_for
 
 #: subcommand -> (flags, one-line help); the body is ``medcae.cli.<subcommand>.main``.
 JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
@@ -106,7 +106,7 @@ def _hash_key(args: argparse.Namespace) -> int:
     if not key:
         print("error: no key on standard input (e.g. `echo -n KEY | medcae hash-key`)")
         return 2
-    print(hash_key(key))
+    print(key_line(key, args.name, args.role))  # the digest alone without --name/--role
     return 0
 
 
@@ -345,7 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("serve-config", help=sc_help, description=sc_help)
     sc.set_defaults(fn=_serve_config)
     hk = sub.add_parser(
-        "hash-key", help="print the sha256 digest of an API key read from standard input"
+        "hash-key",
+        help="print the keys-file line of an API key read from standard input: its sha256 "
+        "digest, and its name and role when given",
+    )
+    hk.add_argument("--name", default=None, help="who holds the key (the labels record it)")
+    hk.add_argument(
+        "--role",
+        default=None,
+        choices=["predict", "label", "admin"],
+        help="predict; label: also the labeling queue; admin: also train and promote",
     )
     hk.set_defaults(fn=_hash_key)
     pr = sub.add_parser(

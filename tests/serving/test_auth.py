@@ -100,3 +100,50 @@ def test_serve_cli_refuses_a_public_address_without_keys_before_ray_starts(tmp_p
     )
     text = keyed.stdout + keyed.stderr
     assert keyed.returncode != 0 and "--allowed-hosts" in text and "Traceback" not in text
+
+
+def test_named_keys_with_roles_each_may_what_its_role_allows(tmp_path):
+    from medcae.serving.auth import LOCAL_USER, authorize, key_line, load_keys
+
+    keys = tmp_path / "keys"
+    keys.write_text(
+        f"{key_line('p-secret')}  # a plain digest: a predict key\n"
+        f"{key_line('l-secret', 'alice', 'label')}\n"
+        f"{key_line('a-secret', 'ops.admin', 'admin')}\n"
+    )
+    loaded = load_keys(keys)
+    assert [(k.name, k.role) for k in loaded] == [
+        (f"key:{loaded[0].digest[:8]}", "predict"),
+        ("alice", "label"),
+        ("ops.admin", "admin"),
+    ]
+    assert authorize("Bearer l-secret", loaded, "label").name == "alice"
+    assert authorize("Bearer a-secret", loaded, "admin").role == "admin"
+    assert authorize("Bearer p-secret", loaded, "predict").role == "predict"
+    with pytest.raises(RequestError) as err:
+        authorize("Bearer l-secret", loaded, "admin")
+    assert err.value.status == 403 and "alice has the role label; this needs admin" in str(
+        err.value
+    )
+    with pytest.raises(RequestError) as err:
+        authorize("Bearer p-secret", loaded, "label")
+    assert err.value.status == 403
+    with pytest.raises(RequestError) as err:
+        authorize(None, loaded, "predict")
+    assert err.value.status == 401
+    assert authorize(None, (), "admin") == LOCAL_USER  # no keys (loopback only): every role
+    keys.write_text(f"{key_line('x')} role=root\n")
+    with pytest.raises(ConfigError, match=r"line 1: role 'root': expected one of predict, label"):
+        load_keys(keys)
+    keys.write_text(f"{key_line('x')} owner=bob\n")
+    with pytest.raises(ConfigError, match=r"line 1: 'owner=bob': expected the digest, then"):
+        load_keys(keys)
+    out = subprocess.run(
+        [sys.executable, "-m", "medcae", "hash-key", "--name", "bob", "--role", "admin"],
+        input="k3y\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.stdout.strip() == key_line("k3y", "bob", "admin")
