@@ -58,7 +58,8 @@ def pytest_collection_modifyitems(config, items):
 #: Seconds per file under `make test`, measured 2026-12-04 (three workers, two cores): a hint for
 #: the order above only; a file missing here is weighed by its slow tests.
 LONG_FILES = {
-    "test_train_recovery.py": 250,
+    "test_train_recovery.py": 170,
+    "test_train_resume.py": 170,
     "test_train_equivalence.py": 215,
     "test_realdata.py": 185,
     "test_tune.py": 175,
