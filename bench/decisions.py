@@ -47,6 +47,21 @@ def features(data: str, resolution: int) -> tuple[object, dict, object]:
     return ds, out, cfg
 
 
+def representations(cae: object, maps: dict) -> dict:
+    """Each split's ``codes``, ``tap`` and ``final``: what the representations are built of."""
+    from medcae.model.epoch import embed_all
+    from medcae.model.representations import tap_pool
+
+    return {
+        s: {
+            "codes": embed_all(cae, maps[s]["maps"]),
+            "tap": tap_pool(maps[s]["maps"]),
+            "final": maps[s]["final"],
+        }
+        for s in SPLITS
+    }
+
+
 def _ci(p: dict) -> str:
     return f"{p['value']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]"
 
@@ -55,9 +70,8 @@ def main() -> None:
     from medcae.evaluation.comparison import train_cae_on_arrays
     from medcae.evaluation.protocol import fit_representations
     from medcae.metrics.decision import decision_report
-    from medcae.model.epoch import embed_all
     from medcae.model.operating_point import choose_operating_point
-    from medcae.model.representations import get_representation, tap_pool
+    from medcae.model.representations import get_representation
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="pneumoniamnist")
@@ -77,14 +91,7 @@ def main() -> None:
         run = replace(cfg, cae=replace(cfg.cae, epochs=a.epochs, seed=seed))
         run = replace(run, classifier=replace(run.classifier, seed=seed, calibration=a.calibration))
         cae = train_cae_on_arrays(maps["train"]["maps"], run, seed, maps["val"]["maps"])
-        arrays = {
-            s: {
-                "codes": embed_all(cae, maps[s]["maps"]),
-                "tap": tap_pool(maps[s]["maps"]),
-                "final": maps[s]["final"],
-            }
-            for s in SPLITS
-        }
+        arrays = representations(cae, maps)
         fitted, choice = fit_representations(run.classifier, arrays, labels, names, ds.multilabel)
         ev = fitted[choice.name]
         cal = ev.test["calibration"]

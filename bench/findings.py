@@ -28,13 +28,11 @@ SPLITS = ("train", "val", "test")
 
 
 def main() -> None:
-    from bench.decisions import features
+    from bench.decisions import features, representations
     from medcae.data.demo import make_findings_dataset
     from medcae.data.findings import decode
     from medcae.evaluation.comparison import train_cae_on_arrays
     from medcae.evaluation.protocol import fit_representations
-    from medcae.model.epoch import embed_all
-    from medcae.model.representations import tap_pool
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=1200)
@@ -49,14 +47,7 @@ def main() -> None:
     names = list(ds.label_names)
     cfg = replace(cfg, cae=replace(cfg.cae, epochs=a.epochs))
     cae = train_cae_on_arrays(maps["train"]["maps"], cfg, 0, maps["val"]["maps"])
-    arrays = {
-        s: {
-            "codes": embed_all(cae, maps[s]["maps"]),
-            "tap": tap_pool(maps[s]["maps"]),
-            "final": maps[s]["final"],
-        }
-        for s in SPLITS
-    }
+    arrays = representations(cae, maps)
     masks = {s: ds.splits[s].labels for s in SPLITS}
     y = {s: decode(masks[s], len(names)) for s in SPLITS}
     prevalence = ", ".join(f"{n} {y['train'][:, j].mean():.2f}" for j, n in enumerate(names))

@@ -180,21 +180,19 @@ def check_splits(
     """
     ids = np.array([{"train": 0, "val": 1, "test": 2}.get(s, -1) for s in splits])
     counts = split_presence(labels, ids, names)
-    unseen = {n: c for n, c in counts.items() if c[0] == 0}
-    if unseen:
-        raise DataError(
-            f"{where}: finding(s) never seen in training: "
-            + ", ".join(f"{n!r} (train/val/test positives {c})" for n, c in unseen.items())
-            + "; every finding needs positive images in train"
-        )
-    no_val = {n: c for n, c in counts.items() if c[1] == 0}
-    if no_val:
-        raise DataError(
-            f"{where}: finding(s) with no positive image in validation: "
-            + ", ".join(f"{n!r} (train/val/test positives {c})" for n, c in no_val.items())
-            + "; its calibration and threshold are chosen there. Give it more images, or "
-            "drop it from the labels"
-        )
+    for split, problem, hint in (
+        (0, "never seen in training", "every finding needs positive images in train"),
+        (
+            1,
+            "with no positive image in validation",
+            "its calibration and threshold are "
+            "chosen there. Give it more images, or drop it from the labels",
+        ),
+    ):
+        missing = {n: c for n, c in counts.items() if c[split] == 0}
+        if missing:
+            listed = ", ".join(f"{n!r} (train/val/test positives {c})" for n, c in missing.items())
+            raise DataError(f"{where}: finding(s) {problem}: {listed}; {hint}")
     for n, c in counts.items():
         if c[2] == 0:
             log.warning("%s: finding %r has no positive image in test: no test AUC", where, n)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from helpers.train_jobs import (
@@ -24,14 +23,6 @@ from helpers.train_jobs import (
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture
-def run_dir(tmp_path_factory, request) -> Path:
-    """A run folder beside the shared feature store."""
-    d = tmp_path_factory.getbasetemp() / "train-jobs" / request.node.name[:40]
-    d.mkdir(parents=True)
-    return d
 
 
 @pytest.mark.timeout(600)
