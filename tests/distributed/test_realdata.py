@@ -16,10 +16,16 @@ from medcae.config import CAEConfig, PipelineConfig
 #   frozen Lite0 final layer, pooled               AUC 0.943  ACC 0.849
 #   trained CAE codes, shuffled training labels    AUC 0.515
 # Published fully supervised MedMNIST v2: ResNet-18 (28) 0.944, ResNet-50 (224) 0.962.
+# The test trains on half the training split (2,354 of 4,708, seeded), measured 2026-12-05
+# (representation cae, 6 epochs): this test through Ray CAE AUC 0.962 (twice, the same), frozen
+# 0.936; Ray-free 0.9663 against 0.9679 on all of it; an untrained CAE on the half 0.9551. The
+# CAE floor still sits between untrained and trained, at half the extraction and training time
+# (the test: 65 s alone).
 # The floor sits between the untrained and the trained CAE, 0.01 below what training reached,
 # so it fails when the CAE learns nothing useful, when backbone weights are random, or when
 # labels are leaked/misaligned, while leaving room for run-to-run noise.
 CAE_AUC_FLOOR = 0.958
+HALF_TRAIN = 2354
 FROZEN_AUC_FLOOR = 0.92
 
 
@@ -27,14 +33,22 @@ FROZEN_AUC_FLOOR = 0.92
 @pytest.mark.ray
 @pytest.mark.slow
 def test_pneumoniamnist_cae_codes_beat_the_floor(ray_session, shared_data_dir, tmp_path):
-    from medcae.distributed.pipeline import RunPaths, list_sources, resolved_backbone, run_pipeline
+    from medcae.distributed.pipeline import (
+        RunPaths,
+        list_sources,
+        resolved_backbone,
+        run_pipeline,
+        subsample_rows,
+    )
 
     cfg = PipelineConfig(data="pneumoniamnist")
     cfg = resolved_backbone(replace(cfg, cae=replace(CAEConfig(), epochs=6)))
     # the CAE's head and the frozen baseline only (auto would fit five representations)
     cfg = replace(cfg, classifier=replace(cfg.classifier, representation="cae"))
     paths = RunPaths(tmp_path / "run", str(tmp_path / "store"), str(tmp_path / "ckpt"), "real")
-    res = run_pipeline(cfg, paths, list_sources(cfg, str(shared_data_dir), smoke_test=False))
+    (rows,) = list_sources(cfg, str(shared_data_dir), smoke_test=False)
+    res = run_pipeline(cfg, paths, [subsample_rows(rows, {"train": HALF_TRAIN}, seed=0)])
+    assert res.store.rows["train"] == HALF_TRAIN
     cae = next(v for k, v in res.reports.items() if k.startswith("CAE"))
     frozen = next(v for k, v in res.reports.items() if k.startswith("frozen"))
     print(
