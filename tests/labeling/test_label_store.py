@@ -137,3 +137,49 @@ def test_the_pool_serves_only_its_own_ids(tmp_path):
     for bad in (str(secret), "../secret.png", image_id(str(secret)), "", "%2e%2e/secret.png"):
         with pytest.raises(PoolError, match="no image .* in the pool"):
             pool.image_bytes(bad)
+
+
+def test_the_queue_ranks_the_pool_around_the_labels_and_leases_disjoint_images(
+    tmp_path, demo_bundle
+):
+    """A real bundle predicts a pool of 12 images; the queue leaves labeled and
+    out-of-distribution images out, ranks as ``suggest`` does, and two annotators get
+    different images."""
+    from helpers import png_bytes
+
+    from medcae.inference.predictor import Predictor
+    from medcae.labeling.pool import LabelPool
+    from medcae.labeling.queue import next_images, predict_pool, rank
+    from medcae.labeling.strategies import Pool, suggest
+
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    for i, image in enumerate(demo_bundle.test_images[:12]):
+        (folder / f"{i:02d}.png").write_bytes(png_bytes(image))
+    pool = LabelPool.from_source(str(folder))
+    predictor = Predictor.from_bundle(demo_bundle.path)
+    preds = predict_pool(predictor, pool, batch_size=5)
+    assert len(preds.ids) == 12 and preds.proba.shape == (12, 3)
+    names = predictor.label_names
+    labeled = {pool.ids[0]: names[0], pool.ids[1]: names[2]}
+    order = rank(preds, labeled, names, "margin")
+    assert pool.ids[0] not in order and pool.ids[1] not in order
+    expected = suggest(
+        Pool(
+            preds.proba,
+            preds.vectors,
+            preds.in_distribution,
+            np.isin(preds.ids, list(labeled)),
+            np.array([1, 0, 1]),
+        ),
+        12,
+        "margin",
+        0,
+    ).ranking.indices
+    assert order == [preds.ids[i] for i in expected]
+    store = LabelStore(tmp_path / "labels.db")
+    for i, label in labeled.items():
+        store.add("demo", i, label, "alice")
+    a = next_images(store, "demo", preds, names, 4, "alice", "margin")
+    b = next_images(store, "demo", preds, names, 4, "bob", "margin")
+    assert a == order[:4] and b == order[4:8]
