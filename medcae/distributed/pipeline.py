@@ -314,17 +314,18 @@ def run_pipeline(
 def decision_lines(ev: Any, names: list[str]) -> list[str]:
     """The console's lines on how the chosen head decides: its calibration and operating
     point (per finding for findings), and any target validation could not meet exactly."""
+    findings = isinstance(ev.operating_point, list)
     cals = ev.calibration if isinstance(ev.calibration, list) else [ev.calibration]
-    ops = ev.operating_point if isinstance(ev.operating_point, list) else [ev.operating_point]
+    ops = ev.operating_point if findings else [ev.operating_point]
     lines = []
     for i, (cal, op) in enumerate(zip(cals, ops)):
         if cal is None or op is None:
             continue
-        who = f"{names[i]}: " if len(ops) > 1 else ""
+        who = f"{names[i]}: " if findings else ""
         if op.threshold is None:
             point = f"{op.text}: the most probable class"
         else:
-            pos = names[i] if len(ops) > 1 else names[op.positive or 1]
+            pos = names[i] if findings else names[1 if op.positive is None else op.positive]
             val = op.val or {}
             point = (
                 f"{op.text}: p({pos}) >= {op.threshold:.4f} (val sensitivity "

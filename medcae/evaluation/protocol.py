@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -102,7 +102,7 @@ def calibrate_findings_and_test(
         rule = "youden" if cfg.operating_point == "auto" else cfg.operating_point
         p_val = calibrated.predict_proba(x["val"])
         ops.append(choose_operating_point(rule, y_val[:, j], p_val, what=f"finding {name!r}"))
-    calibrated = LinearHead(**{**head.__dict__, "platt": platt})
+    calibrated = replace(head, platt=platt)
     raw_val, val_proba = head.predict_proba(x["val"]), calibrated.predict_proba(x["val"])
     raw_test, proba = head.predict_proba(x["test"]), calibrated.predict_proba(x["test"])
     pred = decide_findings(ops, proba)
