@@ -227,6 +227,25 @@ def _serve_answers(port: int, timeout: float = 60.0) -> bool:
     return False
 
 
+def start_serve(app) -> int:
+    """``app`` as the Serve application ``medcae`` at ``/`` on a free loopback port of the
+    session's Ray; returns the port. The caller ends it with ``serve.shutdown()``."""
+    from ray import serve
+
+    for _ in range(PORT_ATTEMPTS):  # the port can be taken between picking and binding
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(app, name="medcae", route_prefix="/")
+            if _serve_answers(port):
+                return port
+        except Exception:  # noqa: BLE001 - retried only when the proxy could not bind
+            if not port_taken(port) or _proxy_up(port):
+                raise  # the port was free, or Serve's own proxy holds it: the app failed
+        serve.shutdown()
+    raise RuntimeError(f"Serve did not start on a free port in {PORT_ATTEMPTS} attempts")
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, demo_bundle):
     """The Serve app of ``demo_bundle`` on a free loopback port, in the session's Ray, with the
@@ -244,20 +263,7 @@ def server(ray_session, demo_bundle):
         "limits": LIMITS,
         "cors_origins": [ORIGIN],
     }
-    app = build_app(args | {"api_key_sha256": hash_key(API_KEY)})
-    for _ in range(PORT_ATTEMPTS):  # the port can be taken between picking and binding
-        port = free_port()
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(app, name="medcae", route_prefix="/")
-            if _serve_answers(port):
-                break
-        except Exception:  # noqa: BLE001 - retried only when the proxy could not bind
-            if not port_taken(port) or _proxy_up(port):
-                raise  # the port was free, or Serve's own proxy holds it: the app failed
-        serve.shutdown()
-    else:
-        raise RuntimeError(f"Serve did not start on a free port in {PORT_ATTEMPTS} attempts")
+    port = start_serve(build_app(args | {"api_key_sha256": hash_key(API_KEY)}))
     client = httpx.Client(
         base_url=f"http://127.0.0.1:{port}",
         timeout=60,

@@ -35,7 +35,7 @@ FLOORS = [
 RAY_FROM = FLOORS.index({"distributed"})
 #: Inside the Ray layer, modules run one way too, lowest first.
 RAY_LAYER = [
-    {"runtime"},
+    {"runtime", "jobs"},
     {"extract"},
     {"store"},
     {"train", "predict"},

@@ -531,3 +531,26 @@ def cae_config(g: dict[str, Any], backbone: BackboneConfig) -> CAEConfig:
 
     groups = tap_channels(backbone.name, tuple(backbone.taps), backbone.resolution)
     return replace(cae, groups=groups)
+
+
+def add_retrain_args(p: argparse.ArgumentParser) -> None:
+    """``medcae retrain``: the labeling loop's job (:mod:`medcae.cli.retrain`)."""
+    m = p.add_argument_group("the model and the labels")
+    m.add_argument("--model", required=True, help="registered model NAME: its champion retrained")
+    m.add_argument(
+        "--labels",
+        required=True,
+        help="labels snapshot: a CSV of image_id,label,split (split train, or test: held out "
+        "for the comparison), as the server writes it when a job starts",
+    )
+    m.add_argument("--pool", required=True, help="the labeled pool, as the server lists it")
+    m.add_argument("--data-dir", default=None, help="where data set names are looked up")
+    m.add_argument("--job-id", default="", help="the server's job id, recorded on the version")
+    m.add_argument(
+        "--alias", default="challenger", help="alias given to the new version (default challenger)"
+    )
+    m.add_argument("--epochs", type=int, default=None, help="CAE epochs (default the champion's)")
+    add_ray_args(p)
+    add_output_args(p, None, "output folder (default runs/retrain-<time>)")
+    add_storage_args(p)
+    add_smoke_arg(p, "the champion's data subsampled, a tiny model")

@@ -28,7 +28,7 @@ from pathlib import Path
 from medcae.cli import args as jobargs
 from medcae.cli.models import add_models_parser
 from medcae.config import ConfigError
-from medcae.serving.auth import key_line, load_key_hashes, require_keys_for
+from medcae.serving.auth import key_line, load_keys, require_keys_for
 
 #: subcommand -> (flags, one-line help); the body is ``medcae.cli.<subcommand>.main``.
 JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
@@ -44,6 +44,11 @@ JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "evaluate": (
         jobargs.add_evaluate_args,
         "the method against frozen features, pixels, fine-tuning",
+    ),
+    "retrain": (
+        jobargs.add_retrain_args,
+        "the labeling loop's job: a champion retrained with the loop's labels, compared, "
+        "registered as the challenger",
     ),
 }
 
@@ -157,7 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: expected at least 1")
-    hashes = load_key_hashes(args.api_keys_file)  # fail fast, clearly, before Ray is imported
+    keys = load_keys(args.api_keys_file)  # fail fast, clearly, before Ray is imported
+    hashes = [k.digest for k in keys]
     require_keys_for(args.host, hashes)
     hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     if args.model:  # resolved (fetched, verified) now: a wrong name fails before Ray starts
@@ -186,6 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         read_bundle(args.bundle)
         source = {"bundle": str(Path(args.bundle).resolve())}
         what = args.bundle
+    labeling = _labeling_args(args, source)  # a bad pool fails before Ray starts
     log_dir = Path(args.log_dir).resolve()
     from ray import serve
 
@@ -194,18 +201,25 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ingress == "haproxy":  # read by the local Ray's processes when they start
         os.environ.update(haproxy_env(log_dir / "haproxy"))
     try:
-        if args.metrics_port or args.ingress == "haproxy":
+        http = {"host": args.host, "port": args.port}
+        if args.address or labeling or args.metrics_port or args.ingress == "haproxy":
             import ray
 
-            # Ray's exporter on every node; this (local) one on this port
-            ray.init(_metrics_export_port=args.metrics_port)
-        serve.start(http_options={"host": args.host, "port": args.port})
+            if args.address:  # a running cluster: Serve's proxy on its head node only
+                ctx = ray.init(address=args.address)
+                http["location"] = "HeadOnly"
+            else:  # Ray's exporter on every node; this (local) one on this port
+                ctx = ray.init(_metrics_export_port=args.metrics_port, include_dashboard=True)
+            if labeling and ctx.dashboard_url:  # the Jobs API that retrains
+                labeling["jobs_address"] = f"http://{ctx.dashboard_url}"
+        serve.start(http_options=http)
         # SIGTERM (kill, systemd, Slurm) takes the same way out as Ctrl-C; set after Ray's
         # start, which installs a handler of its own that would abort the driver.
         signal.signal(signal.SIGTERM, _interrupt)
         app_args = {
             **source,
-            "api_key_sha256": list(hashes),
+            **labeling,
+            "api_key_sha256": [k.line() for k in keys],
             "allowed_hosts": list(hosts),
             "cors_origins": args.cors_origins or "",
             "num_replicas": args.replicas,
@@ -236,6 +250,31 @@ def _serve(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
+
+
+def _labeling_args(args: argparse.Namespace, source: dict) -> dict:
+    """The Serve app's labeling arguments; every pool listed once now, so a bad one fails
+    before Ray starts (a pool of a model that is not served, a folder without images)."""
+    if not args.pool:
+        return {}
+    from medcae.labeling.pool import LabelPool
+    from medcae.serving.catalog import build_specs, parse_pools
+
+    specs = build_specs(source.get("models") or [source["bundle"]])
+    pools = parse_pools(args.pool, specs)
+    for name, pool in pools.items():
+        n = len(LabelPool.from_source(pool, args.data_dir))
+        print(f"labeling {name}: pool {pool} ({n} images)")
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return {
+        "pools": [
+            f"{n}={str(Path(p).resolve()) if Path(p).exists() else p}" for n, p in pools.items()
+        ],
+        "state_dir": str(state),
+        "train_args": args.train_args or "",
+        "data_dir": args.data_dir,
+    }
 
 
 def _job(args: argparse.Namespace) -> int:
@@ -338,6 +377,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors-origins",
         default=None,
         help="origins that get CORS headers, comma-separated (default: none)",
+    )
+    lb = sv.add_argument_group("labeling loop")
+    lb.add_argument(
+        "--pool",
+        action="append",
+        metavar="NAME=PATH",
+        help="turn on labeling for model NAME: its unlabeled images (a folder, glob, CSV or "
+        "Parquet, as `suggest` reads them); a bare PATH is the default model's. Repeat for "
+        "several models. Training and promoting need NAME served as a registered model",
+    )
+    lb.add_argument(
+        "--state-dir",
+        default="state",
+        help="the loop's state: labels.db (labels, leases, jobs, audit) and jobs/ (each "
+        "retraining job's labels and run); on a filesystem the cluster's head node sees",
+    )
+    lb.add_argument(
+        "--train-args",
+        default=None,
+        help="extra flags of every retraining job (`medcae retrain --help`), quoted: "
+        '"--epochs 5 --num-workers 2"',
+    )
+    lb.add_argument("--data-dir", default=None, help="where data set names are looked up")
+    sv.add_argument(
+        "--address",
+        default=None,
+        help="a running Ray cluster (ray://... or HOST:PORT): Serve and the retraining jobs "
+        "run on it (default: a local Ray)",
     )
     sv.set_defaults(fn=_serve)
     add_models_parser(sub)

@@ -66,6 +66,16 @@ class LabelPool:
     def __contains__(self, image: object) -> bool:
         return image in self._payload
 
+    def payload(self, image: str) -> str | bytes:
+        """The file path of id ``image``, or its encoded bytes for an in-memory pool.
+
+        Raises:
+            PoolError: ``image`` is not an id of this pool.
+        """
+        if image not in self._payload:
+            raise PoolError(f"no image {image!r} in the pool {self.source}")
+        return self._payload[image]
+
     def image_bytes(self, image: str) -> bytes:
         """The encoded image of id ``image``.
 

@@ -10,6 +10,10 @@ neither labeled nor leased to someone else (unexpired), and leases them to the a
 ``BEGIN IMMEDIATE`` transaction, so two annotators (or two server processes) asking at once
 never get the same image within a lease.
 
+Jobs: one retraining job per model at a time (:meth:`LabelStore.claim_job`, in one
+``BEGIN IMMEDIATE`` transaction, so two server processes cannot both start one). Audit: who
+trained, promoted, labeled or skipped what, and when (:meth:`LabelStore.audit`).
+
 Durability: WAL with ``synchronous=FULL``: :meth:`LabelStore.add` returns after the commit is
 on disk, so a label acknowledged is a label kept, even if the process is killed right after.
 """
@@ -26,6 +30,8 @@ from pathlib import Path
 
 #: Seconds a queued image stays reserved for the annotator it was handed to.
 LEASE_S = 600.0
+#: Job states that hold a model's one training slot.
+ACTIVE = ("SUBMITTING", "PENDING", "RUNNING")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -37,6 +43,27 @@ CREATE TABLE IF NOT EXISTS labels (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS labels_by_image ON labels (model, image_id, seq);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    submitted_by TEXT NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    progress TEXT NOT NULL DEFAULT '',
+    version TEXT,
+    labels INTEGER NOT NULL DEFAULT 0,
+    result TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     model TEXT NOT NULL,
     image_id TEXT NOT NULL,
@@ -197,3 +224,82 @@ class LabelStore:
         for lab in self.current(model).values():
             out[lab.label] = out.get(lab.label, 0) + 1
         return out
+
+    # ------------------------------------------------------------------ jobs and audit
+
+    def claim_job(
+        self, model: str, job_id: str, who: str, labels: int, now: float | None = None
+    ) -> str | None:
+        """Record a new job of ``model`` as ``SUBMITTING``, unless one is active.
+
+        Returns:
+            None when claimed; else the id of the active job (nothing recorded).
+        """
+        t = time.time() if now is None else now
+        with self._write() as db:
+            marks = ",".join("?" * len(ACTIVE))
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE model = ? AND state IN ({marks}) "
+                "ORDER BY created LIMIT 1",
+                (model, *ACTIVE),
+            ).fetchone()
+            if row:
+                return str(row[0])
+            db.execute(
+                "INSERT INTO jobs (id, model, submitted_by, created, state, labels, updated) "
+                "VALUES (?, ?, ?, ?, 'SUBMITTING', ?, ?)",
+                (job_id, model, who, t, labels, t),
+            )
+        return None
+
+    def update_job(self, job_id: str, **fields: object) -> None:
+        """Set ``state``, ``message``, ``progress``, ``version`` or ``result`` of a job."""
+        bad = set(fields) - {"state", "message", "progress", "version", "result"}
+        if bad:
+            raise LabelStoreError(f"jobs have no field(s) {sorted(bad)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE jobs SET {cols}, updated = ? WHERE id = ?",
+                (*fields.values(), time.time(), job_id),
+            )
+
+    def job(self, job_id: str) -> dict[str, object] | None:
+        """One job's row as a dict, or None."""
+        rows = self._jobs("WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def jobs(self, model: str, active: bool = False) -> list[dict[str, object]]:
+        """The jobs of ``model``, newest first (``active``: only those not finished)."""
+        if active:
+            marks = ",".join("?" * len(ACTIVE))
+            return self._jobs(f"WHERE model = ? AND state IN ({marks})", (model, *ACTIVE))
+        return self._jobs("WHERE model = ?", (model,))
+
+    def _jobs(self, where: str, args: tuple) -> list[dict[str, object]]:
+        cols = (
+            "id, model, submitted_by, created, state, message, progress, version, labels, "
+            "result, updated"
+        )
+        with self._lock:
+            cur = self._db.execute(f"SELECT {cols} FROM jobs {where} ORDER BY created DESC", args)
+            rows = cur.fetchall()
+        names = [c.strip() for c in cols.split(",")]
+        return [dict(zip(names, r)) for r in rows]
+
+    def audit(self, who: str, action: str, model: str, detail: str = "") -> None:
+        """Append one line to the audit trail."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO audit (created, who, action, model, detail) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), who, action, model, detail),
+            )
+
+    def audit_trail(self, model: str) -> list[tuple[float, str, str, str]]:
+        """``(time, who, action, detail)`` of ``model``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT created, who, action, detail FROM audit WHERE model = ? ORDER BY seq",
+                (model,),
+            ).fetchall()
+        return [tuple(r) for r in rows]

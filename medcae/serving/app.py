@@ -45,7 +45,7 @@ from medcae.serving.api import (
     StatsResponse,
     model_info,
 )
-from medcae.serving.auth import check_bearer, load_key_hashes
+from medcae.serving.auth import LOCAL_USER, authorize, load_keys
 from medcae.serving.http import PAGE_HEADERS, PAGE_HTML, PAGE_JS, read_images
 from medcae.serving.metrics import RequestMetrics
 from medcae.serving.middleware import Guard, configure_guard
@@ -163,6 +163,13 @@ class MedcaeModel:
         models_per_replica: Most models (or versions asked for by requests) a replica holds.
         log_dir: Folder of the answer logs (:mod:`medcae.serving.answers`); none: no log.
         stats_window: Answers per model that ``/v1/models/{name}/stats`` summarises.
+        pools: Labeling pools, ``NAME=PATH`` (a bare ``PATH``: the default model's); each
+            turns on the labeling loop of its model (:mod:`medcae.labeling.service`).
+        state_dir: The loop's state: ``labels.db`` and the jobs' folders (default ``state``).
+        jobs_address: The Ray dashboard that takes retraining jobs (``http://host:8265``);
+            none: labeling without training.
+        train_args: Extra ``medcae retrain`` flags of every job (``--epochs 5``).
+        data_dir: Where a retraining job looks up data set names.
     """
 
     def __init__(
@@ -185,6 +192,11 @@ class MedcaeModel:
         models_per_replica: int = 4,
         log_dir: str | None = None,
         stats_window: int = 1000,
+        pools: list[str] | str | None = None,
+        state_dir: str | None = None,
+        jobs_address: str | None = None,
+        train_args: list[str] | str | None = None,
+        data_dir: str | None = None,
     ):
         import torch
 
@@ -194,7 +206,7 @@ class MedcaeModel:
         from medcae.serving.catalog import build_specs
 
         # Keys and hosts first: a bad setting fails the replica before the model loads.
-        self.key_hashes = load_key_hashes(api_keys_file, api_key_sha256 or ())
+        self.keys = load_keys(api_keys_file, api_key_sha256 or ())
         configure_guard(allowed_hosts, cors_origins)
         if isinstance(models, str):
             models = [m for m in models.split(",") if m.strip()]
@@ -222,6 +234,7 @@ class MedcaeModel:
         self._folder_versions: dict[str, str] = {}  # a bundle folder's one version
         self._preloaded: dict[str, Any] = {}
         self._preloaded[self.specs[0].name] = self._load_key(self.specs[0].name)
+        self.loops = self._make_loops(pools, state_dir, jobs_address, train_args, data_dir)
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -334,13 +347,16 @@ class MedcaeModel:
             self.answers.write(rid, who, route, loaded.model_id, loaded.version, preds)
         return {"model": loaded.model_id, "version": loaded.version, "request_id": rid}
 
-    def _begin(self, request: Request) -> None:
-        """Key check, and the request's id and caller for the answer log."""
+    def _begin(self, request: Request, role: str = "predict") -> Any:
+        """Key check (the key must hold ``role``), and the request's id and caller for the
+        answer log; returns the key (:data:`LOCAL_USER` without keys)."""
         from medcae.serving.answers import request_id
 
-        request.state.who = check_bearer(request.headers.get("authorization"), self.key_hashes)
+        key = authorize(request.headers.get("authorization"), self.keys, role)
+        request.state.who = "anonymous" if key is LOCAL_USER else f"key:{key.digest[:8]}"
         if not getattr(request.state, "request_id", None):  # set by RequestMetrics
             request.state.request_id = request_id(request.headers.get("x-request-id"))
+        return key
 
     async def _predict_one(self, request: Request, name: str | None, version, alias) -> dict:
         self._begin(request)
@@ -565,6 +581,197 @@ class MedcaeModel:
         request.state.version = served.loaded.version
         return served.stats() | {"replica_pid": os.getpid()}
 
+    # ------------------------------------------------------------------ the labeling loop
+
+    def _make_loops(self, pools, state_dir, jobs_address, train_args, data_dir) -> dict:
+        """One :class:`medcae.labeling.service.Loop` per model with a pool."""
+        import shlex
+
+        from medcae.labeling.service import Loop
+        from medcae.serving.catalog import find, parse_pools
+
+        if isinstance(train_args, str):
+            train_args = shlex.split(train_args)
+        runner = None
+        if jobs_address:
+            from medcae.distributed.jobs import RayJobs
+
+            runner = RayJobs(jobs_address)
+        loops = {}
+        for name, source in parse_pools(pools, self.specs).items():
+            spec = find(self.specs, name)
+            loops[name] = Loop(
+                name,
+                spec.ref.name if spec.registered else None,
+                source,
+                state_dir or "state",
+                self.registry_uri,
+                runner,
+                list(train_args or ()),
+                data_dir,
+            )
+        return loops
+
+    async def _labeling(self, request: Request, name: str, role: str) -> tuple[Any, Any, Any]:
+        """The caller's key (holding ``role``), the model's loop and the version it serves."""
+        import asyncio as aio
+
+        from medcae.labeling.service import Model
+
+        key = self._begin(request, role)
+        loop = self.loops.get(name)
+        if loop is None:
+            raise RequestError(
+                404,
+                "no_pool",
+                f"model {name!r} has no labeling pool (serve it with --pool {name}=PATH)"
+                if any(s.name == name for s in self.specs)
+                else f"no model {name!r}",
+            )
+        served = await self._served(name)
+        loaded = served.loaded
+        request.state.version = loaded.version
+        p = loaded.predictor
+        thresholds = None
+        if p.finding_points is not None:
+            thresholds = np.asarray([op.threshold for op in p.finding_points], float)
+        m = Model(p, loaded.version, list(p.label_names), p.multilabel, thresholds, loaded.side)
+        await aio.sleep(0)
+        return key, loop, m
+
+    @staticmethod
+    async def _call(fn: Any, *args: Any) -> Any:
+        """Run a loop method in a thread; its refusals become 4xx/503 answers."""
+        from medcae.labeling.service import LoopError
+
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except LoopError as err:
+            raise RequestError(err.status, err.code, err.detail) from err
+
+    async def _json_body(self, request: Request, fields: dict[str, type]) -> dict[str, Any]:
+        """A small JSON object body with the ``fields`` of the given types."""
+        import json
+
+        from medcae.serving.http import read_body
+
+        body = await read_body(request, 64 * 1024, self.limits.body_timeout_s)
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RequestError(400, "bad_json", f"the body is not JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise RequestError(422, "bad_body", f"expected a JSON object with {sorted(fields)}")
+        for field, kind in fields.items():
+            if not isinstance(data.get(field), kind):
+                raise RequestError(
+                    422,
+                    "bad_body",
+                    f"{field}: expected {kind.__name__}, got {type(data.get(field)).__name__}",
+                )
+        return data
+
+    @app.get("/v1/whoami", responses=ERRORS)
+    async def whoami(self, request: Request) -> dict[str, Any]:
+        """The caller's key name and role, and the models that have a labeling pool."""
+        key = self._begin(request, "predict")
+        return {"name": key.name, "role": key.role, "labeling": sorted(self.loops)}
+
+    @app.get("/v1/models/{name}/queue", responses=ERRORS)
+    async def queue(
+        self, request: Request, name: str, k: int = 5, strategy: str = "hybrid"
+    ) -> dict[str, Any]:
+        """The next ``k`` images to label (role ``label``), ranked by ``strategy`` (as
+        ``medcae suggest``), each leased to the caller for 10 minutes; labeled and
+        out-of-distribution images left out."""
+        key, loop, m = await self._labeling(request, name, "label")
+        images = await self._call(loop.queue, m, k, key.name, strategy)
+        progress = await self._call(loop.progress, m)
+        return {"model": name, "version": m.version, "images": images, "progress": progress}
+
+    @app.get("/v1/models/{name}/progress", responses=ERRORS)
+    async def progress(self, request: Request, name: str) -> dict[str, Any]:
+        """Labels per class, how many images are labeled and how many are left (``label``)."""
+        _, loop, m = await self._labeling(request, name, "label")
+        return {"model": name, "version": m.version} | await self._call(loop.progress, m)
+
+    @app.get("/v1/models/{name}/pool/{image_id}", responses=ERRORS, response_class=Response)
+    async def pool_image(self, request: Request, name: str, image_id: str) -> Response:
+        """One pool image as the model sees it, PNG (``label``); only ids of the pool."""
+        _, loop, m = await self._labeling(request, name, "label")
+        png = await self._call(loop.image_png, image_id, m.side)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/models/{name}/labels", responses=ERRORS, status_code=201)
+    async def add_label(self, request: Request, name: str) -> dict[str, Any]:
+        """Keep a label (``label``): ``{"image_id": ..., "label": "class"}`` (findings:
+        ``"A|B"`` or ``"No Finding"``; ``""`` undoes). 201 once it is on disk."""
+        key, loop, m = await self._labeling(request, name, "label")
+        body = await self._json_body(request, {"image_id": str, "label": str})
+        return await self._call(loop.add_label, m, body["image_id"], body["label"], key.name)
+
+    @app.post("/v1/models/{name}/skip", responses=ERRORS)
+    async def skip(self, request: Request, name: str) -> dict[str, Any]:
+        """Give an image's lease back (``label``): ``{"image_id": ...}``."""
+        key, loop, _ = await self._labeling(request, name, "label")
+        body = await self._json_body(request, {"image_id": str})
+        await self._call(loop.skip, body["image_id"], key.name)
+        return {"image_id": body["image_id"], "skipped": True}
+
+    @app.get("/v1/models/{name}/labels", responses=ERRORS, response_class=PlainTextResponse)
+    async def export_labels(self, request: Request, name: str) -> Response:
+        """The current labels as the CSV ``medcae run`` reads (``label``)."""
+        _, loop, _ = await self._labeling(request, name, "label")
+        text = await self._call(loop.export_csv)
+        return PlainTextResponse(
+            text,
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}-labels.csv"'},
+        )
+
+    @app.post("/v1/models/{name}/train", responses=ERRORS | {409: {"model": ErrorResponse}})
+    async def train(self, request: Request, name: str) -> JSONResponse:
+        """Retrain on the labels so far (``admin``), as a Ray job on the server's cluster;
+        202 with the job, 409 naming the job already running."""
+        key, loop, _ = await self._labeling(request, name, "admin")
+        job = await self._call(loop.train, key.name)
+        return JSONResponse(job, status_code=202)
+
+    @app.get("/v1/models/{name}/jobs", responses=ERRORS)
+    async def jobs(self, request: Request, name: str) -> dict[str, Any]:
+        """The model's retraining jobs, newest first (``admin``)."""
+        _, loop, _ = await self._labeling(request, name, "admin")
+        return {"model": name, "jobs": await self._call(loop.jobs)}
+
+    @app.get("/v1/jobs/{job_id}", responses=ERRORS)
+    async def job(self, request: Request, job_id: str) -> dict[str, Any]:
+        """A retraining job (``admin``): state, progress line, why it failed, its version."""
+        self._begin(request, "admin")
+        for loop in self.loops.values():
+            row = await asyncio.to_thread(loop.store.job, job_id)
+            if row is not None and row["model"] == loop.model:
+                return await self._call(loop.job, job_id)
+        raise RequestError(404, "unknown_job", f"no job {job_id[:80]!r}")
+
+    @app.get("/v1/models/{name}/compare", responses=ERRORS)
+    async def compare(self, request: Request, name: str) -> dict[str, Any]:
+        """The challenger against the champion on the same held-out images (``admin``)."""
+        _, loop, _ = await self._labeling(request, name, "admin")
+        return await self._call(loop.compare)
+
+    @app.post("/v1/models/{name}/promote", responses=ERRORS)
+    async def promote(self, request: Request, name: str) -> dict[str, Any]:
+        """Make a version the champion (``admin``): ``{"version": "3"}``. This replica
+        serves it before answering; the others within the follow interval."""
+        key, loop, _ = await self._labeling(request, name, "admin")
+        body = await self._json_body(request, {"version": str})
+        out = await self._call(loop.promote, body["version"], key.name)
+        served = await self._served(name)
+        follower = getattr(served, "follower", None)
+        if follower is not None:
+            await asyncio.to_thread(follower.poll)
+        return out | {"serving": served.loaded.version}
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         """The try-the-model page (no external assets; its API calls carry the key)."""
@@ -611,6 +818,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "models_per_replica",
             "log_dir",
             "stats_window",
+            "pools",
+            "state_dir",
+            "jobs_address",
+            "train_args",
+            "data_dir",
         )
         if k in args
     }

@@ -49,6 +49,11 @@ class Key:
     name: str
     role: str = "predict"
 
+    def line(self) -> str:
+        """The key as a keys-file line (``<digest> name=... role=...``)."""
+        name = f" name={self.name}" if _NAME.match(self.name) else ""
+        return f"{self.digest}{name} role={self.role}"
+
     def may(self, role: str) -> bool:
         """Whether this key holds ``role`` (or a higher one)."""
         return ROLES.index(self.role) >= ROLES.index(role)

@@ -222,3 +222,31 @@ class Served:
         follower = getattr(self, "follower", None)
         if follower is not None:
             follower.stop.set()
+
+
+def parse_pools(pools: Sequence[str] | str | None, specs: Sequence[Spec]) -> dict[str, str]:
+    """``{served name: pool source}`` of ``NAME=PATH`` entries (a bare ``PATH``: the default
+    model's), one pool per model.
+
+    Raises:
+        ConfigError: A name that is not served, or two pools for one model.
+    """
+    if isinstance(pools, str):
+        pools = [p for p in pools.split(",") if p.strip()]
+    out: dict[str, str] = {}
+    for entry in pools or ():
+        name, sep, source = entry.partition("=")
+        if not sep or not _LABEL.match(name.strip()):
+            name, source = specs[0].name, entry
+        name, source = name.strip(), source.strip()
+        if not source:
+            raise ConfigError(
+                f"pool {entry!r}: expected NAME=PATH (a folder, glob, CSV or Parquet)"
+            )
+        if not any(s.name == name for s in specs):
+            served = ", ".join(s.name for s in specs)
+            raise ConfigError(f"pool {entry!r}: no served model {name!r} (served: {served})")
+        if name in out:
+            raise ConfigError(f"pool {entry!r}: {name} already has the pool {out[name]}")
+        out[name] = source
+    return out
