@@ -243,12 +243,13 @@ class Loop:
         }
 
     def skip(self, image_id: str, who: str) -> None:
-        """Give ``who``'s lease of ``image_id`` back."""
+        """Give ``who``'s lease of ``image_id`` back; ``who`` is not handed it again within a
+        lease's time (another annotator may be)."""
         if image_id not in self.pool:
             raise LoopError(
                 404, "unknown_image", f"no image {image_id!r} in the pool {self.source}"
             )
-        self.store.release(self.model, image_id, who)
+        self.store.release(self.model, image_id, who, skip_s=LEASE_S)
         self.store.audit(who, "skip", self.model, image_id)
 
     def progress(self, m: Model) -> dict[str, Any]:
@@ -480,7 +481,8 @@ def _last_line(logs: str) -> str:
     """The job's last console line (its progress), without Ray's own."""
     for line in reversed(logs.splitlines()):
         line = line.strip()
-        if line and not line.startswith(RESULT_TAG) and "core_worker" not in line:
+        skip = (RESULT_TAG, "log:", "[")  # the result, the log's path, Ray's own lines
+        if line and not line.startswith(skip) and "core_worker" not in line:
             return line[:300]
     return ""
 

@@ -64,6 +64,13 @@ CREATE TABLE IF NOT EXISTS audit (
     model TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS skips (
+    model TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    annotator TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (model, image_id, annotator)
+);
 CREATE TABLE IF NOT EXISTS leases (
     model TEXT NOT NULL,
     image_id TEXT NOT NULL,
@@ -200,8 +207,15 @@ class LabelStore:
                     "SELECT image_id, annotator FROM leases WHERE model = ?", (model,)
                 ).fetchall()
             )
+            skipped = {
+                r[0]
+                for r in db.execute(
+                    "SELECT image_id FROM skips WHERE model = ? AND annotator = ? AND until > ?",
+                    (model, annotator, t),
+                ).fetchall()
+            }
             mine = [i for i in ranked if held.get(i) == annotator and i not in labeled]
-            free = [i for i in ranked if i not in held and i not in labeled]
+            free = [i for i in ranked if i not in held and i not in labeled and i not in skipped]
             picked = (mine + free)[:k]
             db.executemany(
                 "INSERT OR REPLACE INTO leases (model, image_id, annotator, expires) "
@@ -210,13 +224,28 @@ class LabelStore:
             )
         return picked
 
-    def release(self, model: str, image_id: str, annotator: str) -> None:
-        """End ``annotator``'s lease of one image (skip)."""
+    def release(
+        self,
+        model: str,
+        image_id: str,
+        annotator: str,
+        skip_s: float = 0.0,
+        now: float | None = None,
+    ) -> None:
+        """End ``annotator``'s lease of one image; with ``skip_s`` (a skip), the image is not
+        handed to this annotator again for that long (others may get it at once)."""
+        t = time.time() if now is None else now
         with self._write() as db:
             db.execute(
                 "DELETE FROM leases WHERE model = ? AND image_id = ? AND annotator = ?",
                 (model, image_id, annotator),
             )
+            if skip_s > 0:
+                db.execute(
+                    "INSERT OR REPLACE INTO skips (model, image_id, annotator, until) "
+                    "VALUES (?, ?, ?, ?)",
+                    (model, image_id, annotator, t + skip_s),
+                )
 
     def counts(self, model: str) -> dict[str, int]:
         """Current labels per label value."""

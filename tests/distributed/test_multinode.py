@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
 from helpers.cluster import alive_node_ids, dashboard_get, local_cluster
+
+from medcae.registry.models import ModelRef
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -110,3 +114,149 @@ def test_train_job_spreads_workers_over_both_nodes(cluster, tmp_path):
     assert set(workers) <= set(alive_node_ids(cluster.head.dashboard_url, cluster.token))
     assert result["epochs"] >= 1 and result["restored_from_epoch"] == 0
     assert math.isfinite(result["final_train_loss"]) and math.isfinite(result["final_val_loss"])
+
+
+@pytest.mark.timeout(600)
+def test_labeling_loop_on_the_cluster_from_first_label_to_promoted_version(
+    cluster, tmp_path, demo_bundle, demo_npz
+):
+    """``medcae serve --address`` on the two-node cluster with a pool: in headless Chromium an
+    admin labels from the queue with the keyboard (skip, undo), a job with a label whose image
+    left the pool fails and says why, a second train while one runs gets 409, a stopped job
+    leaves the champion serving; then Train from the page, the challenger against the
+    champion, Promote, and the predict view answers with the new version."""
+    from helpers import chromium, png_bytes, serve_reaped
+    from helpers.cluster import node_env
+
+    from medcae.data import load_dataset
+    from medcae.labeling.pool import image_id
+    from medcae.registry.models import Registry
+    from medcae.serving.auth import key_line
+
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    registry.promote("demo", registry.register("demo", demo_bundle.path).version, "champion")
+    ds = load_dataset(str(demo_npz))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    truth = {}
+    for i in range(60):
+        path = pool / f"{i:03d}.png"
+        path.write_bytes(png_bytes(ds.splits["train"].images[240 + i]))
+        truth[image_id(str(path))] = int(ds.splits["train"].labels[240 + i])
+    keys = tmp_path / "keys"
+    keys.write_text(key_line("root-key-0123", "root", "admin") + "\n")
+    out = Path(os.environ.get("MEDCAE_TEST_OUTPUT", ROOT / ".test-output"))
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "medcae", "serve", "--address", cluster.head.gcs_address,
+        "--model", "demo@champion", "--mlflow", registry.uri, "--follow-s", "1",
+        "--pool", f"demo={pool}", "--state-dir", str(tmp_path / "state"),
+        "--api-keys-file", str(keys), "--log-dir", str(tmp_path / "logs"),
+        "--train-args", "--smoke-test --epochs 1",
+    ]  # fmt: skip
+
+    def during(base: str) -> dict:
+        import httpx
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        api = httpx.Client(base_url=base, headers={"Authorization": "Bearer root-key-0123"})
+        browser = chromium()
+        try:
+            wait = WebDriverWait(browser, 60)
+            browser.get(base + "/")
+            wait.until(lambda b: b.find_element(By.ID, "key-row").is_displayed())
+            browser.find_element(By.ID, "key").send_keys("root-key-0123")
+            browser.find_element(By.ID, "key-save").click()
+            wait.until(lambda b: b.find_element(By.ID, "tabs").is_displayed())
+            browser.find_element(By.ID, "tab-label").click()
+            image = browser.find_element(By.ID, "lab-image")
+            body = browser.find_element(By.TAG_NAME, "body")
+
+            def shown() -> str:
+                return image.get_attribute("data-image-id") or ""
+
+            wait.until(lambda _: shown())
+            loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+            wait.until(lambda b: b.execute_script(loaded, image) == 64)  # as the model sees it
+            seen = []
+            for n in range(12):
+                before = shown()
+                seen.append(before)
+                key = "s" if n == 3 else str(truth[before] + 1)  # the fourth one skipped
+                body.send_keys(key)
+                wait.until(lambda _, b=before: shown() and shown() != b)
+            body.send_keys("u")  # undo the last label: that image comes back
+            wait.until(lambda _: shown() == seen[-1])
+            body.send_keys(str(truth[seen[-1]] + 1))
+            wait.until(lambda _: shown() != seen[-1])
+            labels = api.get("/v1/models/demo/labels").text
+            assert labels.count("\n") == 1 + 11, labels  # header, 11 labels (one skipped)
+            assert seen[3] not in labels and all(i in labels for i in seen[:3] + seen[4:])
+            assert "root" in labels
+            browser.save_screenshot(str(out / "label.png"))
+            # a label whose image left the pool: the job fails and says why
+            extra = api.get("/v1/models/demo/queue?k=1").json()["images"][0]["image_id"]
+            api.post("/v1/models/demo/labels", json={"image_id": extra, "label": "ring"})
+            gone = next(p for p in pool.iterdir() if image_id(str(p)) == extra)
+            gone.rename(tmp_path / "moved.png")
+            r = api.post("/v1/models/demo/train")
+            assert r.status_code == 202, r.text
+            bad = r.json()["job_id"]
+            again = api.post("/v1/models/demo/train")  # one job at a time
+            assert again.status_code == 409 and bad in again.json()["detail"]
+            failed = _poll_job(api, bad, 240)
+            assert failed["state"] == "FAILED" and "no longer in the pool" in failed["message"]
+            (tmp_path / "moved.png").rename(gone)
+            # a killed driver: the job says so, the champion keeps serving
+            r = api.post("/v1/models/demo/train")
+            assert r.status_code == 202, r.text
+            stopped = r.json()["job_id"]
+            _poll_job(api, stopped, 120, until=("RUNNING",))  # a stop before it runs can be lost
+            _client(cluster, cluster.token).stop_job(stopped)
+            gone_job = _poll_job(api, stopped, 120)
+            assert gone_job["state"] in ("STOPPED", "FAILED") and gone_job["message"]
+            assert api.get("/v1/models/demo").json()["version"] == "1"
+            # Train from the page, compare, promote
+            browser.find_element(By.ID, "train").click()
+            job = browser.find_element(By.ID, "job")
+            WebDriverWait(browser, 420, poll_frequency=2).until(
+                lambda _: "SUCCEEDED" in job.text or "FAILED" in job.text
+            )
+            assert "SUCCEEDED" in job.text, job.text
+            compare = browser.find_element(By.ID, "compare")
+            wait.until(lambda _: "challenger v2" in compare.text)
+            assert "AUC" in compare.text and "DeLong" in compare.text
+            browser.save_screenshot(str(out / "label-compare.png"))
+            browser.find_element(By.ID, "promote").click()
+            model_id = browser.find_element(By.ID, "model-id")
+            slow = WebDriverWait(browser, 240)  # the replica loads version 2 before it answers
+            slow.until(lambda _: model_id.text.endswith("version 2"))
+            wait.until(lambda _: "is the champion" in compare.text)
+            browser.find_element(By.ID, "tab-predict").click()
+            scan = tmp_path / "scan.png"
+            scan.write_bytes(png_bytes(ds.splits["test"].images[0]))
+            browser.find_element(By.ID, "file").send_keys(str(scan))
+            status = browser.find_element(By.ID, "status")
+            wait.until(lambda _: "answered by" in status.text)
+            assert status.text.endswith("version 2."), status.text
+            trail = api.get("/v1/models/demo/jobs").json()["jobs"]
+            return {"states": [j["state"] for j in trail], "seconds": trail[0]["seconds"]}
+        finally:
+            browser.quit()
+            api.close()
+
+    got = serve_reaped(cmd, tmp_path, ROOT, node_env(cluster.token), during, timeout=560)
+    assert got["states"][0] == "SUCCEEDED" and len(got["states"]) == 3, got
+    assert registry.show(ModelRef("demo", alias="champion")).version == "2"
+    assert registry.show(ModelRef("demo", alias="champion")).tags["medcae.job"]
+
+
+def _poll_job(api, job_id: str, timeout: float, until=("SUCCEEDED", "FAILED", "STOPPED")) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in until:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s: {job}")

@@ -388,7 +388,7 @@ def medcae_subprocess(
     )
 
 
-def serve_reaped(cmd, tmp_path, cwd, env, during, stop="SIGINT"):
+def serve_reaped(cmd, tmp_path, cwd, env, during, stop="SIGINT", timeout=400):
     """``medcae serve`` as a user starts it, with its own local Ray, under the reaper: once
     ``/healthz`` answered 200, ``during(base_url)`` runs against it, then ``stop`` ends it;
     nothing it started may outlive it. Returns what ``during`` returned."""
@@ -411,7 +411,7 @@ def serve_reaped(cmd, tmp_path, cwd, env, during, stop="SIGINT"):
                 during=lambda base=base: during(base),
                 capture_output=True,
                 text=True,
-                timeout=400,
+                timeout=timeout,
                 cwd=cwd,
                 env={**env, "RAY_TMPDIR": ray_tmp},  # its own Ray, not the session's
             )

@@ -46,14 +46,25 @@ def test_leases_skip_labeled_and_others_images_and_expire(tmp_path):
     assert store.lease("m", IDS, 3, "bob", lease_s=60, now=101.0) == IDS[4:7]
     assert store.lease("m", IDS, 3, "alice", lease_s=60, now=102.0) == IDS[1:4]  # her own again
     store.add("m", IDS[1], "b", "alice")
-    store.release("m", IDS[2], "alice")  # skipped
+    store.release("m", IDS[2], "alice", skip_s=60, now=102.5)  # skipped
     assert store.lease("m", IDS, 2, "bob", lease_s=60, now=103.0) == IDS[4:6]
+    store.release("m", IDS[7], "alice")  # given back (not a skip): free for all at once
     assert store.lease("m", IDS, 2, "carol", lease_s=60, now=104.0) == [IDS[2], IDS[7]]
     # alice's lease of IDS[3] (renewed at 102) runs out at 162: then bob may have it
     assert IDS[3] not in store.lease("m", IDS, 10, "bob", lease_s=60, now=161.0)
     assert IDS[3] in store.lease("m", IDS, 11, "bob", lease_s=60, now=162.5)  # his 10 + it
     with pytest.raises(LabelStoreError, match="k >= 1"):
         store.lease("m", IDS, 0, "bob")
+
+
+def test_a_skipped_image_is_not_handed_back_to_who_skipped_it(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    assert store.lease("m", IDS, 2, "alice", lease_s=60, now=10.0) == IDS[:2]
+    store.release("m", IDS[0], "alice", skip_s=60, now=11.0)
+    assert store.lease("m", IDS, 2, "alice", lease_s=60, now=12.0) == [IDS[1], IDS[2]]
+    assert store.lease("m", IDS, 1, "bob", lease_s=60, now=13.0) == [IDS[0]]  # others may
+    store.release("m", IDS[0], "bob", now=14.0)
+    assert IDS[0] in store.lease("m", IDS, 3, "alice", lease_s=60, now=71.5)  # skip over
 
 
 _WORKER = """

@@ -63,6 +63,7 @@ function renderMarkdown(md) {
 
 // The model the page talks to: one of GET /v1/models (null until listed: the default routes).
 let current = null;
+let modelInfo = null;
 
 const DEFAULT_ROUTES = {"": "/v1/model", card: "/v1/model/card", explain: "/v1/explain", predict: "/v1/predict"};
 
@@ -95,7 +96,9 @@ async function loadModel() {
   if (r.status === 401 || r.status === 403) { $("model-id").textContent = "API key needed"; askForKey("This server needs an API key."); return; }
   if (!r.ok) { $("model-id").textContent = "model unavailable (" + r.status + ")"; return; }
   const info = await r.json();
+  modelInfo = info;
   $("model-id").textContent = info.id + " version " + info.version;
+  loadWho();
   const c = await fetch(route("card"), {headers: headers()});
   $("card").innerHTML = c.ok ? renderMarkdown(await c.text()) : "<p>No model card (" + c.status + ").</p>";
   await loadStats();
@@ -213,4 +216,222 @@ $("key-save").addEventListener("click", () => {
   if ($("file").files.length) classify($("file").files[0]);
 });
 $("model-pick").addEventListener("change", () => { current = $("model-pick").value; $("result").classList.add("hidden"); loadModel(); });
+// ---------------------------------------------------------------- the Label view
+// For a key with the role "label" (or "admin") on a model served with a pool: the queue one
+// large image at a time, a button and a number key per class (findings: toggle, then Enter),
+// skip (S), undo (U), progress per class; for "admin": Train with the job's progress, the
+// challenger against the champion, Promote.
+
+let who = null, queue = [], shown = null, lastLabeled = null, chosen = new Set(), jobTimer = null;
+
+async function loadWho() {
+  const r = await fetch("/v1/whoami", {headers: headers()});
+  if (!r.ok) { $("tabs").classList.add("hidden"); return; }
+  who = await r.json();
+  const can = (who.role === "label" || who.role === "admin") && who.labeling.includes(current);
+  $("tabs").classList.toggle("hidden", !can);
+  if (!can) showView("predict");
+  else if (!$("label-view").classList.contains("hidden")) startLabeling();
+}
+
+function showView(name) {
+  $("predict-view").classList.toggle("hidden", name !== "predict");
+  $("label-view").classList.toggle("hidden", name !== "label");
+  $("tab-predict").classList.toggle("on", name === "predict");
+  $("tab-label").classList.toggle("on", name === "label");
+}
+
+function labStatus(text, error) { $("lab-status").textContent = text; $("lab-status").className = error ? "error" : ""; }
+
+function classButtons() {
+  const box = $("lab-buttons");
+  box.innerHTML = "";
+  const multi = modelInfo.task === "multilabel";
+  modelInfo.label_names.forEach((name, i) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.label = name;
+    b.innerHTML = (i < 9 ? `<kbd>${i + 1}</kbd> ` : "") + escapeHtml(name);
+    b.addEventListener("click", () => multi ? toggle(name) : submit(name));
+    box.appendChild(b);
+  });
+  if (multi) {
+    const none = document.createElement("button");
+    none.type = "button"; none.dataset.label = "No Finding"; none.innerHTML = "<kbd>0</kbd> No finding";
+    none.addEventListener("click", () => submit("No Finding"));
+    const save = document.createElement("button");
+    save.type = "button"; save.id = "lab-save"; save.innerHTML = "<kbd>Enter</kbd> Save findings";
+    save.addEventListener("click", () => submit(chosen.size ? [...chosen].join("|") : "No Finding"));
+    box.appendChild(none); box.appendChild(save);
+  }
+}
+
+function toggle(name) {
+  if (chosen.has(name)) chosen.delete(name); else chosen.add(name);
+  document.querySelectorAll("#lab-buttons button").forEach((b) => b.classList.toggle("chosen", chosen.has(b.dataset.label)));
+}
+
+async function startLabeling() {
+  $("lab-who").textContent = `(${who.name}, ${who.role})`;
+  $("admin").classList.toggle("hidden", who.role !== "admin");
+  classButtons();
+  queue = []; shown = null;
+  await nextImage();
+  if (who.role === "admin") { loadCompare(); loadJobs(); }
+}
+
+async function fillQueue() {
+  const r = await fetch(route("queue") + "?k=5", {headers: headers()});
+  const body = await r.json().catch(() => null);
+  if (!r.ok) { labStatus(`Queue refused (${r.status}): ` + ((body && body.detail) || ""), true); return; }
+  queue = queue.concat(body.images.filter((im) => !queue.some((q) => q.image_id === im.image_id)));
+  showProgress(body.progress, body.version);
+}
+
+async function nextImage() {
+  if (!queue.length) await fillQueue();
+  shown = queue.shift() || null;
+  chosen = new Set();
+  document.querySelectorAll("#lab-buttons button").forEach((b) => b.classList.remove("chosen"));
+  if (!shown) { $("lab-image").removeAttribute("src"); $("lab-suggested").textContent = ""; labStatus("Nothing left to label in the pool."); return; }
+  const r = await fetch(route("pool/" + shown.image_id), {headers: headers()});
+  if (!r.ok) { labStatus(`Image ${shown.image_id} unavailable (${r.status}); skipped.`, true); shown = null; return nextImage(); }
+  $("lab-image").src = URL.createObjectURL(await r.blob());
+  $("lab-image").dataset.imageId = shown.image_id;
+  const best = Object.entries(shown.proba).sort((a, b) => b[1] - a[1])[0];
+  $("lab-suggested").textContent = `Image ${shown.image_id}. The model says ${shown.predicted} (${pct(best[1])}): label what you see.`;
+}
+
+async function submit(label) {
+  if (!shown) return;
+  const image = shown;
+  const r = await fetch(route("labels"), {method: "POST", headers: headers({"Content-Type": "application/json"}), body: JSON.stringify({image_id: image.image_id, label: label})});
+  const body = await r.json().catch(() => null);
+  if (r.status !== 201) { labStatus(`Not saved (${r.status}): ` + ((body && body.detail) || ""), true); return; }
+  lastLabeled = image;
+  $("lab-undo").disabled = false;
+  labStatus(`Saved: ${label} (${image.image_id}).`);
+  await nextImage();
+  refreshProgress();
+}
+
+async function skip() {
+  if (!shown) return;
+  await fetch(route("skip"), {method: "POST", headers: headers({"Content-Type": "application/json"}), body: JSON.stringify({image_id: shown.image_id})});
+  labStatus(`Skipped ${shown.image_id}.`);
+  await nextImage();
+}
+
+async function undo() {
+  if (!lastLabeled) return;
+  const image = lastLabeled;
+  const r = await fetch(route("labels"), {method: "POST", headers: headers({"Content-Type": "application/json"}), body: JSON.stringify({image_id: image.image_id, label: ""})});
+  if (r.status !== 201) { labStatus(`Undo refused (${r.status}).`, true); return; }
+  lastLabeled = null;
+  $("lab-undo").disabled = true;
+  if (shown) queue.unshift(shown);
+  queue.unshift(image);
+  labStatus(`Undone: ${image.image_id} is unlabeled again.`);
+  await nextImage();
+  refreshProgress();
+}
+
+async function refreshProgress() {
+  const r = await fetch(route("progress"), {headers: headers()});
+  if (r.ok) { const p = await r.json(); showProgress(p, p.version); }
+}
+
+function showProgress(p, version) {
+  const rows = Object.entries(p.per_class).map(([n, c]) => `<tr><td>${escapeHtml(n)}</td><td>${c}</td></tr>`).join("");
+  $("lab-progress").innerHTML = `<p>${p.labeled} labeled of ${p.pool} in the pool` + (p.left != null ? `; ${p.left} left to label` : "") +
+    ` (queue ranked by version ${escapeHtml(String(version))}).</p><table class="plain"><tr><th>label</th><th>labeled</th></tr>${rows}</table>`;
+}
+
+function showJob(job) {
+  const box = $("job");
+  const done = ["SUCCEEDED", "FAILED", "STOPPED"].includes(job.state);
+  box.className = job.state === "FAILED" || job.state === "STOPPED" ? "error" : "";
+  box.textContent = `Job ${job.job_id}: ${job.state} after ${Math.round(job.seconds)} s` +
+    (job.progress ? ` \u2014 ${job.progress}` : "") + (job.message ? ` \u2014 ${job.message}` : "") +
+    (job.version ? ` \u2014 version ${job.version}` : "");
+  $("train").disabled = !done;
+  if (!done) { clearTimeout(jobTimer); jobTimer = setTimeout(() => pollJob(job.job_id), 2000); }
+  else if (job.state === "SUCCEEDED") loadCompare();
+}
+
+async function pollJob(id) {
+  const r = await fetch("/v1/jobs/" + encodeURIComponent(id), {headers: headers()});
+  if (r.ok) showJob(await r.json()); else jobTimer = setTimeout(() => pollJob(id), 4000);
+}
+
+async function loadJobs() {
+  const r = await fetch(route("jobs"), {headers: headers()});
+  if (!r.ok) return;
+  const jobs = (await r.json()).jobs;
+  if (jobs.length) showJob(jobs[0]);
+}
+
+async function train() {
+  $("train").disabled = true;
+  const r = await fetch(route("train"), {method: "POST", headers: headers()});
+  const body = await r.json().catch(() => null);
+  if (r.status === 202) { showJob(body); return; }
+  $("train").disabled = r.status === 409;
+  $("job").className = "error";
+  $("job").textContent = `Train refused (${r.status}): ` + ((body && body.detail) || "");
+}
+
+function metricCell(m) {
+  if (!m) return "\u2014";
+  const v = typeof m === "number" ? m : m.value;
+  const ci = m && m.ci ? ` [${m.ci[0].toFixed(3)}, ${m.ci[1].toFixed(3)}]` : "";
+  return v == null ? "\u2014" : v.toFixed(3) + ci;
+}
+
+async function loadCompare() {
+  const r = await fetch(route("compare"), {headers: headers()});
+  const box = $("compare"), promote = $("promote");
+  if (!r.ok) { box.textContent = r.status === 404 ? "No challenger yet: train one." : `Comparison unavailable (${r.status}).`; promote.classList.add("hidden"); return; }
+  const c = await r.json();
+  const cmp = c.comparison || {};
+  const ch = cmp.challenger || {}, cp = cmp.champion || {};
+  const row = (name, a, b) => `<tr><td>${name}</td><td>${metricCell(a)}</td><td>${metricCell(b)}</td></tr>`;
+  const test = (cmp.tests || []).map((t) => `${escapeHtml(t.class)}: ${t.difference >= 0 ? "+" : ""}${t.difference.toFixed(3)} (DeLong p=${t.p == null || isNaN(t.p) ? "n/a" : t.p.toPrecision(2)})`).join("; ");
+  box.innerHTML = `<table class="plain"><tr><th></th><th>champion v${escapeHtml(String(c.compared_with || c.champion))}</th><th>challenger v${escapeHtml(String(c.challenger))}</th></tr>` +
+    row("AUC [95% CI]", cp.auc, ch.auc) + row("accuracy [95% CI]", cp.accuracy, ch.accuracy) + row("balanced accuracy", cp.balanced_accuracy, ch.balanced_accuracy) +
+    `</table><p class="note">On the same ${cmp.n || "?"} held-out images (the champion's test split and ${cmp.held_out != null ? cmp.held_out : "?"} of the new labels, held out). AUC difference: ${test || "n/a"}.</p>` +
+    (c.promoted ? `<p class="better">Version ${escapeHtml(String(c.challenger))} is the champion.</p>` : !c.current ? `<p class="note">Compared with version ${escapeHtml(String(c.compared_with))}, no longer the champion (${escapeHtml(String(c.champion))}).</p>` : "");
+  promote.textContent = `Promote version ${c.challenger}`;
+  promote.dataset.version = c.challenger;
+  promote.classList.toggle("hidden", c.promoted);
+}
+
+async function promote() {
+  const version = $("promote").dataset.version;
+  const r = await fetch(route("promote"), {method: "POST", headers: headers({"Content-Type": "application/json"}), body: JSON.stringify({version: version})});
+  const body = await r.json().catch(() => null);
+  if (!r.ok) { $("compare").insertAdjacentHTML("beforeend", `<p class="flag">Promote refused (${r.status}): ${escapeHtml((body && body.detail) || "")}</p>`); return; }
+  await loadModel();  // the predict view's header names the new champion
+  await loadCompare();
+  queue = []; await nextImage();  // the queue is ranked by the new version
+}
+
+$("tab-predict").addEventListener("click", () => showView("predict"));
+$("tab-label").addEventListener("click", () => { showView("label"); startLabeling(); });
+$("lab-skip").addEventListener("click", skip);
+$("lab-undo").addEventListener("click", undo);
+$("train").addEventListener("click", train);
+$("promote").addEventListener("click", promote);
+document.addEventListener("keydown", (ev) => {
+  if ($("label-view").classList.contains("hidden") || ev.target.tagName === "INPUT" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  const names = modelInfo ? modelInfo.label_names : [];
+  const multi = modelInfo && modelInfo.task === "multilabel";
+  const n = parseInt(ev.key, 10);
+  if (n >= 1 && n <= Math.min(9, names.length)) { ev.preventDefault(); multi ? toggle(names[n - 1]) : submit(names[n - 1]); }
+  else if (multi && ev.key === "0") { ev.preventDefault(); submit("No Finding"); }
+  else if (multi && ev.key === "Enter") { ev.preventDefault(); submit(chosen.size ? [...chosen].join("|") : "No Finding"); }
+  else if (ev.key === "s" || ev.key === "S") { ev.preventDefault(); skip(); }
+  else if (ev.key === "u" || ev.key === "U") { ev.preventDefault(); undo(); }
+});
+
 loadModels();
