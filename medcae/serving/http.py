@@ -32,7 +32,8 @@ PAGE_JS = (_STATIC / "page.js").read_text(encoding="utf-8")
 # The page loads only its own script and talks only to this server.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; connect-src 'self'; "
-    "img-src 'self' data: blob:; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+    "img-src 'self' data: blob:; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+    "base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
