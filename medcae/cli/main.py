@@ -45,11 +45,6 @@ JOBS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
         jobargs.add_evaluate_args,
         "the method against frozen features, pixels, fine-tuning",
     ),
-    "retrain": (
-        jobargs.add_retrain_args,
-        "the labeling loop's job: a champion retrained with the loop's labels, compared, "
-        "registered as the challenger",
-    ),
 }
 
 
@@ -447,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("suggest", help=sg_help, description=sg_help)
     jobargs.add_suggest_args(sg)
     sg.set_defaults(fn=_job)
+    rt_help = (
+        "the labeling loop's job (the server submits it): the champion retrained on the "
+        "loop's labels, compared with it, registered as the challenger"
+    )
+    rt = sub.add_parser(
+        "retrain",
+        help=rt_help,
+        description=rt_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    jobargs.add_retrain_args(rt)
+    rt.set_defaults(fn=_job)
     return p
 
 

@@ -78,9 +78,11 @@ def rank(
     strategy: str = "hybrid",
     seed: int = 0,
     thresholds: np.ndarray | None = None,
+    k: int | None = None,
 ) -> list[str]:
-    """Every queueable image, best first: not labeled, in distribution, ranked by
-    ``strategy`` (:mod:`medcae.labeling.strategies`) around the labels given so far.
+    """The queueable images, best first: not labeled, in distribution, ranked by
+    ``strategy`` (:mod:`medcae.labeling.strategies`) around the labels given so far; the
+    first ``k`` (default all: ``typiclust`` then clusters as many as it can, slowly).
 
     Args:
         preds: The pool's predictions.
@@ -100,7 +102,7 @@ def rank(
         class_counts=label_counts(labeled, names, thresholds is not None),
         thresholds=thresholds,
     )
-    found = suggest(state, len(preds.ids), strategy, seed)
+    found = suggest(state, min(k or len(preds.ids), len(preds.ids)), strategy, seed)
     return [preds.ids[i] for i in found.ranking.indices]
 
 
@@ -115,8 +117,16 @@ def next_images(
     lease_s: float = LEASE_S,
     thresholds: np.ndarray | None = None,
 ) -> list[str]:
-    """The next ``k`` images for ``annotator``: :func:`rank` around the store's current
-    labels, then :meth:`LabelStore.lease` (never an image leased to another annotator)."""
+    """The next ``k`` images for ``annotator``: their own unexpired leases first, then
+    :func:`rank` around the store's current labels (only as deep as the leases of others and
+    ``k`` need), through :meth:`LabelStore.lease` (never an image leased to another)."""
     labeled = {i: lab.label for i, lab in store.current(model).items()}
-    order = rank(preds, labeled, names, strategy, thresholds=thresholds)
-    return store.lease(model, order, k, annotator, lease_s)
+    held = store.leases(model)
+    mine = [i for i, who in held.items() if who == annotator and i not in labeled]
+    others = sum(1 for who in held.values() if who != annotator)
+    order = rank(preds, labeled, names, strategy, thresholds=thresholds, k=k + others + 50)
+    got = store.lease(model, mine + [i for i in order if i not in mine], k, annotator, lease_s)
+    if len(got) < k and len(order) < len(preds.ids):  # many skipped: rank the whole pool
+        order = rank(preds, labeled, names, strategy, thresholds=thresholds)
+        got = store.lease(model, mine + [i for i in order if i not in mine], k, annotator, lease_s)
+    return got

@@ -224,6 +224,16 @@ class LabelStore:
             )
         return picked
 
+    def leases(self, model: str, now: float | None = None) -> dict[str, str]:
+        """The unexpired leases of ``model``: ``{image id: annotator}``."""
+        t = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT image_id, annotator FROM leases WHERE model = ? AND expires > ?",
+                (model, t),
+            ).fetchall()
+        return dict(rows)
+
     def release(
         self,
         model: str,

@@ -26,6 +26,7 @@ SHIMS = {
     "evaluate.py": "evaluate",
     "predict.py": "predict",
     "suggest.py": "suggest",
+    "retrain.py": "retrain",
 }
 #: The jobs that start from a bundle need one, so they have no --smoke-test: --bundle instead.
 BUNDLE_SHIMS = {"predict.py", "suggest.py"}
