@@ -551,6 +551,7 @@ def add_retrain_args(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--epochs", type=int, default=None, help="CAE epochs (default the champion's)")
     add_ray_args(p)
+    add_fault_args(p)
     add_output_args(p, None, "output folder (default runs/retrain-<time>)")
     add_storage_args(p)
     add_smoke_arg(p, "the champion's data subsampled, a tiny model")

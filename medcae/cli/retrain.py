@@ -94,6 +94,10 @@ def main(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             use_gpu=args.use_gpu,
             cpus_per_worker=args.cpus_per_worker,
+            max_failures=args.max_failures,
+            num_to_keep=args.num_to_keep,
+            checkpoint_score_attribute=args.checkpoint_score_attribute,
+            placement_strategy=args.placement_strategy,
         ),
     )
     log_file = setup_run_logging(out)
@@ -122,6 +126,8 @@ def main(args: argparse.Namespace) -> int:
         "champion": champion.version,
         "job": args.job_id,
         "bundle": str(res.bundle.resolve()),
+        "worker_nodes": res.training.worker_nodes,
+        "epochs": len(res.training.history),
         "total_s": round(time.perf_counter() - t0, 1),
         "compare": result,
     }

@@ -15,7 +15,7 @@ import numpy as np
 
 from medcae.labeling.pool import LabelPool
 from medcae.labeling.store import LEASE_S, LabelStore
-from medcae.labeling.strategies import Pool, suggest
+from medcae.labeling.strategies import Pool, hybrid_choice, suggest
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,14 @@ def rank(
     seed: int = 0,
     thresholds: np.ndarray | None = None,
     k: int | None = None,
+    cluster_sample: int | None = None,
 ) -> list[str]:
     """The queueable images, best first: not labeled, in distribution, ranked by
     ``strategy`` (:mod:`medcae.labeling.strategies`) around the labels given so far; the
     first ``k`` (default all: ``typiclust`` then clusters as many as it can, slowly).
+    With ``cluster_sample``, ``typiclust`` (and ``hybrid`` while it is ``typiclust``) ranks a
+    seeded sample of that many unlabeled images (with every labeled one, for coverage): its
+    k-means then costs the same at any pool size.
 
     Args:
         preds: The pool's predictions.
@@ -94,16 +98,26 @@ def rank(
     """
     if not preds.ids:
         return []
+    is_labeled = np.isin(preds.ids, list(labeled))
+    counts = label_counts(labeled, names, thresholds is not None)
+    idx = np.arange(len(preds.ids))
+    clusters = strategy == "typiclust" or (
+        strategy == "hybrid" and hybrid_choice(counts) == "typiclust"
+    )
+    if clusters and cluster_sample and (~is_labeled).sum() > cluster_sample:
+        rng = np.random.default_rng(seed)
+        rest = rng.choice(np.flatnonzero(~is_labeled), cluster_sample, replace=False)
+        idx = np.sort(np.concatenate([np.flatnonzero(is_labeled), rest]))
     state = Pool(
-        proba=preds.proba,
-        vectors=preds.vectors,
-        in_distribution=preds.in_distribution,
-        labeled=np.isin(preds.ids, list(labeled)),
-        class_counts=label_counts(labeled, names, thresholds is not None),
+        proba=preds.proba[idx],
+        vectors=preds.vectors[idx],
+        in_distribution=preds.in_distribution[idx],
+        labeled=is_labeled[idx],
+        class_counts=counts,
         thresholds=thresholds,
     )
-    found = suggest(state, min(k or len(preds.ids), len(preds.ids)), strategy, seed)
-    return [preds.ids[i] for i in found.ranking.indices]
+    found = suggest(state, min(k or len(idx), len(idx)), strategy, seed)
+    return [preds.ids[idx[i]] for i in found.ranking.indices]
 
 
 def next_images(

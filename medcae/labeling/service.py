@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from medcae.labeling.pool import LabelPool, PoolError
-from medcae.labeling.queue import PoolPredictions, label_counts, next_images, predict_pool
+from medcae.labeling.queue import PoolPredictions, label_counts, predict_pool
 from medcae.labeling.retrain import HELD_OUT_SHARE, held_out, label_values
 from medcae.labeling.store import ACTIVE, LEASE_S, LabelStore
 
@@ -41,6 +41,13 @@ COMPARE_TAG, PARENT_TAG, JOB_TAG = "medcae.compare", "medcae.parent", "medcae.jo
 #: A job still ``SUBMITTING`` this long after it was claimed was lost with its server.
 SUBMIT_GRACE_S = 120.0
 MAX_QUEUE = 50
+#: A ranking is reused until this many labels were added since it was made (``typiclust``
+#: clusters the whole pool: seconds at 20,000 images; the others are cheap either way).
+RERANK_EVERY = 10
+#: How deep a ranking goes (beyond the leases of others).
+RANK_DEPTH = 50
+#: ``typiclust`` clusters a sample of this many unlabeled images of a larger pool.
+CLUSTER_SAMPLE = 4000
 
 
 class LoopError(Exception):
@@ -107,6 +114,7 @@ class Loop:
         self.train_args, self.data_dir = list(train_args), data_dir
         self.held_out_share = held_out_share
         self._preds: dict[str, PoolPredictions] = {}
+        self._orders: dict[tuple[str, str], tuple[int, list[str]]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ queue and labels
@@ -168,18 +176,8 @@ class Loop:
                 f"strategy {strategy!r}: expected one of {sorted(STRATEGIES)}",
             )
         preds = self.predictions(m)
-        ids = next_images(
-            self.store,
-            self.model,
-            preds,
-            m.names,
-            k,
-            who,
-            strategy,
-            lease_s,
-            m.thresholds,
-        )
-        row = {i: n for n, i in enumerate(preds.ids)}
+        ids = self._next(m, preds, k, who, strategy, lease_s)
+        row = self._rows(preds)
         return [
             {
                 "image_id": i,
@@ -188,6 +186,55 @@ class Loop:
             }
             for i in ids
         ]
+
+    def _rows(self, preds: PoolPredictions) -> dict[str, int]:
+        if getattr(self, "_row_of", (None,))[0] is not preds:
+            self._row_of = (preds, {i: n for n, i in enumerate(preds.ids)})
+        return self._row_of[1]
+
+    def _next(
+        self, m: Model, preds: PoolPredictions, k: int, who: str, strategy: str, lease_s: float
+    ) -> list[str]:
+        """:func:`medcae.labeling.queue.next_images`, with the ranking kept for
+        :data:`RERANK_EVERY` labels (per version and strategy)."""
+        from medcae.labeling.queue import rank
+
+        labeled = {i: lab.label for i, lab in self.store.current(self.model).items()}
+        held = self.store.leases(self.model)
+        mine = [i for i, w in held.items() if w == who and i not in labeled]
+        others = sum(1 for w in held.values() if w != who)
+        key = (m.version, strategy)
+        cached = self._orders.get(key)
+        fresh = cached is not None and len(labeled) - cached[0] < RERANK_EVERY
+        if fresh:
+            order = [i for i in cached[1] if i not in labeled]
+            fresh = len(order) >= k + others or len(cached[1]) >= len(preds.ids)
+        if not fresh:
+            depth = min(len(preds.ids), RANK_DEPTH + others + k)
+            order = rank(
+                preds,
+                labeled,
+                m.names,
+                strategy,
+                thresholds=m.thresholds,
+                k=depth,
+                cluster_sample=CLUSTER_SAMPLE,
+            )
+            self._orders[key] = (len(labeled), order)
+        picked = [i for i in order if i not in mine]
+        got = self.store.lease(self.model, mine + picked, k, who, lease_s)
+        if len(got) < k and len(order) < len(preds.ids):  # many skipped: the whole pool
+            order = rank(
+                preds,
+                labeled,
+                m.names,
+                strategy,
+                thresholds=m.thresholds,
+                cluster_sample=CLUSTER_SAMPLE,
+            )
+            self._orders[key] = (len(labeled), order)
+            got = self.store.lease(self.model, mine + order, k, who, lease_s)
+        return got
 
     def image_png(self, image_id: str, side: int) -> bytes:
         """The pool image ``image_id`` as the model sees it (decoded, resized, RGB), PNG.
@@ -411,6 +458,7 @@ class Loop:
                 1,
             ),
             "comparison": (result or {}).get("compare"),
+            "worker_nodes": (result or {}).get("worker_nodes"),
         }
 
     # ------------------------------------------------------------------ compare and promote

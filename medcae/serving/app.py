@@ -235,6 +235,8 @@ class MedcaeModel:
         self._preloaded: dict[str, Any] = {}
         self._preloaded[self.specs[0].name] = self._load_key(self.specs[0].name)
         self.loops = self._make_loops(pools, state_dir, jobs_address, train_args, data_dir)
+        for name in self.loops:  # the pool through the served version, before anyone asks
+            self._warm(name, self._preloaded.get(name))
         self._predict.set_max_batch_size(max_batch_size)
         self._predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -614,8 +616,6 @@ class MedcaeModel:
 
     async def _labeling(self, request: Request, name: str, role: str) -> tuple[Any, Any, Any]:
         """The caller's key (holding ``role``), the model's loop and the version it serves."""
-        import asyncio as aio
-
         from medcae.labeling.service import Model
 
         key = self._begin(request, role)
@@ -636,8 +636,30 @@ class MedcaeModel:
         if p.finding_points is not None:
             thresholds = np.asarray([op.threshold for op in p.finding_points], float)
         m = Model(p, loaded.version, list(p.label_names), p.multilabel, thresholds, loaded.side)
-        await aio.sleep(0)
         return key, loop, m
+
+    def _warm(self, name: str, served: Any) -> None:
+        """Predict the pool of ``name`` through the version ``served`` has, in a thread (the
+        first queue request then waits for it, not for a second pass)."""
+        import threading
+
+        from medcae.labeling.service import Model
+
+        if served is None or name not in self.loops:
+            return
+        p, loaded = served.loaded.predictor, served.loaded
+        thresholds = None
+        if p.finding_points is not None:
+            thresholds = np.asarray([op.threshold for op in p.finding_points], float)
+        m = Model(p, loaded.version, list(p.label_names), p.multilabel, thresholds, loaded.side)
+
+        def run() -> None:
+            try:
+                self.loops[name].predictions(m)
+            except Exception:  # noqa: BLE001 - the first request tries again and reports it
+                log.exception("predicting the pool of %s failed", name)
+
+        threading.Thread(target=run, name=f"medcae-pool-{name}", daemon=True).start()
 
     @staticmethod
     async def _call(fn: Any, *args: Any) -> Any:
@@ -770,6 +792,7 @@ class MedcaeModel:
         follower = getattr(served, "follower", None)
         if follower is not None:
             await asyncio.to_thread(follower.poll)
+        self._warm(name, served)  # the queue, ranked by the new champion
         return out | {"serving": served.loaded.version}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -8,7 +8,6 @@ of the module, also when a test fails. Nothing here touches the pytest process's
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -24,7 +23,6 @@ from medcae.registry.models import ModelRef
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-RESULT_TAG = "MEDCAE_RESULT"
 EXCLUDES = [".git", ".venv", "runs", "data", ".cache", "*.npz", "*.pt", "*.pth", "__pycache__"]
 EXCLUDES += [".pytest_cache", ".ruff_cache", ".mypy_cache", "*.egg-info", "docs/results"]
 
@@ -91,29 +89,20 @@ def test_requests_without_the_right_token_are_rejected(cluster):
     assert not [j for j in jobs if "should-not-run" in j.entrypoint]  # nothing got through
 
 
-@pytest.mark.timeout(600)
-def test_train_job_spreads_workers_over_both_nodes(cluster, tmp_path):
+@pytest.mark.timeout(300)
+def test_a_job_submitted_with_the_checkout_as_working_dir_runs_its_shim(cluster):
+    """``ray job submit --working-dir .``: the checkout (without its heavy folders) reaches
+    the cluster and a ``ray_jobs/`` shim runs there. (Training spread over both nodes is
+    checked by the labeling loop's retraining job below.)"""
     client = _client(cluster, cluster.token)
-    entrypoint = (
-        f"{sys.executable} ray_jobs/train.py --data demo --smoke-test --num-workers 2"
-        f" --placement-strategy SPREAD --storage-path {tmp_path / 'ckpt'} --name multinode"
-        " --representation cae"  # one head after training: the spread is what is tested
-    )
     job_id = client.submit_job(
-        entrypoint=entrypoint,
+        entrypoint=f"{sys.executable} ray_jobs/train.py --help",
         runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
     )
-    status = _wait_for_job(client, job_id, timeout=420)
+    status = _wait_for_job(client, job_id, timeout=240)
     logs = client.get_job_logs(job_id)
-    assert status == "SUCCEEDED", f"job {job_id}: {status}\n{logs[-8000:]}"
-    line = next((x for x in logs.splitlines() if x.startswith(RESULT_TAG + " ")), None)
-    assert line, f"no {RESULT_TAG} line in the job's logs:\n{logs[-4000:]}"
-    result = json.loads(line[len(RESULT_TAG) + 1 :])
-    workers = result["worker_nodes"]
-    assert len(workers) == 2 and len(set(workers)) == 2, workers
-    assert set(workers) <= set(alive_node_ids(cluster.head.dashboard_url, cluster.token))
-    assert result["epochs"] >= 1 and result["restored_from_epoch"] == 0
-    assert math.isfinite(result["final_train_loss"]) and math.isfinite(result["final_val_loss"])
+    assert status == "SUCCEEDED", f"job {job_id}: {status}\n{logs[-4000:]}"
+    assert "usage: medcae train" in logs and "--placement-strategy" in logs
 
 
 @pytest.mark.timeout(600)
@@ -152,7 +141,7 @@ def test_labeling_loop_on_the_cluster_from_first_label_to_promoted_version(
         "--model", "demo@champion", "--mlflow", registry.uri, "--follow-s", "1",
         "--pool", f"demo={pool}", "--state-dir", str(tmp_path / "state"),
         "--api-keys-file", str(keys), "--log-dir", str(tmp_path / "logs"),
-        "--train-args", "--smoke-test --epochs 1",
+        "--train-args", "--smoke-test --epochs 1 --num-workers 2 --placement-strategy SPREAD",
     ]  # fmt: skip
 
     def during(base: str) -> dict:
@@ -241,13 +230,20 @@ def test_labeling_loop_on_the_cluster_from_first_label_to_promoted_version(
             wait.until(lambda _: "answered by" in status.text)
             assert status.text.endswith("version 2."), status.text
             trail = api.get("/v1/models/demo/jobs").json()["jobs"]
-            return {"states": [j["state"] for j in trail], "seconds": trail[0]["seconds"]}
+            return {
+                "states": [j["state"] for j in trail],
+                "seconds": trail[0]["seconds"],
+                "workers": trail[0]["worker_nodes"],
+            }
         finally:
             browser.quit()
             api.close()
 
     got = serve_reaped(cmd, tmp_path, ROOT, node_env(cluster.token), during, timeout=560)
     assert got["states"][0] == "SUCCEEDED" and len(got["states"]) == 3, got
+    workers = got["workers"]  # the retraining ran on the cluster: one worker on each node
+    assert len(workers) == 2 and len(set(workers)) == 2, workers
+    assert set(workers) <= set(alive_node_ids(cluster.head.dashboard_url, cluster.token))
     assert registry.show(ModelRef("demo", alias="champion")).version == "2"
     assert registry.show(ModelRef("demo", alias="champion")).tags["medcae.job"]
 
