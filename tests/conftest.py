@@ -8,7 +8,6 @@ on ``sys.path``: ``import helpers`` then works from every test folder.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,10 +20,8 @@ from helpers import (  # noqa: E402
     API_KEY,
     LIMITS,
     ORIGIN,
-    PORT_ATTEMPTS,
     ROOT,
-    free_port,
-    port_taken,
+    start_serve,
 )
 
 from medcae.config import BackboneConfig  # noqa: E402
@@ -199,51 +196,6 @@ def core_bundle(dest: Path, npz: Path) -> BundleCase:
         labels["test"],
         fitted.head.predict_proba(codes["test"]),
     )
-
-
-def _proxy_up(port: int) -> bool:
-    """Serve's proxy answers its health check on ``port``."""
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _serve_answers(port: int, timeout: float = 60.0) -> bool:
-    """Serve's proxy, not some other server, answers on ``port`` with the medcae route."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=5).json()
-            if routes.get("/") == "medcae":
-                return True
-        except (httpx.HTTPError, ValueError, AttributeError):
-            pass
-        time.sleep(0.5)
-    return False
-
-
-def start_serve(app) -> int:
-    """``app`` as the Serve application ``medcae`` at ``/`` on a free loopback port of the
-    session's Ray; returns the port. The caller ends it with ``serve.shutdown()``."""
-    from ray import serve
-
-    for _ in range(PORT_ATTEMPTS):  # the port can be taken between picking and binding
-        port = free_port()
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(app, name="medcae", route_prefix="/")
-            if _serve_answers(port):
-                return port
-        except Exception:  # noqa: BLE001 - retried only when the proxy could not bind
-            if not port_taken(port) or _proxy_up(port):
-                raise  # the port was free, or Serve's own proxy holds it: the app failed
-        serve.shutdown()
-    raise RuntimeError(f"Serve did not start on a free port in {PORT_ATTEMPTS} attempts")
 
 
 @pytest.fixture(scope="module")

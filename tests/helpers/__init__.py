@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -451,3 +452,48 @@ def chromium():
     ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def _proxy_up(port: int) -> bool:
+    """Serve's proxy answers its health check on ``port``."""
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _serve_answers(port: int, timeout: float = 60.0) -> bool:
+    """Serve's proxy, not some other server, answers on ``port`` with the medcae route."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=5).json()
+            if routes.get("/") == "medcae":
+                return True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def start_serve(app) -> int:
+    """``app`` as the Serve application ``medcae`` at ``/`` on a free loopback port of the
+    session's Ray; returns the port. The caller ends it with ``serve.shutdown()``."""
+    from ray import serve
+
+    for _ in range(PORT_ATTEMPTS):  # the port can be taken between picking and binding
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(app, name="medcae", route_prefix="/")
+            if _serve_answers(port):
+                return port
+        except Exception:  # noqa: BLE001 - retried only when the proxy could not bind
+            if not port_taken(port) or _proxy_up(port):
+                raise  # the port was free, or Serve's own proxy holds it: the app failed
+        serve.shutdown()
+    raise RuntimeError(f"Serve did not start on a free port in {PORT_ATTEMPTS} attempts")

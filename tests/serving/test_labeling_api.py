@@ -31,7 +31,7 @@ def _key(name: str) -> str:
 def lab(ray_session, demo_bundle, demo_npz, tmp_path_factory):
     """``demo@champion`` (version 1) from a real registry, with a pool of 580 demo images the
     bundle never saw, and four keys; yields ``(base_url, registry, pool folder, state dir)``."""
-    from conftest import start_serve
+    from helpers import start_serve
     from ray import serve
 
     from medcae.data import load_dataset
