@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from medcae.cli.args import default_store_root
 from medcae.cli.logs import print_summary, route_ray_output, setup_run_logging
 from medcae.cli.models import registry_uri
 
@@ -39,8 +38,9 @@ _TAG_CHARS = 5000  # MLflow's longest tag value
 
 
 def main(args: argparse.Namespace) -> int:
+    from medcae.cli.run import run_paths
     from medcae.config import PipelineConfig
-    from medcae.distributed.pipeline import RunPaths, list_sources, run_pipeline, smoke_config
+    from medcae.distributed.pipeline import list_sources, run_pipeline, smoke_config
     from medcae.distributed.runtime import init_ray, shutdown_ray
     from medcae.distributed.store import ExtractOptions
     from medcae.inference.bundle import read_bundle
@@ -73,13 +73,7 @@ def main(args: argparse.Namespace) -> int:
         flush=True,
     )
     out = Path(args.out or f"runs/retrain-{time.strftime('%Y%m%d-%H%M%S')}")
-    paths = RunPaths(
-        out,
-        args.feature_store or default_store_root(),
-        args.storage_path or str(out / "checkpoints"),
-        args.name,
-        args.materialize,
-    )
+    paths = run_paths(args, out)
     extract = ExtractOptions(
         args.extract_batch_size,
         args.extract_actors,

@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medcae.cli.args import config_from_args, default_store_root
 from medcae.cli.checks import check_budget
@@ -23,12 +24,14 @@ from medcae.cli.logs import print_summary, route_ray_output, setup_run_logging
 from medcae.cli.models import register_bundle
 from medcae.cli.tracking import log_job, tracking_uri
 
+if TYPE_CHECKING:
+    from medcae.distributed.pipeline import RunPaths
+
 RESULT_TAG = "MEDCAE_RESULT"
 
 
 def main(args: argparse.Namespace) -> int:
     from medcae.distributed.pipeline import (
-        RunPaths,
         list_sources,
         resolved_backbone,
         run_pipeline,
@@ -54,13 +57,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     sources = list_sources(cfg, args.data_dir, args.smoke_test)  # bad input fails before Ray
     check_budget(sources[0], cfg.classifier.budget, cfg.classifier.seed)
-    paths = RunPaths(
-        out,
-        args.feature_store or default_store_root(),
-        args.storage_path or str(out / "checkpoints"),
-        args.name,
-        args.materialize,
-    )
+    paths = run_paths(args, out)
     extract = ExtractOptions(
         cfg.train.extract_batch_size,
         cfg.train.extract_actors,
@@ -127,6 +124,20 @@ def main(args: argparse.Namespace) -> int:
         lines.insert(-3, registered)  # the last three stay RESULT, results, model bundle
     print_summary(lines)
     return code
+
+
+def run_paths(args: argparse.Namespace, out: Path) -> RunPaths:
+    """Where a job run from ``args`` reads and writes (``--feature-store``, ``--storage-path``,
+    ``--name``, ``--materialize``), its output folder ``out``."""
+    from medcae.distributed.pipeline import RunPaths
+
+    return RunPaths(
+        out,
+        args.feature_store or default_store_root(),
+        args.storage_path or str(out / "checkpoints"),
+        args.name,
+        args.materialize,
+    )
 
 
 def _report_metrics(reports: dict) -> dict[str, float]:

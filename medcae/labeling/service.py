@@ -209,9 +209,9 @@ class Loop:
         if fresh:
             order = [i for i in cached[1] if i not in labeled]
             fresh = len(order) >= k + others or len(cached[1]) >= len(preds.ids)
-        if not fresh:
-            depth = min(len(preds.ids), RANK_DEPTH + others + k)
-            order = rank(
+
+        def ranked(depth: int | None) -> list[str]:
+            out = rank(
                 preds,
                 labeled,
                 m.names,
@@ -220,19 +220,15 @@ class Loop:
                 k=depth,
                 cluster_sample=CLUSTER_SAMPLE,
             )
-            self._orders[key] = (len(labeled), order)
+            self._orders[key] = (len(labeled), out)
+            return out
+
+        if not fresh:
+            order = ranked(min(len(preds.ids), RANK_DEPTH + others + k))
         picked = [i for i in order if i not in mine]
         got = self.store.lease(self.model, mine + picked, k, who, lease_s)
         if len(got) < k and len(order) < len(preds.ids):  # many skipped: the whole pool
-            order = rank(
-                preds,
-                labeled,
-                m.names,
-                strategy,
-                thresholds=m.thresholds,
-                cluster_sample=CLUSTER_SAMPLE,
-            )
-            self._orders[key] = (len(labeled), order)
+            order = ranked(None)
             got = self.store.lease(self.model, mine + order, k, who, lease_s)
         return got
 
