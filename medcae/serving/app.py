@@ -45,7 +45,7 @@ from medcae.serving.api import (
     StatsResponse,
     model_info,
 )
-from medcae.serving.auth import LOCAL_USER, authorize, load_keys
+from medcae.serving.auth import authorize, load_keys
 from medcae.serving.http import PAGE_HEADERS, PAGE_HTML, PAGE_JS, read_images
 from medcae.serving.metrics import RequestMetrics
 from medcae.serving.middleware import Guard, configure_guard
@@ -355,7 +355,8 @@ class MedcaeModel:
         from medcae.serving.answers import request_id
 
         key = authorize(request.headers.get("authorization"), self.keys, role)
-        request.state.who = "anonymous" if key is LOCAL_USER else f"key:{key.digest[:8]}"
+        # (not ``is LOCAL_USER``: Serve ships this class by value, with a copy of that object)
+        request.state.who = f"key:{key.digest[:8]}" if key.digest else "anonymous"
         if not getattr(request.state, "request_id", None):  # set by RequestMetrics
             request.state.request_id = request_id(request.headers.get("x-request-id"))
         return key
