@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medcae run --data demo --out runs/demo
 
-# Three pytest-xdist workers, one test file each at a time: run serially, the suite leaves the
+# Four pytest-xdist workers, one test file each at a time: run serially, the suite leaves the
 # cores idle while Ray starts and stops; four keep both busy (PYTEST_WORKERS=0: one process).
 PYTEST_WORKERS ?= 4
 test: $(STAMP)
