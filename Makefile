@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medcae run --data demo --out runs/demo
 
-# Four pytest-xdist workers, one test file each at a time: run serially, the suite leaves the
-# cores idle while Ray starts and stops; four keep both busy (PYTEST_WORKERS=0: one process).
-PYTEST_WORKERS ?= 4
+# Three pytest-xdist workers, one test file each at a time: run serially, the suite leaves the
+# cores idle while Ray starts and stops; three keep both busy (PYTEST_WORKERS=0: one process).
+PYTEST_WORKERS ?= 3
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
