@@ -111,9 +111,9 @@ def test_labeling_loop_on_the_cluster_from_first_label_to_promoted_version(
 ):
     """``medcae serve --address`` on the two-node cluster with a pool: in headless Chromium an
     admin labels from the queue with the keyboard (skip, undo), a job with a label whose image
-    left the pool fails and says why, a second train while one runs gets 409, a stopped job
-    leaves the champion serving; then Train from the page, the challenger against the
-    champion, Promote, and the predict view answers with the new version."""
+    left the pool fails, says why and leaves the champion serving, a second train while one
+    runs gets 409; then Train from the page (the job's workers on both nodes), the challenger
+    against the champion, Promote, and the predict view answers with the new version."""
     from helpers import chromium, png_bytes, serve_reaped
     from helpers.cluster import node_env
 
@@ -197,15 +197,7 @@ def test_labeling_loop_on_the_cluster_from_first_label_to_promoted_version(
             failed = _poll_job(api, bad, 240)
             assert failed["state"] == "FAILED" and "no longer in the pool" in failed["message"]
             (tmp_path / "moved.png").rename(gone)
-            # a killed driver: the job says so, the champion keeps serving
-            r = api.post("/v1/models/demo/train")
-            assert r.status_code == 202, r.text
-            stopped = r.json()["job_id"]
-            _poll_job(api, stopped, 120, until=("RUNNING",))  # a stop before it runs can be lost
-            _client(cluster, cluster.token).stop_job(stopped)
-            gone_job = _poll_job(api, stopped, 120)
-            assert gone_job["state"] in ("STOPPED", "FAILED") and gone_job["message"]
-            assert api.get("/v1/models/demo").json()["version"] == "1"
+            assert api.get("/v1/models/demo").json()["version"] == "1"  # still the champion
             # Train from the page, compare, promote
             browser.find_element(By.ID, "train").click()
             job = browser.find_element(By.ID, "job")
@@ -246,7 +238,7 @@ def test_labeling_loop_on_the_cluster_from_first_label_to_promoted_version(
             api.close()
 
     got = serve_reaped(cmd, tmp_path, ROOT, node_env(cluster.token), during, timeout=560)
-    assert got["states"][0] == "SUCCEEDED" and len(got["states"]) == 3, got
+    assert got["states"] == ["SUCCEEDED", "FAILED"], got
     workers = got["workers"]  # the retraining ran on the cluster: one worker on each node
     assert len(workers) == 2 and len(set(workers)) == 2, workers
     assert set(workers) <= set(alive_node_ids(cluster.head.dashboard_url, cluster.token))
