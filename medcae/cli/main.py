@@ -203,8 +203,13 @@ def _serve(args: argparse.Namespace) -> int:
             if args.address:  # a running cluster: Serve's proxy on its head node only
                 ctx = ray.init(address=args.address)
                 http["location"] = "HeadOnly"
-            else:  # Ray's exporter on every node; this (local) one on this port
-                ctx = ray.init(_metrics_export_port=args.metrics_port, include_dashboard=True)
+            else:  # Ray's exporter on every node; this (local) one on this port. Logical
+                # CPUs as a job's local Ray has them: the retraining jobs share it with Serve.
+                ctx = ray.init(
+                    num_cpus=2 * (os.cpu_count() or 1),
+                    _metrics_export_port=args.metrics_port,
+                    include_dashboard=True,
+                )
             if labeling and ctx.dashboard_url:  # the Jobs API that retrains
                 labeling["jobs_address"] = f"http://{ctx.dashboard_url}"
         serve.start(http_options=http)
