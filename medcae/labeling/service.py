@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -521,10 +522,20 @@ class Loop:
         return Registry(self.registry_uri)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ACTOR = re.compile(r"^\((\w+)(?: pid=[^)]*)?\)\s*")
+
+
 def _last_line(logs: str) -> str:
-    """The job's last console line (its progress), without Ray's own."""
+    """The job's last console line (its progress): colours and the ``(Actor pid=...)``
+    prefix of a worker's line removed; Ray's own warnings and the result line skipped."""
     for line in reversed(logs.splitlines()):
-        line = line.strip()
+        line = _ANSI.sub("", line).strip()
+        actor = _ACTOR.match(line)
+        if actor:
+            if actor.group(1) in ("raylet", "autoscaler"):
+                continue
+            line = line[actor.end() :]
         skip = (RESULT_TAG, "log:", "[")  # the result, the log's path, Ray's own lines
         if line and not line.startswith(skip) and "core_worker" not in line:
             return line[:300]

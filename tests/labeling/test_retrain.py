@@ -130,3 +130,27 @@ def test_compare_multiclass_and_findings():
     bits = rng.integers(0, 8, 200)
     f = compare(bits, rng.random((200, 3)), rng.random((200, 3)), ["x", "y", "z"], True)
     assert len(f["tests"]) == 3 and "accuracy" not in f["challenger"]
+
+
+def test_a_jobs_progress_is_its_last_console_line_without_rays_decoration():
+    from medcae.labeling.service import _last_line, _result, _why
+
+    logs = (
+        "retrain demo: champion version 1\n"
+        "\x1b[36m(RayTrainWorker pid=27498)\x1b[0m epoch 1/15 train_loss 0.4749 ETA 133s\n"
+        "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started\n"
+        "[2026-12-05 06:25:11,939 E 5326 5326] core_worker.cc:2465: Actor ...\n"
+    )
+    assert _last_line(logs) == "epoch 1/15 train_loss 0.4749 ETA 133s"
+    done = (
+        logs + 'comparison: challenger AUC 0.9\nlog: /x/run.log\nMEDCAE_RETRAIN {"version": "4"}\n'
+    )
+    assert _last_line(done) == "comparison: challenger AUC 0.9" and _result(done) == {
+        "version": "4"
+    }
+    assert _result(logs) is None
+    failed = logs + "error: labels.csv: 1 labeled image(s) are no longer in the pool\n"
+    assert _why("Job entrypoint command failed with exit code 1", failed) == (
+        "error: labels.csv: 1 labeled image(s) are no longer in the pool | "
+        "Job entrypoint command failed with exit code 1"
+    )
