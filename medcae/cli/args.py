@@ -550,6 +550,18 @@ def add_retrain_args(p: argparse.ArgumentParser) -> None:
         "--alias", default="challenger", help="alias given to the new version (default challenger)"
     )
     m.add_argument("--epochs", type=int, default=None, help="CAE epochs (default the champion's)")
+    m.add_argument(
+        "--representation",
+        default=None,
+        choices=list(REPRESENTATION_CHOICES),
+        help="the classifier's input (default the champion's)",
+    )
+    m.add_argument(
+        "--calibration",
+        default=None,
+        choices=list(CALIBRATION_CHOICES),
+        help="probability calibration on val (default the champion's)",
+    )
     add_ray_args(p)
     add_fault_args(p)
     add_output_args(p, None, "output folder (default runs/retrain-<time>)")

@@ -59,6 +59,9 @@ def main(args: argparse.Namespace) -> int:
         cfg = smoke_config(cfg)
     if args.epochs is not None:
         cfg = replace(cfg, cae=replace(cfg.cae, epochs=args.epochs))
+    for field in ("representation", "calibration"):  # the champion's unless asked
+        if getattr(args, field) is not None:
+            cfg = replace(cfg, classifier=replace(cfg.classifier, **{field: getattr(args, field)}))
     snapshot = read_snapshot(args.labels)
     pool = LabelPool.from_source(args.pool, args.data_dir)
     sources = list_sources(cfg, args.data_dir, args.smoke_test)  # bad input fails before Ray
