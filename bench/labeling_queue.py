@@ -46,12 +46,7 @@ def model_view(bundle: str):
     from medcae.inference.predictor import Predictor
     from medcae.labeling.service import Model
 
-    p = Predictor.from_bundle(bundle)
-    thresholds = None
-    if p.finding_points is not None:
-        thresholds = np.asarray([op.threshold for op in p.finding_points], float)
-    side = p.extractor.cfg.resolution
-    return Model(p, "1", list(p.label_names), p.multilabel, thresholds, side)
+    return Model.of(Predictor.from_bundle(bundle), "1")
 
 
 def main() -> None:

@@ -76,6 +76,21 @@ class Model:
     thresholds: np.ndarray | None
     side: int
 
+    @classmethod
+    def of(cls, predictor: Any, version: str) -> Model:
+        """The view of a :class:`medcae.inference.predictor.Predictor` serving ``version``."""
+        thresholds = None
+        if predictor.finding_points is not None:
+            thresholds = np.asarray([op.threshold for op in predictor.finding_points], float)
+        return cls(
+            predictor,
+            version,
+            list(predictor.label_names),
+            predictor.multilabel,
+            thresholds,
+            predictor.extractor.cfg.resolution,
+        )
+
 
 class Loop:
     """The labeling loop of one model.

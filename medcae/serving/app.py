@@ -632,12 +632,7 @@ class MedcaeModel:
         served = await self._served(name)
         loaded = served.loaded
         request.state.version = loaded.version
-        p = loaded.predictor
-        thresholds = None
-        if p.finding_points is not None:
-            thresholds = np.asarray([op.threshold for op in p.finding_points], float)
-        m = Model(p, loaded.version, list(p.label_names), p.multilabel, thresholds, loaded.side)
-        return key, loop, m
+        return key, loop, Model.of(loaded.predictor, loaded.version)
 
     def _warm(self, name: str, served: Any) -> None:
         """Predict the pool of ``name`` through the version ``served`` has, in a thread (the
@@ -648,11 +643,7 @@ class MedcaeModel:
 
         if served is None or name not in self.loops:
             return
-        p, loaded = served.loaded.predictor, served.loaded
-        thresholds = None
-        if p.finding_points is not None:
-            thresholds = np.asarray([op.threshold for op in p.finding_points], float)
-        m = Model(p, loaded.version, list(p.label_names), p.multilabel, thresholds, loaded.side)
+        m = Model.of(served.loaded.predictor, served.loaded.version)
 
         def run() -> None:
             try:
